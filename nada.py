@@ -783,3 +783,859 @@ def atomic_save(obj, path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretrained weights by name: download once into the weights folder, resumable, verified, atomic
+
+ADA = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
+NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/files/"
+GENERATORS = {  # name: (url, resolution, approximate download size in MB, class names if conditional)
+    "ffhq": (ADA + "ffhq.pkl", 1024, 364, None),
+    "ffhq512": (NGC + "stylegan2-ffhq-512x512.pkl", 512, 364, None),
+    "ffhq256": (NGC + "stylegan2-ffhq-256x256.pkl", 256, 280, None),
+    "ffhqu": (NGC + "stylegan2-ffhqu-1024x1024.pkl", 1024, 364, None),
+    "ffhqu256": (NGC + "stylegan2-ffhqu-256x256.pkl", 256, 280, None),
+    "metfaces": (ADA + "metfaces.pkl", 1024, 364, None),
+    "metfacesu": (NGC + "stylegan2-metfacesu-1024x1024.pkl", 1024, 364, None),
+    "afhqcat": (ADA + "afhqcat.pkl", 512, 347, None),
+    "afhqdog": (ADA + "afhqdog.pkl", 512, 347, None),
+    "afhqwild": (ADA + "afhqwild.pkl", 512, 347, None),
+    "afhqv2": (NGC + "stylegan2-afhqv2-512x512.pkl", 512, 347, None),
+    "brecahad": (ADA + "brecahad.pkl", 512, 347, None),
+    "celebahq256": (NGC + "stylegan2-celebahq-256x256.pkl", 256, 280, None),
+    "lsundog256": (NGC + "stylegan2-lsundog-256x256.pkl", 256, 280, None),
+    "cifar10": (ADA + "cifar10.pkl", 32, 242, CIFAR10_CLASSES),
+}
+DOWNLOAD_TIMEOUT = 10                  # seconds without an answer before we give up: offline fails fast
+
+
+def weights_dir(override=None):
+    """--weights-dir, else $NADA_WEIGHTS, else weights/ beside nada.py."""
+    return os.path.abspath(override or os.environ.get("NADA_WEIGHTS") or os.path.join(HERE, "weights"))
+
+
+def is_offline(flag=False):
+    return flag or os.environ.get("NADA_OFFLINE", "") not in ("", "0")
+
+
+def resolve_ckpt(name_or_path, wdir=None, offline=False):
+    """A file path as it is, or a known model name, downloaded on first use -> a local path."""
+    if name_or_path and os.path.isfile(name_or_path):
+        return name_or_path
+    if name_or_path in GENERATORS:
+        url = GENERATORS[name_or_path][0]
+        return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), offline=offline)
+    raise NadaError(f"--ckpt {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
+                    f"the names ({', '.join(GENERATORS)})")
+
+
+def _manifest(folder):
+    path = os.path.join(folder, "manifest.json")
+    with contextlib.suppress(OSError, ValueError):
+        return json.load(open(path))
+    return {}
+
+
+def atomic_write_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest, sha256=None, offline=False):
+    """Fetch url to dest through dest.part (resumed when the server allows ranges), verify, rename into place.
+
+    The size is always checked; the SHA-256 against `sha256` when the source publishes one, else against the
+    hash recorded in the folder's manifest.json at the first download. $NADA_MIRROR replaces the host.
+    """
+    folder, name = os.path.split(os.path.abspath(dest))
+    record = _manifest(folder).get(name)
+    if os.path.isfile(dest):
+        if record and os.path.getsize(dest) != record["size"]:
+            raise NadaError(f"{dest} has {os.path.getsize(dest)} bytes, not the {record['size']} recorded when it was "
+                            "downloaded: delete it to download it again")
+        return dest
+    mirror = os.environ.get("NADA_MIRROR")
+    if mirror:
+        url = mirror.rstrip("/") + "/" + os.path.basename(url)
+    hand = f"download {url} by hand and place it at {dest}"
+    if is_offline(offline):
+        raise NadaError(f"{name} is not in {folder} and nada is offline (--offline or NADA_OFFLINE): {hand}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise NadaError(f"cannot create the weights folder {folder}: {e.strerror}; choose another with --weights-dir")
+    part = dest + ".part"
+    _fetch(url, part, hand)
+    digest = sha256_file(part)
+    expected = sha256 or (record or {}).get("sha256")
+    if expected and digest != expected:
+        os.remove(part)
+        raise NadaError(f"{url}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
+                        f"the partial file was removed, try again or {hand}")
+    os.replace(part, dest)
+    manifest = _manifest(folder)
+    manifest[name] = {"url": url, "size": os.path.getsize(dest), "sha256": digest}
+    atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
+    return dest
+
+
+def _fetch(url, part, hand):
+    """Stream url into part with a progress bar, resuming an earlier partial download."""
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    start = os.path.getsize(part) if os.path.isfile(part) else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "nada", **({"Range": f"bytes={start}-"} if start else {})})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:                     # the .part is already complete
+            return
+        raise NadaError(f"could not download {url}: HTTP {e.code} {e.reason}; {hand}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise NadaError(f"could not download {url} ({reason}); {hand}") from None
+    with response:
+        if start and response.status != 206:          # the server ignored the range: start over
+            start = 0
+        length = response.headers.get("Content-Length")
+        total = int(length) + start if length else None
+        try:
+            with open(part, "ab" if start else "wb") as f, \
+                    tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(url).split("?")[0],
+                         disable=None, leave=False) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:
+            raise NadaError(f"download of {url} broke off ({e}); run again to resume, or {hand}") from None
+    if total is not None and os.path.getsize(part) != total:
+        raise NadaError(f"download of {url} broke off at {os.path.getsize(part)} of {total} bytes; "
+                        f"run again to resume, or {hand}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# directional CLIP loss (NADA eq. 2): the image change between the generators should follow the text change
+
+# CLIP's 80 ImageNet prompt templates, published by OpenAI with CLIP (Prompt_Engineering_for_ImageNet.ipynb),
+# used here as data. NADA averages text embeddings over them.
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
+    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DIRECTION_EPS = 1e-2                   # soft norm of the image direction: finite loss and gradient when it is 0
+
+
+def load_clip(name, device="cpu", wdir=None, offline=False):
+    """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
+    import clip
+    if os.path.isfile(name):
+        path = name
+    elif name in clip.available_models():
+        url = clip.clip._MODELS[name]
+        path = download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
+                        offline=offline)
+    else:
+        raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
+    try:
+        model, _ = clip.load(path, device="cpu", jit=False)
+    except Exception as e:
+        raise NadaError(f"{path}: not a loadable CLIP model: {_first_line(e)}") from None
+    return model.float().eval().requires_grad_(False).to(device)
+
+
+def clip_preprocess(img, model):
+    """Images in [-1, 1] -> CLIP's input, differentiably: resize the short side, centre crop, normalise."""
+    n = model.visual.input_resolution
+    x = (img.float() + 1) / 2
+    h, w = x.shape[2:]
+    size = (n, max(n, round(w * n / h))) if h <= w else (max(n, round(h * n / w)), n)
+    if (h, w) != size:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=size[0] < h)
+    top, left = (x.shape[2] - n) // 2, (x.shape[3] - n) // 2
+    x = x[:, :, top:top + n, left:left + n]
+    mean, std = torch.tensor(CLIP_MEAN, device=x.device), torch.tensor(CLIP_STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def encode_images(model, img):
+    """Unit-norm CLIP embeddings [N, D] of images in [-1, 1]."""
+    return F.normalize(model.encode_image(clip_preprocess(img, model)).float(), dim=-1)
+
+
+@torch.no_grad()
+def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
+    """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
+    import clip
+    tokens = clip.tokenize([t.format(text) for t in templates], truncate=True).to(next(model.parameters()).device)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
+    """NADA's text direction: mean over templates of (target - source) unit embeddings, normalised. [D]"""
+    return F.normalize((encode_prompts(model, target, templates) - encode_prompts(model, source, templates)).mean(0), dim=0)
+
+
+@torch.no_grad()
+def image_direction(model, target_images, generated):
+    """Image-target mode: mean embedding of the target images minus that of generated images, normalised. [D]"""
+    return F.normalize(encode_images(model, target_images).mean(0) - encode_images(model, generated).mean(0), dim=0)
+
+
+def directional_loss(emb_frozen, emb_adapted, direction, eps=DIRECTION_EPS):
+    """NADA's directional CLIP loss: mean over the batch of 1 - cos(image change, direction).
+
+    Args:
+        emb_frozen, emb_adapted: unit CLIP embeddings [N, D] of the frozen and the adapted generator's images
+            for the same latents.  direction: the unit text (or image-target) direction [D].
+        eps: the image change d is divided by sqrt(|d|^2 + eps^2) rather than |d|, so that at step 0, where the
+            two generators agree and d = 0, the loss is exactly 1 with a finite gradient of size 1/eps instead of
+            0/0 (NaN). For |d| >> eps (|d| is about 0.1-1 once training moves) it is the plain cosine.
+    Returns: a scalar.
+    """
+    d = emb_adapted - emb_frozen
+    d = d / torch.sqrt(d.pow(2).sum(-1, keepdim=True) + eps ** 2)
+    return (1 - d @ direction).mean()
+
+
+def global_loss(emb, target):
+    """1 - cos(image, target embedding): how far each image is from the target (used by auto layer selection)."""
+    return (1 - emb @ target).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layer freezing: which synthesis layers train. A "layer" is a module prefix of the rosinality layout.
+
+def synthesis_blocks(G):
+    """[(resolution, layer names)]: a block is its two convs and its toRGB (the 4 px block: constant, conv1, toRGB)."""
+    blocks = [(4, ["input", "conv1", "to_rgb1"])]
+    for j in range(len(G.to_rgbs)):
+        blocks.append((2 ** (j + 3), [f"convs.{2 * j}", f"convs.{2 * j + 1}", f"to_rgbs.{j}"]))
+    return blocks
+
+
+def layers_driven_by(G, j):
+    """The layers that read ws[j] in G.synthesis: conv1 <- ws[0]; convs[j-1] <- ws[j]; the toRGBs read odd j.
+
+    (The original NADA maps W+ index i to convs[i-2], one off from this.)
+    """
+    if j == 0:
+        return ["conv1"]
+    layers = [f"convs.{j - 1}"] if j - 1 < len(G.convs) else []
+    if j % 2 == 1:
+        layers.append("to_rgb1" if j == 1 else f"to_rgbs.{(j - 3) // 2}")
+    return layers
+
+
+def parse_layers(spec, G):
+    """--layers -> a list of layer names, or None for `auto` (chosen anew at every step)."""
+    blocks = synthesis_blocks(G)
+    spec = str(spec).strip()
+    if spec == "auto":
+        return None
+    if spec == "all":
+        return [name for _, names in blocks for name in names]
+    m = re.fullmatch(r"(last|first):(\d+)", spec)
+    if m:
+        n = int(m.group(2))
+        if not 1 <= n <= len(blocks):
+            raise NadaError(f"--layers {spec}: N must be 1..{len(blocks)} for this {G.size} px generator")
+        chosen = blocks[-n:] if m.group(1) == "last" else blocks[:n]
+        return [name for _, names in chosen for name in names]
+    try:
+        resolutions = [int(r) for r in spec.split(",")]
+    except ValueError:
+        resolutions = None
+    known = {r: names for r, names in blocks}
+    if not resolutions or any(r not in known for r in resolutions):
+        raise NadaError(f"--layers {spec!r}: use auto, all, last:N, first:N or resolutions from {sorted(known)}")
+    return [name for r in resolutions for name in known[r]]
+
+
+def set_trainable(G, layers):
+    """requires_grad on the parameters of `layers` only (the mapping network never trains). -> their count."""
+    prefixes = tuple(name + "." for name in layers)
+    count = 0
+    for name, p in G.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        count += p.numel() if p.requires_grad else 0
+    return count
+
+
+def select_layers_auto(G, ws, clip_models, k, lr=0.01):
+    """NADA's adaptive layer selection: one SGD step on W+ codes against the global CLIP loss toward the target;
+    the k W+ entries that moved most name the layers to train (through `layers_driven_by`).
+
+    ws: [B, num_ws, w_dim] from the frozen mapping. clip_models: [(model, weight, direction, target embedding)].
+    """
+    ws = ws.detach().clone().requires_grad_(True)
+    img = G.synthesis(ws, noise_mode="const")
+    loss = sum(weight * global_loss(encode_images(model, img), target) for model, weight, _, target in clip_models)
+    (grad,) = torch.autograd.grad(loss, ws)             # the generator's own weights get no gradient here
+    moved = (lr * grad).abs().mean(dim=(0, 2))          # [num_ws]: |w_new - w_old| after one SGD step
+    chosen = torch.topk(moved, k).indices.tolist()
+    return sorted({name for j in chosen for name in layers_driven_by(G, j)}, key=_layer_order)
+
+
+def _layer_order(name):
+    order = {"input": -3, "conv1": -2, "to_rgb1": -1}
+    if name in order:
+        return (order[name], 0)
+    kind, i = name.split(".")
+    return (int(i) // 2 if kind == "convs" else int(i), 0 if kind == "convs" else 1, int(i))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train: adapt a copy of the generator with the directional CLIP loss
+
+LR = 0.002 * 4 / 5                     # NADA's effective Adam settings (rosinality's lazy-regularisation ratio 4/5)
+BETAS = (0.0, 0.99 ** (4 / 5))
+SAMPLE_TRUNCATION = 0.7                # previews, as in NADA
+RESUME_MUST_MATCH = ("ckpt", "src", "tgt", "tgt_img", "clip", "clip_weights", "layers", "auto_k", "batch", "lr",
+                     "mixing", "seed", "cls")
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NadaError("--device cuda, but torch sees no CUDA device (use --device cpu, or check `python nada.py doctor`)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise NadaError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def class_labels(G, cls, n, generator=None):
+    """One-hot labels [n, c_dim] for --class NAME|INDEX|all, or None for an unconditional generator."""
+    if not G.c_dim:
+        if cls is not None:
+            raise NadaError(f"--class {cls}: this generator is unconditional")
+        return None
+    names = CIFAR10_CLASSES if G.c_dim == 10 else ()
+    if cls is None:
+        raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class "
+                        f"{'NAME, ' if names else ''}INDEX (0-{G.c_dim - 1}) or all" + (f"; names: {', '.join(names)}" if names else ""))
+    if str(cls) == "all":
+        idx = torch.randint(G.c_dim, (n,), generator=generator) if generator is not None else torch.arange(n) % G.c_dim
+    elif str(cls) in names:
+        idx = torch.full((n,), names.index(str(cls)))
+    elif str(cls).isdigit() and int(cls) < G.c_dim:
+        idx = torch.full((n,), int(cls))
+    else:
+        raise NadaError(f"--class {cls}: unknown class; use " + (f"one of {', '.join(names)}, " if names else "")
+                        + f"an index 0-{G.c_dim - 1}, or all")
+    return F.one_hot(idx, G.c_dim).float()
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "run"
+
+
+def _check_prompts(src, tgt, tgt_img):
+    if tgt_img:
+        missing = [p for p in tgt_img if not os.path.isfile(p)]
+        if missing:
+            raise NadaError(f"--tgt-img: no such file: {missing[0]}")
+        return
+    if not (src or "").strip() or not (tgt or "").strip():
+        raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
+    if src.strip().lower() == tgt.strip().lower():
+        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
+
+
+def _prepare_out(out, resume, settings):
+    """Create or reopen the run folder; refuse to mix a resumed run with other settings."""
+    if resume:
+        cfg_path = os.path.join(resume, "config.json")
+        if not os.path.isfile(os.path.join(resume, "state.pt")) or not os.path.isfile(cfg_path):
+            raise NadaError(f"--resume {resume}: no interrupted run there (needs config.json and state.pt)")
+        old = json.load(open(cfg_path))
+        diff = [k for k in RESUME_MUST_MATCH if old.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise NadaError(f"--resume {resume}: the run used --{k.replace('_', '-')} {old.get(k)!r}, not "
+                            f"{settings.get(k)!r}; resume with the same settings or start a new --out")
+        return resume
+    if os.path.isfile(os.path.join(out, "state.pt")):
+        raise NadaError(f"{out} holds a run already: continue it with --resume {out}, or choose another --out")
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise NadaError(f"cannot write the output folder {out}: {e.strerror}; choose another with --out") from None
+    atomic_write_text(os.path.join(out, "config.json"), json.dumps(settings, indent=1))
+    return out
+
+
+def _load_clip_models(names, weights, device, wdir, offline, preloaded=None):
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    if weights is None:
+        weights = [1.0] * len(names)
+    elif isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
+    if not names or len(weights) != len(names):
+        raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
+    models = preloaded or [load_clip(n, device, wdir, offline) for n in names]
+    return names, [float(w) for w in weights], models
+
+
+def _load_image(path):
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise NadaError(f"{path}: not a readable image ({_first_line(e)})") from None
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def _directions(clip_models, weights, G, src, tgt, tgt_img, cls, gen, device):
+    """[(model, weight, direction, global target)] per CLIP model, computed once per run."""
+    out = []
+    if tgt_img:
+        with torch.no_grad():
+            z = torch.randn(16, G.z_dim, generator=gen).to(device)
+            c = class_labels(G, cls, 16, gen)
+            generated = G(z, None if c is None else c.to(device))
+    for model, weight in zip(clip_models, weights):
+        dev = next(model.parameters()).device
+        if tgt_img:
+            with torch.no_grad():
+                target = F.normalize(torch.cat([encode_images(model, _load_image(p).to(dev)) for p in tgt_img]).mean(0), dim=0)
+                direction = F.normalize(target - encode_images(model, generated).mean(0), dim=0)
+        else:
+            direction = text_direction(model, src, tgt)
+            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
+        out.append((model, weight, direction, target))
+    return out
+
+
+def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, lr=LR, mixing=0.0, layers="auto",
+          auto_k=None, clip="ViT-B/32", clip_weights=None, tgt_img=None, cls=None, seed=0, device="auto",
+          impl="auto", sample_every=50, save_every=50, n_sample=4, resume=None, wdir=None, offline=False,
+          progress=True, clip_models=None):
+    """Adapt a generator from `src` to `tgt` (or toward the images `tgt_img`); returns the run folder.
+
+    The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
+    (optimizer and RNG state for --resume). `clip_models` may pass CLIP modules already loaded (for tests).
+    """
+    _check_prompts(src, tgt, tgt_img)
+    device = pick_device(device)
+    tgt_img = list(tgt_img or [])
+    settings = dict(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights, layers=layers,
+                    auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls, iters=iters)
+    if out is None:
+        out = os.path.join("runs", f"{_slug(src)}_to_{_slug(tgt if not tgt_img else 'images')}")
+    G_frozen = load_generator(resolve_ckpt(ckpt, wdir, offline), device, impl).requires_grad_(False)
+    class_labels(G_frozen, cls, 1)                      # bad --class fails before anything is written
+    fixed_layers = parse_layers(layers, G_frozen)
+    k = auto_k or G_frozen.num_ws
+    if not 1 <= k <= G_frozen.num_ws:
+        raise NadaError(f"--auto-k must be 1..{G_frozen.num_ws} for this generator")
+    names, weights, models = _load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
+    out = _prepare_out(out, resume, settings)
+    G = copy.deepcopy(G_frozen)
+    params = [p for name, p in G.named_parameters() if not name.startswith(("style.", "embed."))]
+    opt = torch.optim.Adam(params, lr=lr, betas=BETAS)
+    gen = torch.Generator().manual_seed(seed)           # every random draw of the run, so resume replays exactly
+    start = _resume_state(out, G, opt, gen) if resume else 0
+    clip_set = _directions(models, weights, G_frozen, src, tgt, tgt_img, cls, torch.Generator().manual_seed(seed + 1), device)
+    sample_z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
+    sample_c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
+    shown = fixed_layers or (f"auto (top {k} of {G.num_ws} W+ entries per step)" if k < G.num_ws else "auto (all)")
+    if fixed_layers is None and k >= G.num_ws:          # every W+ entry chosen: the selection is moot, skip its cost
+        fixed_layers = sorted({n for j in range(G.num_ws) for n in layers_driven_by(G, j)}, key=_layer_order)
+    print(f"nada train | device {device} | ops {ops_status(device) if impl != 'ref' else 'ref'} | CLIP "
+          f"{', '.join(f'{n} x{w:g}' for n, w in zip(names, weights))} | layers {shown} | {G.size} px, "
+          f"{'images' if tgt_img else repr(src)} -> {tgt_img or repr(tgt)} | out {out}", flush=True)
+    meta = dict(src=src, tgt=tgt, tgt_img=tgt_img, base=ckpt, layers=layers, clip=names, clip_weights=weights,
+                seed=seed, cls=cls)
+    log_path = os.path.join(out, "log.jsonl")
+    _truncate_log(log_path, start)
+    if start == 0:
+        _save_preview(G_frozen, G, sample_z, sample_c, os.path.join(out, "samples", f"{0:06d}.png"))
+    t0 = time.time()
+    from tqdm import tqdm
+    bar = tqdm(total=iters, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
+    with _deferred_interrupt() as stop:                 # Ctrl-C lands between steps, never inside one
+        for step in range(start, iters):
+            trained, loss, losses = train_step(G_frozen, G, opt, clip_set, fixed_layers, k, batch, mixing, cls, gen, device)
+            if not math.isfinite(loss):
+                raise NadaError(f"the loss became {loss} at step {step}; stopped. The last good checkpoint "
+                                f"(step {_saved_step(out)}) is in {out}. Try a lower --lr.")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(dict(iter=step, loss=loss, losses=dict(zip(names, losses)), layers=trained,
+                                        seconds=round(time.time() - t0, 3))) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            done = step + 1
+            if done % sample_every == 0 or done == iters:
+                _save_preview(G_frozen, G, sample_z, sample_c, os.path.join(out, "samples", f"{done:06d}.png"))
+            if done % save_every == 0 or done == iters or stop:
+                _save_run(out, G, opt, gen, done, meta)
+            if stop:
+                bar.close()
+                print(f"\ninterrupted: saved at step {done} in {out}; continue with --resume {out}", flush=True)
+                raise KeyboardInterrupt
+    bar.close()
+    print(f"done: {iters} steps in {time.time() - t0:.1f} s; adapted generator: {os.path.join(out, 'generator.pt')}")
+    return out
+
+
+def train_step(G_frozen, G, opt, clip_set, fixed_layers, k, batch, mixing, cls, gen, device):
+    """One optimisation step on a fresh batch. -> (trained layers, loss, per-CLIP-model losses)."""
+    z = torch.randn(batch, G.z_dim, generator=gen).to(device)
+    c = class_labels(G, cls, batch, gen)
+    c = None if c is None else c.to(device)
+    noise = [n.to(device) for n in G.make_noise(batch, generator=gen, device="cpu")]   # the same noise in both
+    with torch.no_grad():
+        ws = G_frozen.mapping(z, c)
+        if mixing > 0 and torch.rand((), generator=gen).item() < mixing:               # style mixing
+            cut = int(torch.randint(1, G.num_ws, (), generator=gen))
+            ws2 = G_frozen.mapping(torch.randn(batch, G.z_dim, generator=gen).to(device), c)
+            ws = torch.cat([ws[:, :cut], ws2[:, cut:]], dim=1)
+        img_frozen = G_frozen.synthesis(ws, noise=noise)
+    layers = fixed_layers
+    if layers is None:
+        z_sel = torch.randn(8, G.z_dim, generator=gen).to(device)
+        c_sel = class_labels(G, cls, 8, gen)
+        with torch.no_grad():
+            ws_sel = G_frozen.mapping(z_sel, None if c_sel is None else c_sel.to(device))
+        layers = select_layers_auto(G, ws_sel, clip_set, k)
+    set_trainable(G, layers)
+    img = G.synthesis(ws, noise=noise)
+    losses = []
+    for model, weight, direction, _ in clip_set:
+        with torch.no_grad():
+            emb_frozen = encode_images(model, img_frozen)
+        losses.append(weight * directional_loss(emb_frozen, encode_images(model, img), direction))
+    loss = sum(losses)
+    if torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return layers, loss.item(), [l.item() for l in losses]
+
+
+class _deferred_interrupt:
+    """Turns the first Ctrl-C into a flag the loop checks after each step; a second one stops at once."""
+
+    def __enter__(self):
+        self.flag, self.previous = False, None
+        with contextlib.suppress(ValueError):           # not the main thread: leave signals alone
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __bool__(self):
+        return self.flag
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _save_run(out, G, opt, gen, step, meta):
+    """generator.pt (the deliverable) and state.pt (everything --resume needs), each written atomically."""
+    save_generator(G, os.path.join(out, "generator.pt"), iterations=step, **meta)
+    atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                 "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}}, os.path.join(out, "state.pt"))
+
+
+def _saved_step(out):
+    path = os.path.join(out, "state.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.isfile(path) else 0
+
+
+def _resume_state(out, G, opt, gen):
+    state = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=True)
+    G.load_state_dict(state["g_ema"], strict=True)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["rng"])
+    return state["step"]
+
+
+def _truncate_log(path, start):
+    """On resume, drop log lines of steps that will run again."""
+    if os.path.isfile(path):
+        lines = [ln for ln in open(path) if ln.strip() and json.loads(ln)["iter"] < start]
+        atomic_write_text(path, "".join(lines))
+
+
+@torch.no_grad()
+def _save_preview(G_frozen, G, z, c, path):
+    """Frozen generator's row above the adapted generator's row, same latents, truncation 0.7."""
+    device = G.latent_avg.device
+    z, c = z.to(device), None if c is None else c.to(device)
+    rows = [g.synthesis(G_frozen.mapping(z, c, SAMPLE_TRUNCATION)) for g in (G_frozen, G)]
+    save_image(make_grid(torch.cat(rows), ncol=len(z)), path)
+
+
+def to_uint8(img):
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3], NVIDIA's rounding."""
+    return (img.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(img, ncol):
+    """[N, 3, H, W] -> [1, 3, rows*H, ncol*W], row-major, blank tiles at the end."""
+    N, C, H, W = img.shape
+    rows = -(-N // ncol)
+    img = torch.cat([img, img.new_full((rows * ncol - N, C, H, W), -1.0)])
+    return img.view(rows, ncol, C, H, W).permute(2, 0, 3, 1, 4).reshape(1, C, rows * H, ncol * W)
+
+
+def save_image(img, path):
+    """Write one image [1, 3, H, W] in [-1, 1] as a PNG, atomically."""
+    from PIL import Image
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    Image.fromarray(to_uint8(img)[0]).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample: render a generator (or the base next to the adapted one) at chosen seeds
+
+def parse_seeds(spec):
+    """'0-15' or '1,5,9' (or a mix) -> [int]."""
+    seeds = []
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise NadaError(f"--seeds {spec!r}: use a range like 0-15 or a list like 1,5,9")
+        seeds += list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return seeds
+
+
+def latest_run_generator(root="runs"):
+    found = [os.path.join(root, d, "generator.pt") for d in (os.listdir(root) if os.path.isdir(root) else [])]
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+        raise NadaError(f"no --ckpt given and no trained generator in {root}/*/generator.pt: pass --ckpt FILE or NAME")
+    return max(found, key=os.path.getmtime)
+
+
+def seed_latents(G, seeds):
+    """One z per seed from NumPy's RandomState(seed), as NVIDIA's generate.py: the same on every machine. [N, z_dim]"""
+    return torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in seeds])).float()
+
+
+@torch.no_grad()
+def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, device="auto", out=None,
+           compare=False, impl="auto", wdir=None, offline=False):
+    """Render one PNG per seed and a grid.png; with compare, the base generator beside the adapted one."""
+    device = pick_device(device)
+    path = resolve_ckpt(ckpt, wdir, offline) if ckpt else latest_run_generator()
+    G = load_generator(path, device, impl)
+    gens = [G]
+    if compare:
+        base = _checkpoint_meta(path).get("base")
+        if not base:
+            raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
+        gens = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
+    seeds = parse_seeds(seeds) if seeds is not None else list(range(n))
+    if noise_mode not in ("const", "random", "none"):
+        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
+    labels = class_labels(G, cls, len(seeds))
+    out = out or os.path.join(os.path.dirname(path) if os.path.basename(path) == "generator.pt" else "samples",
+                              "sample" if os.path.basename(path) == "generator.pt" else _slug(os.path.splitext(os.path.basename(path))[0]))
+    os.makedirs(out, exist_ok=True)
+    print(f"nada sample | {path} | device {device} | ops {ops_status(device) if impl != 'ref' else 'ref'} | "
+          f"{len(seeds)} seeds, truncation {trunc}, noise {noise_mode}", flush=True)
+    rows = [[] for _ in gens]
+    for i, s in enumerate(seeds):
+        z = seed_latents(G, [s]).to(device)
+        c = None if labels is None else labels[i:i + 1].to(device)
+        noise = G.make_noise(1, torch.Generator().manual_seed(s), "cpu") if noise_mode == "random" else None
+        ws = gens[0].mapping(z, c, trunc)               # compare: the same ws (from the base) for both
+        imgs = []
+        for row, g in zip(rows, gens):
+            img = g.synthesis(ws, noise_mode, None if noise is None else [t.to(device) for t in noise])
+            row.append(img.cpu())
+            imgs.append(img.cpu())
+        save_image(torch.cat(imgs, dim=3), os.path.join(out, f"seed{s:04d}.png"))
+    grid = make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=len(seeds) if compare else math.ceil(math.sqrt(len(seeds))))
+    save_image(grid, os.path.join(out, "grid.png"))
+    print(f"wrote {len(seeds)} images and grid.png to {out}")
+    return out
+
+
+def _checkpoint_meta(path):
+    if not zipfile.is_zipfile(path):
+        return {}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("nada", {}) if isinstance(ckpt, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models: the named generators and what is already downloaded
+
+def list_models(wdir=None):
+    folder = weights_dir(wdir)
+    print(f"weights folder: {folder}")
+    print(f"{'name':<12} {'px':>5} {'size':>8}  {'status':<11} url")
+    for name, (url, res, mb, classes) in GENERATORS.items():
+        path = os.path.join(folder, os.path.basename(url))
+        here = os.path.isfile(path)
+        size = f"{os.path.getsize(path) / 2 ** 20:.0f} MB" if here else f"~{mb} MB"
+        extra = f"  (conditional: {len(classes)} classes)" if classes else ""
+        print(f"{name:<12} {res:>5} {size:>8}  {'downloaded' if here else '-':<11} {url}{extra}")
+    print("CLIP models (--clip): ViT-B/32 (338 MB), ViT-B/16 (335 MB), ViT-L/14 (890 MB), RN50 (244 MB), ...; "
+          "downloaded into the same folder on first use")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# doctor: what this machine has, and which ops path will run
+
+def doctor(device="auto", build_ops=False, wdir=None):
+    """Print the environment; -> 0 when everything the chosen device needs is there, else 1."""
+    ok = True
+    cuda = torch.cuda.is_available()
+    print(f"python       {sys.version.split()[0]}")
+    print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"GPU          {torch.cuda.get_device_name(0) if cuda else 'none visible'}")
+    home = cuda_home()
+    print(f"CUDA toolkit {home or 'not found (set CUDA_HOME to the folder holding bin/nvcc)'}")
+    print(f"ninja        {shutil.which('ninja') or _ninja_from_pip() or 'not found (pip install ninja)'}")
+    try:
+        import clip  # noqa: F401
+        print("CLIP         clip-anytorch importable")
+    except Exception as e:
+        ok = False
+        print(f"CLIP         MISSING: {_first_line(e)} (pip install -r requirements.txt)")
+    folder = weights_dir(wdir)
+    present = [f for f in os.listdir(folder) if f.endswith((".pkl", ".pt"))] if os.path.isdir(folder) else []
+    print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(sorted(present)) if present else ''})")
+    if device == "cuda" and not cuda:
+        ok = False
+        print("device       cuda requested but no CUDA device is visible: install a CUDA build of torch and a driver")
+    if build_ops:
+        t0 = time.time()
+        ops, reason = load_ops(require_gpu=False)
+        print(f"build ops    {'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir()})")
+        ok = ok and ops is not None
+    print(f"ops path     {ops_status(pick_device(device) if device != 'cuda' or cuda else 'cpu')}")
+    return 0 if ok else 1
+
+
+def _ninja_from_pip():
+    with contextlib.suppress(ImportError):
+        import ninja
+        return os.path.join(ninja.BIN_DIR, "ninja")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def build_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    common.add_argument("--impl", default="auto", choices=IMPLS, help="ops path: auto = CUDA kernels when they build")
+    common.add_argument("--weights-dir", dest="wdir", default=None, help="where named weights are kept "
+                        "(default: $NADA_WEIGHTS, else weights/ beside nada.py)")
+    common.add_argument("--offline", action="store_true", help="never touch the network (also NADA_OFFLINE=1)")
+    p = argparse.ArgumentParser(prog="nada.py", description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="adapt a generator from text",
+                       description="Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss.")
+    t.add_argument("--src", default="photo", help="source prompt")
+    t.add_argument("--tgt", default="sketch", help="target prompt")
+    t.add_argument("--tgt-img", nargs="+", default=None, help="target images instead of a target prompt")
+    t.add_argument("--ckpt", default="ffhq", help="base generator: a file or a name from `nada.py models`")
+    t.add_argument("--class", dest="cls", default=None, help="class-conditional generators: NAME, INDEX or all")
+    t.add_argument("--clip", default="ViT-B/32", help="CLIP models, comma-separated names or files")
+    t.add_argument("--clip-weights", default=None, help="their loss weights, comma-separated (default: 1 each)")
+    t.add_argument("--layers", default="auto", help="auto | all | last:N | first:N | resolutions like 16,32")
+    t.add_argument("--auto-k", type=int, default=None, help="auto: train the layers of the top K W+ entries "
+                   "(default: all of them)")
+    t.add_argument("--iters", type=int, default=300)
+    t.add_argument("--batch", type=int, default=2)
+    t.add_argument("--lr", type=float, default=LR, help="Adam, betas (0, 0.99^0.8): NADA's effective values")
+    t.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability (0.9 helps shape changes)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="run folder (default: runs/<src>_to_<tgt>)")
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
+    t.add_argument("--sample-every", type=int, default=50)
+    t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--n-sample", type=int, default=4, help="preview columns (fixed seeds)")
+
+    s = sub.add_parser("sample", parents=[common], formatter_class=fmt, help="render images from a generator")
+    s.add_argument("--ckpt", default=None, help="a file or a model name (default: the newest runs/*/generator.pt)")
+    s.add_argument("--n", type=int, default=8, help="number of images (seeds 0..n-1) when --seeds is not given")
+    s.add_argument("--seeds", default=None, help="e.g. 0-15 or 1,5,9")
+    s.add_argument("--trunc", type=float, default=1.0, help="truncation psi toward the average w")
+    s.add_argument("--noise-mode", default="const", choices=("const", "random", "none"))
+    s.add_argument("--class", dest="cls", default=None, help="conditional generators: NAME or INDEX (or all)")
+    s.add_argument("--compare", action="store_true", help="the base generator beside the adapted one")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/sample or samples/<ckpt>)")
+
+    m = sub.add_parser("models", parents=[common], formatter_class=fmt, help="list the named generators")
+    d = sub.add_parser("doctor", parents=[common], formatter_class=fmt, help="check the environment")
+    d.add_argument("--build-ops", action="store_true", help="compile the CUDA ops now (no GPU needed)")
+    del m
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    opts = {k: v for k, v in vars(args).items() if k != "cmd"}
+    try:
+        if args.cmd == "train":
+            train(**opts)
+        elif args.cmd == "sample":
+            sample(**opts)
+        elif args.cmd == "models":
+            list_models(args.wdir)
+        elif args.cmd == "doctor":
+            return doctor(args.device, args.build_ops, args.wdir)
+    except NadaError as e:
+        print(f"nada: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
