@@ -957,9 +957,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DIRECTION_EPS = 1e-2                   # soft norm of the image direction: finite loss and gradient when it is 0
 
 
+def _import_clip():
+    with warnings.catch_warnings():                     # clip-anytorch imports pkg_resources, which warns
+        warnings.simplefilter("ignore")
+        import clip
+    return clip
+
+
 def load_clip(name, device="cpu", wdir=None, offline=False):
     """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
-    import clip
+    clip = _import_clip()
     if os.path.isfile(name):
         path = name
     elif name in clip.available_models():
@@ -969,7 +976,9 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
     else:
         raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
     try:
-        model, _ = clip.load(path, device="cpu", jit=False)
+        with warnings.catch_warnings():                 # clip.load tries torch.jit.load first, which is deprecated
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(path, device="cpu", jit=False)
     except Exception as e:
         raise NadaError(f"{path}: not a loadable CLIP model: {_first_line(e)}") from None
     return model.float().eval().requires_grad_(False).to(device)
@@ -997,8 +1006,7 @@ def encode_images(model, img):
 @torch.no_grad()
 def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
     """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
-    import clip
-    tokens = clip.tokenize([t.format(text) for t in templates], truncate=True).to(next(model.parameters()).device)
+    tokens = _import_clip().tokenize([t.format(text) for t in templates], truncate=True).to(next(model.parameters()).device)
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
@@ -1289,7 +1297,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
         _save_preview(G_frozen, G, sample_z, sample_c, os.path.join(out, "samples", f"{0:06d}.png"))
     t0 = time.time()
     from tqdm import tqdm
-    bar = tqdm(total=iters, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=iters, initial=start, disable=None if progress else True, dynamic_ncols=True, desc="train")
     with _deferred_interrupt() as stop:                 # Ctrl-C lands between steps, never inside one
         for step in range(start, iters):
             trained, loss, losses = train_step(G_frozen, G, opt, clip_set, fixed_layers, k, batch, mixing, cls, gen, device)
@@ -1536,7 +1544,7 @@ def doctor(device="auto", build_ops=False, wdir=None):
     print(f"CUDA toolkit {home or 'not found (set CUDA_HOME to the folder holding bin/nvcc)'}")
     print(f"ninja        {shutil.which('ninja') or _ninja_from_pip() or 'not found (pip install ninja)'}")
     try:
-        import clip  # noqa: F401
+        _import_clip()
         print("CLIP         clip-anytorch importable")
     except Exception as e:
         ok = False

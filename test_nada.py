@@ -1,0 +1,716 @@
+"""Tests for nada.py, CPU first, in the order of nada.py's sections. Run: python -m pytest -q"""
+
+import http.server
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nada
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "..", "shared", "fixtures")
+needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="../shared/fixtures not present")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run_cli(*args, cwd=HERE, env=None, timeout=600):
+    """Run nada.py in a subprocess -> (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "nada.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_clean_error(rc, err, *words):
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("nada: error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+# ---- ops ----------------------------------------------------------------------------------------------------
+
+def upfirdn2d_naive(x, f, up, down, pad, flip_filter=False, gain=1.0):
+    """The op's definition written out the long way: explicit zero insertion, pad/crop, conv2d, subsample."""
+    N, C, H, W = x.shape
+    u = torch.zeros(N, C, H * up, W * up, dtype=x.dtype)
+    u[:, :, ::up, ::up] = x
+    x0, x1, y0, y1 = pad
+    p = F.pad(u, [max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)])
+    p = p[:, :, max(-y0, 0):p.shape[2] - max(-y1, 0), max(-x0, 0):p.shape[3] - max(-x1, 0)]
+    k = f if flip_filter else f.flip([0, 1])
+    out = torch.stack([F.conv2d(p[:, c:c + 1], (k * gain)[None, None].to(x.dtype)) for c in range(C)], 1)[:, :, 0]
+    return out[:, :, ::down, ::down]
+
+
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (2, 1, 2, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)),
+                                         (2, 2, (0, 3, 1, 2)), (3, 1, (-1, 2, 0, -2)), (1, 1, (-2, -1, 0, 0))])
+def test_upfirdn2d_ref_matches_definition(up, down, pad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    f = torch.rand(4, 3, dtype=torch.float64)             # asymmetric: a flip mistake shows
+    for flip in (False, True):
+        ours = nada.upfirdn2d(x, f, up, down, pad, flip_filter=flip, gain=1.5, impl="ref")
+        ref = upfirdn2d_naive(x, f, up, down, pad, flip, 1.5)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < 1e-12
+
+
+def test_upfirdn2d_ref_gradcheck():
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    f = torch.rand(4, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: nada.upfirdn2d(t, f, 2, 1, (2, 1, 2, 1), impl="ref"), (x,))
+    assert torch.autograd.gradcheck(lambda t: nada.upfirdn2d(t, f, 1, 2, (1, 1, 1, 1), impl="ref"), (x,))
+
+
+def test_bias_act_ref_matches_definition_and_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = nada.bias_act(x, b, "lrelu", gain=nada.SQRT2, clamp=0.7, impl="ref")
+    expected = (F.leaky_relu(x + b.view(1, 5, 1, 1), 0.2) * nada.SQRT2).clamp(-0.7, 0.7)
+    assert torch.equal(y, expected)
+    assert torch.equal(nada.bias_act(x, None, impl="ref"), x)
+    assert torch.autograd.gradcheck(lambda t, c: nada.bias_act(t, c, "lrelu", gain=1.3, impl="ref"), (x, b))
+
+
+def test_impl_choice_errors_are_clear():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        nada.bias_act(x, impl="cuda")
+    with pytest.raises(ValueError, match="impl must be"):
+        nada.upfirdn2d(x, nada.make_kernel(), impl="fast")
+
+
+# ---- generator and loading ----------------------------------------------------------------------------------
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ["rosinality_32", "nvidia_32", "nvidia_32_cond"])
+def test_fixture_parity(name):
+    ext = ".pt" if name.startswith("rosinality") else ".pkl"
+    G = nada.load_generator(os.path.join(FIXTURES, name + ext), impl="ref")
+    e = torch.load(os.path.join(FIXTURES, name + ".expected.pt"))
+    c = e["c"] if "c" in e and e["c"].shape[1] else None
+    with torch.no_grad():
+        ws = G.mapping(e["z"], c)
+        assert (G.synthesis(ws) - e["img"]).abs().max() <= 1e-4
+        assert (G(e["z"], c, truncation=0.7) - e["img_trunc07"]).abs().max() <= 1e-4
+        if "ws" in e:
+            assert (ws - e["ws"]).abs().max() <= 1e-4
+        if "z2" in e:                                     # style mixing: ws 0..2 from z, 3.. from z2
+            assert (ws[:, 0] - e["w"]).abs().max() <= 1e-4
+            mixed = torch.cat([ws[:, :3], G.mapping(e["z2"])[:, 3:]], 1)
+            assert (G.synthesis(mixed) - e["img_mix_inject3"]).abs().max() <= 1e-4
+    assert (G.z_dim, G.w_dim, G.num_ws, G.img_resolution, G.c_dim) == (64, 64, 8, 32, 10 if "cond" in name else 0)
+
+
+@needs_fixtures
+def test_saved_checkpoint_is_rosinality_compatible_and_reloads_exactly(tmp_path):
+    G = nada.load_generator(os.path.join(FIXTURES, "nvidia_32.pkl"))
+    path = tmp_path / "g.pt"
+    nada.save_generator(G, path, note="x")
+    ckpt = torch.load(path, weights_only=True)
+    rosi = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)["g_ema"]
+    # the same key set and per-key rank as a real rosinality checkpoint: its tools load ours with strict=True
+    assert set(ckpt["g_ema"]) == set(rosi)
+    assert all(ckpt["g_ema"][k].ndim == rosi[k].ndim for k in rosi)
+    assert ckpt["latent_avg"].shape == (64,) and ckpt["nada"]["note"] == "x"
+    G2 = nada.load_generator(path)
+    assert G2.conv_clamp == 256                           # settings that shapes cannot tell survive the round trip
+    z = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(G(z, truncation=0.5), G2(z, truncation=0.5))
+
+
+def test_random_noise_changes_images_and_none_differs_from_const():
+    torch.manual_seed(0)
+    G = nada.Generator(16, style_dim=32, n_mlp=1, channels={4: 16, 8: 16, 16: 16})
+    for m in G.modules():
+        if isinstance(m, nada.NoiseInjection):
+            m.weight.data.fill_(0.5)
+    ws = G.mapping(torch.randn(2, 32))
+    with torch.no_grad():
+        a, b = G.synthesis(ws, "random"), G.synthesis(ws, "random")
+        assert not torch.equal(a, b)
+        assert torch.equal(G.synthesis(ws, "const"), G.synthesis(ws, "const"))
+        assert not torch.equal(G.synthesis(ws, "none"), G.synthesis(ws, "const"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _persistent_pickle(path, G_meta):
+    """Write a pickle the way NVIDIA's persistence does: GLOBAL torch_utils.persistence._reconstruct_persistent_obj."""
+    mod = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("never called while writing")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Obj:
+        def __init__(self, meta):
+            self.meta = meta
+
+        def __reduce__(self):
+            return (_reconstruct_persistent_obj, (self.meta,))
+
+    def wrap(rec):
+        state = dict(rec.state)
+        state["_modules"] = {k: wrap(v) for k, v in rec.state.get("_modules", {}).items()}
+        return Obj(dict(type="class", version=6, module_src="# placeholder", class_name=rec.class_name, state=state))
+    sys.modules.setdefault("torch_utils", types.ModuleType("torch_utils"))
+    sys.modules["torch_utils.persistence"] = mod
+    try:
+        with open(path, "wb") as f:
+            pickle.dump({"G_ema": wrap(G_meta)}, f)
+    finally:
+        del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
+
+
+def _fixture_records():
+    with open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb") as f:
+        u = nada._SafeUnpickler(f)
+        u.allowed = nada._pickle_allowlist()
+        return u.load()["G_ema"]
+
+
+@needs_fixtures
+def test_repickled_fixture_loads_and_architecture_refusals(tmp_path):
+    G = _fixture_records()
+    _persistent_pickle(tmp_path / "same.pkl", G)          # our writer is faithful: the copy loads and agrees
+    z = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(nada.load_generator(tmp_path / "same.pkl")(z),
+                           nada.load_generator(os.path.join(FIXTURES, "nvidia_32.pkl"))(z))
+    G.state["_modules"]["synthesis"].state["_modules"]["b8"].state["architecture"] = "resnet"
+    _persistent_pickle(tmp_path / "resnet.pkl", G)
+    with pytest.raises(nada.NadaError, match="'resnet' synthesis architecture is not supported"):
+        nada.load_generator(tmp_path / "resnet.pkl")
+    G.state["_modules"]["synthesis"].state["_modules"]["input"] = G.state["_modules"]["mapping"]
+    _persistent_pickle(tmp_path / "sg3.pkl", G)
+    with pytest.raises(nada.NadaError, match="StyleGAN3"):
+        nada.load_generator(tmp_path / "sg3.pkl")
+
+
+@needs_fixtures
+def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = {}
+    cases["evil.pkl"] = pickle.dumps({"G_ema": _Evil()})
+    cases["evil.pt"] = None
+    torch.save({"g_ema": _Evil()}, tmp_path / "evil.pt")
+    # a legal outer pickle whose nested storage bytes hide code: the nested load must be restricted too
+    nested = pickle.dumps(_Evil(), protocol=2)
+    outer = io.BytesIO()
+    outer.write(b"\x80\x04\x8c\rtorch.storage\x94\x8c\x10_load_from_bytes\x94\x93\x94")
+    outer.write(b"C" + bytes([len(nested)]) + nested + b"\x94\x85\x94R\x94.")
+    cases["nested.pkl"] = outer.getvalue()
+    full = open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb").read()
+    cases["truncated.pkl"] = full[:len(full) // 2]
+    cases["garbage.pkl"] = b"this is not a pickle at all"
+    cases["tf.pkl"] = b"\x80\x04\x8c\x14dnnlib.tflib.network\x94\x8c\x07Network\x94\x93\x94."
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, tmp_path / "wrong.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    expected = {"evil.pkl": "posix.system", "evil.pt": "refused", "nested.pkl": "refused", "truncated.pkl": "refused",
+                "garbage.pkl": "refused", "tf.pkl": "TensorFlow", "wrong.pt": "not a StyleGAN2 generator",
+                "other.pt": "no generator found", "missing.pt": "no such file"}
+    for name, words in expected.items():
+        with pytest.raises(nada.NadaError) as e:
+            nada.load_generator(tmp_path / name)
+        assert name in str(e.value) and words in str(e.value), str(e.value)
+    assert not (tmp_path / "PWNED").exists()
+    rc, _, err = run_cli("sample", "--ckpt", tmp_path / "evil.pkl", cwd=tmp_path)
+    assert_clean_error(rc, err, "evil.pkl")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_loading_costs_one_copy_of_the_weights(tmp_path):
+    """Meta-device construction + assign: no random init, no second copy (peak measured by the allocator)."""
+    G = nada.Generator(256, style_dim=256, n_mlp=2, channels={r: 128 for r in (4, 8, 16, 32, 64, 128, 256)})
+    nada.save_generator(G, tmp_path / "g.pt")
+    nbytes = sum(t.numel() * t.element_size() for t in G.state_dict().values())
+    code = ("import resource, sys, nada; r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "G = nada.load_generator(sys.argv[1]); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.pt")], capture_output=True, text=True, cwd=HERE)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 1.6 * nbytes, (grown, nbytes)          # two copies would be >= 2x
+
+
+# ---- sample ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
+    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    outs = []
+    for run in ("a", "b"):
+        rc, out, err = run_cli("sample", "--ckpt", ckpt, "--class", "bird", "--n", 8, "--out", tmp_path / run)
+        assert rc == 0, err
+        assert str(tmp_path / run) in out
+        outs.append({f: (tmp_path / run / f).read_bytes() for f in sorted(os.listdir(tmp_path / run))})
+    assert sorted(outs[0]) == ["grid.png"] + [f"seed{i:04d}.png" for i in range(8)]
+    assert outs[0] == outs[1]
+    from PIL import Image
+    assert Image.open(tmp_path / "a" / "seed0003.png").size == (32, 32)
+    # the PNG holds the generator's image for that seed: seed 3, class bird (2)
+    G = nada.load_generator(ckpt)
+    with torch.no_grad():
+        img = G(nada.seed_latents(G, [3]), F.one_hot(torch.tensor([2]), 10).float())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
+
+
+def test_parse_seeds():
+    assert nada.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    for bad in ("3-1", "a", "1,,2"):
+        with pytest.raises(nada.NadaError):
+            nada.parse_seeds(bad)
+
+
+@needs_fixtures
+def test_sample_bad_input(tmp_path):
+    cond, plain = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
+    assert_clean_error(*run_cli("sample", cwd=tmp_path)[::2], "runs/*/generator.pt")
+    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--class", "cat", cwd=tmp_path)[::2], "unconditional")
+    assert_clean_error(*run_cli("sample", "--ckpt", cond, "--class", "dragon", cwd=tmp_path)[::2], "unknown class")
+    assert_clean_error(*run_cli("sample", "--ckpt", cond, cwd=tmp_path)[::2], "class-conditional")
+    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--seeds", "9-1", cwd=tmp_path)[::2], "--seeds")
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+
+def test_directional_loss_against_hand_computation():
+    e_frozen = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), dim=1)
+    e_adapted = F.normalize(torch.tensor([[1.0, 1.0, 0, 0], [0, 1.0, 0, 1.0]]), dim=1)
+    direction = F.normalize(torch.tensor([0.0, 1.0, 0, 0]), dim=0)
+    loss = nada.directional_loss(e_frozen, e_adapted, direction, eps=0)
+    s = 1 / np.sqrt(2)
+    d1 = np.array([s - 1, s, 0, 0]); d2 = np.array([0, s - 1, 0, s])
+    cos1 = d1[1] / np.linalg.norm(d1); cos2 = d2[1] / np.linalg.norm(d2)
+    assert abs(loss.item() - ((1 - cos1) + (1 - cos2)) / 2) < 1e-6
+    # with the soft norm, |d| >> eps changes the value by < eps^2 / |d|^2
+    assert abs(nada.directional_loss(e_frozen, e_adapted, direction).item() - loss.item()) < 1e-3
+
+
+def test_text_direction_is_template_mean_of_normalised_differences(colour_clip):
+    model = nada.load_clip(colour_clip)
+    templates = ("a {}.", "a photo of a {}.", "{} art")
+    d = nada.text_direction(model, "photo", "red photo", templates)
+    clip = nada._import_clip()
+    with torch.no_grad():
+        enc = lambda t: F.normalize(model.encode_text(clip.tokenize([tp.format(t) for tp in templates])).float(), dim=-1)
+        expected = F.normalize((enc("red photo") - enc("photo")).mean(0), dim=0)
+    assert torch.allclose(d, expected, atol=1e-6)
+    assert d[0] > 0.9                                     # the colour CLIP: "red" lives on axis 0
+
+
+def test_clip_preprocess_uses_the_models_own_resolution():
+    class V:
+        input_resolution = 24
+    model = types.SimpleNamespace(visual=V())
+    x = nada.clip_preprocess(torch.zeros(2, 3, 64, 96), model)
+    assert x.shape == (2, 3, 24, 24)
+    assert torch.allclose(x[0, :, 0, 0], (0.5 - torch.tensor(nada.CLIP_MEAN)) / torch.tensor(nada.CLIP_STD))
+
+
+# ---- freezing -----------------------------------------------------------------------------------------------
+
+def tiny_generator(seed=0, size=32, impl="ref"):
+    torch.manual_seed(seed)
+    G = nada.Generator(size, style_dim=32, n_mlp=2, channels={4: 32, 8: 32, 16: 32, 32: 16, 64: 16}, impl=impl)
+    with torch.no_grad():
+        G.latent_avg = G.mapping(torch.randn(512, 32))[:, 0].mean(0)
+    return G
+
+
+def test_layers_driven_by_matches_what_synthesis_reads():
+    G = tiny_generator()
+    ws = G.mapping(torch.randn(2, 32)).detach()
+    read = {}
+    hooks = []
+    for name, m in G.named_modules():
+        if name.endswith("conv.modulation"):
+            layer = name[:-len(".conv.modulation")]
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, layer=layer: read.__setitem__(layer, inp[0])))
+    with torch.no_grad():
+        G.synthesis(ws)
+    for h in hooks:
+        h.remove()
+    readers = {j: sorted(l for l, t in read.items() if torch.equal(t, ws[:, j]) and t.data_ptr() == ws[:, j].data_ptr())
+               for j in range(G.num_ws)}
+    for j in range(G.num_ws):
+        assert readers[j] == sorted(nada.layers_driven_by(G, j)), j
+    assert nada.layers_driven_by(G, 1) == ["convs.0", "to_rgb1"] and nada.layers_driven_by(G, 7) == ["to_rgbs.2"]
+
+
+def test_parse_layers():
+    G = tiny_generator()
+    assert nada.parse_layers("last:1", G) == ["convs.4", "convs.5", "to_rgbs.2"]
+    assert nada.parse_layers("first:1", G) == ["input", "conv1", "to_rgb1"]
+    assert nada.parse_layers("16,32", G) == ["convs.2", "convs.3", "to_rgbs.1", "convs.4", "convs.5", "to_rgbs.2"]
+    assert len(nada.parse_layers("all", G)) == 12 and nada.parse_layers("auto", G) is None
+    for bad in ("last:9", "64", "some"):
+        with pytest.raises(nada.NadaError):
+            nada.parse_layers(bad, G)
+
+
+def test_gradients_only_on_selected_layers():
+    G = tiny_generator()
+    n = nada.set_trainable(G, ["convs.4", "to_rgbs.2"])
+    G.synthesis(G.mapping(torch.randn(2, 32))).square().mean().backward()
+    with_grad = {k for k, p in G.named_parameters() if p.grad is not None}
+    assert with_grad and all(k.startswith(("convs.4.", "to_rgbs.2.")) for k in with_grad)
+    assert n == sum(p.numel() for k, p in G.named_parameters() if k.startswith(("convs.4.", "to_rgbs.2.")))
+
+
+# ---- train ----------------------------------------------------------------------------------------------------
+
+def make_colour_clip(path, K=20.0, C=5.0, const=0.01):
+    """A CLIP (its real architecture, loaded through clip.load) whose embeddings mean something: the image
+    embedding reads an image's mean colour and the text embedding reads the words red, green and blue.
+
+    Both transformers average their tokens (q = k = 0, v = out = identity, MLP off); channels 0-2 carry colour,
+    3-5 its negative (so LayerNorm sees zero mean) and 6-7 a large constant pair that keeps LayerNorm near linear.
+    Projections put R, G, B on embedding axes 0-2 and a small constant on axis 3.
+    """
+    from clip.model import CLIP
+    from clip.simple_tokenizer import SimpleTokenizer
+    m = CLIP(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    sd = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
+    eye = torch.eye(64)
+    for pre in ("visual.transformer.resblocks.0.", "transformer.resblocks.0."):
+        sd[pre + "attn.in_proj_weight"][128:] = eye
+        sd[pre + "attn.out_proj.weight"] = eye.clone()
+        sd[pre + "ln_1.weight"] = sd[pre + "ln_2.weight"] = torch.ones(64)
+    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        sd[ln + ".weight"] = torch.ones(64)
+    for c in range(3):
+        sd["visual.conv1.weight"][c, c] = 1 / 256         # mean over the 16x16 patch
+        sd["visual.conv1.weight"][3 + c, c] = -1 / 256
+        sd["visual.proj"][c, c] = sd["text_projection"][c, c] = 1
+    sd["visual.proj"][6, 3] = sd["text_projection"][6, 3] = const
+    sd["visual.positional_embedding"][:, 6], sd["visual.positional_embedding"][:, 7] = K, -K
+    sd["token_embedding.weight"][:, 6], sd["token_embedding.weight"][:, 7] = K, -K
+    tok = SimpleTokenizer()
+    for c, word in enumerate(("red", "green", "blue")):
+        (i,) = tok.encode(word)
+        sd["token_embedding.weight"][i, c] += C
+        sd["token_embedding.weight"][i, 3 + c] -= C
+    torch.save(sd, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def colour_clip(tmp_path_factory):
+    return make_colour_clip(tmp_path_factory.mktemp("clip") / "colour_clip.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "tiny.pt"
+    nada.save_generator(tiny_generator(), path)
+    return str(path)
+
+
+def redness(img, channel):
+    """How much the given channel exceeds the mean of the other two."""
+    others = [c for c in range(3) if c != channel]
+    return (img[:, channel] - img[:, others].mean(1)).mean().item()
+
+
+def test_train_cli_end_to_end_then_sample(tmp_path, colour_clip, tiny_ckpt):
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--src", "photo", "--tgt",
+                              "red photo", "--iters", 40, "--layers", "all", "--out", out, "--sample-every", 20)
+    assert rc == 0, err
+    assert "ops ref (cpu)" in stdout and "layers" in stdout and str(out) in stdout
+    log = [json.loads(ln) for ln in open(out / "log.jsonl")]
+    assert [r["iter"] for r in log] == list(range(40))
+    assert {"loss", "losses", "layers", "seconds"} <= set(log[0])
+    assert log[0]["loss"] == 1.0                          # step 0: the generators agree, the direction is 0
+    assert np.mean([r["loss"] for r in log[-10:]]) < 0.6
+    assert sorted(os.listdir(out / "samples")) == ["000000.png", "000020.png", "000040.png"]
+    from PIL import Image
+    assert Image.open(out / "samples" / "000040.png").size == (4 * 32, 2 * 32)   # frozen row above adapted row
+    meta = torch.load(out / "generator.pt", weights_only=True)["nada"]
+    assert (meta["src"], meta["tgt"], meta["iterations"], meta["base"]) == ("photo", "red photo", 40, tiny_ckpt)
+    assert json.load(open(out / "config.json"))["iters"] == 40
+    rc, stdout, err = run_cli("sample", "--ckpt", out / "generator.pt", "--seeds", "0-3", "--compare", "--out", tmp_path / "s")
+    assert rc == 0, err
+    pair = np.asarray(Image.open(tmp_path / "s" / "seed0001.png")).astype(float)
+    base, adapted = pair[:, :32], pair[:, 32:]            # base | adapted: the adapted one is the redder
+    red = lambda a: (a[..., 0] - a[..., 1:].mean(-1)).mean()
+    assert red(adapted) > red(base) + 5
+
+
+@pytest.mark.parametrize("word,channel", [("red", 0), ("blue", 2)])
+def test_training_moves_images_toward_the_prompt(tmp_path, colour_clip, tiny_ckpt, word, channel):
+    out = nada.train(src="photo", tgt=f"{word} photo", ckpt=tiny_ckpt, out=str(tmp_path / word), iters=40,
+                     layers="all", clip=colour_clip, progress=False, sample_every=1000)
+    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
+    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before, after = G0(z), G1(z)
+    assert redness(after, channel) > redness(before, channel) + 0.1
+    model = nada.load_clip(colour_clip)
+    direction = nada.text_direction(model, "photo", f"{word} photo")
+    with torch.no_grad():
+        loss = nada.directional_loss(nada.encode_images(model, before), nada.encode_images(model, after), direction)
+    assert loss < 0.5
+
+
+def test_step_zero_is_finite_and_small(colour_clip):
+    G0 = tiny_generator().requires_grad_(False)
+    G = tiny_generator()
+    model = nada.load_clip(colour_clip)
+    clip_set = [(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=nada.LR, betas=nada.BETAS)
+    layers, loss, _ = nada.train_step(G0, G, opt, clip_set, nada.parse_layers("all", G), G.num_ws, 2, 0.0, None,
+                                      torch.Generator().manual_seed(0), "cpu")
+    assert loss == 1.0
+    grads = [p.grad for p in G.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    change = max((G.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert 0 < change <= nada.LR * 1.01                   # Adam's first step: at most lr per element
+
+
+def test_frozen_tensors_bitwise_unchanged(tmp_path, colour_clip, tiny_ckpt):
+    out = nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=6, layers="last:1",
+                     clip=colour_clip, progress=False)
+    a = torch.load(tiny_ckpt, weights_only=True)["g_ema"]
+    b = torch.load(os.path.join(out, "generator.pt"), weights_only=True)["g_ema"]
+    trained = ("convs.4.", "convs.5.", "to_rgbs.2.")
+    for k in a:
+        if k.startswith(trained) and not k.endswith("kernel"):
+            continue
+        assert torch.equal(a[k], b[k]), k                 # mapping, other blocks, buffers
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith(trained))
+
+
+def test_auto_layers_select_k_entries_each_step(tmp_path, colour_clip, tiny_ckpt):
+    out = nada.train(src="photo", tgt="blue photo", ckpt=tiny_ckpt, out=str(tmp_path / "a"), iters=3, layers="auto",
+                     auto_k=2, clip=colour_clip, progress=False)
+    G = nada.load_generator(tiny_ckpt)
+    for row in map(json.loads, open(os.path.join(out, "log.jsonl"))):
+        possible = [set(nada.layers_driven_by(G, j)) for j in range(G.num_ws)]
+        covered = set(row["layers"])
+        # exactly the union of the layers of 2 W+ entries
+        assert any(covered == possible[i] | possible[j] for i in range(G.num_ws) for j in range(i + 1, G.num_ws))
+
+
+def test_resume_equals_uninterrupted(tmp_path, colour_clip, tiny_ckpt):
+    kw = dict(src="photo", tgt="red photo", ckpt=tiny_ckpt, layers="auto", auto_k=3, mixing=0.5, clip=colour_clip,
+              progress=False, save_every=3, sample_every=1000)
+    full = nada.train(out=str(tmp_path / "full"), iters=6, **kw)
+    part = nada.train(out=str(tmp_path / "part"), iters=3, **kw)
+    nada.train(out=None, iters=6, resume=part, **kw)
+    a = torch.load(os.path.join(full, "generator.pt"), weights_only=True)["g_ema"]
+    b = torch.load(os.path.join(part, "generator.pt"), weights_only=True)["g_ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(ln)["loss"] for ln in open(os.path.join(d, "log.jsonl"))] for d in (full, part)]
+    assert logs[0] == logs[1]
+
+
+def test_ctrl_c_saves_and_resume_finishes(tmp_path, colour_clip, tiny_ckpt):
+    out = tmp_path / "run"
+    args = [sys.executable, os.path.join(HERE, "nada.py"), "train", "--ckpt", tiny_ckpt, "--clip", colour_clip,
+            "--tgt", "red photo", "--iters", "100000", "--layers", "all", "--out", str(out), "--save-every", "100000"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.jsonl").exists() or len(open(out / "log.jsonl").readlines()) < 3:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted: saved at step" in stdout
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert step >= 3 and torch.load(out / "generator.pt", weights_only=True)["nada"]["iterations"] == step
+    rc, _, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo", "--iters", step + 2,
+                         "--layers", "all", "--resume", out, "--save-every", "100000")
+    assert rc == 0, err
+    assert len(open(out / "log.jsonl").readlines()) == step + 2
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, colour_clip, tiny_ckpt, monkeypatch):
+    real = nada.directional_loss
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) > 4 else 1)
+    monkeypatch.setattr(nada, "directional_loss", flaky)
+    with pytest.raises(nada.NadaError, match=r"became nan at step 4.*\(step 4\)"):
+        nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "n"), iters=10, layers="all", clip=colour_clip,
+                   progress=False, save_every=2)
+    assert torch.load(tmp_path / "n" / "generator.pt", weights_only=True)["nada"]["iterations"] == 4
+
+
+def test_image_targets(tmp_path, colour_clip, tiny_ckpt):
+    from PIL import Image
+    paths = []
+    for i, rgb in enumerate([(250, 10, 10), (200, 30, 40)]):
+        paths.append(str(tmp_path / f"t{i}.png"))
+        Image.new("RGB", (40, 48), rgb).save(paths[-1])
+    out = nada.train(src="", tgt="", tgt_img=paths, ckpt=tiny_ckpt, out=str(tmp_path / "img"), iters=30, layers="auto",
+                     auto_k=4, clip=colour_clip, progress=False)
+    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
+    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert redness(G1(z), 0) > redness(G0(z), 0) + 0.1
+
+
+@needs_fixtures
+def test_train_conditional_generator_with_class(tmp_path, colour_clip):
+    out = nada.train(tgt="blue photo", ckpt=os.path.join(FIXTURES, "nvidia_32_cond.pkl"), cls="all", iters=2,
+                     layers="last:2", out=str(tmp_path / "c"), clip=colour_clip, progress=False)
+    G = nada.load_generator(os.path.join(out, "generator.pt"))
+    assert G.c_dim == 10 and G.conv_clamp == 256
+
+
+def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
+    base = ["train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--iters", 2, "--out", tmp_path / "ok"]
+    cases = [
+        (["--src", "", "--tgt", "x"], "non-empty"),
+        (["--src", "Photo", "--tgt", "photo"], "the same"),
+        (["--clip", "ViT-Z/99"], "unknown CLIP model"),
+        (["--clip-weights", "1,2"], "2 values for 1 CLIP models"),
+        (["--ckpt", tmp_path / "nope.pt"], "neither a file nor a known model"),
+        (["--class", "cat"], "unconditional"),
+        (["--out", "/proc/nada_cannot_write"], "cannot write the output folder"),
+        (["--layers", "last:0"], "--layers"),
+        (["--tgt-img", tmp_path / "missing.png"], "no such file"),
+    ]
+    for extra, words in cases:
+        rc, _, err = run_cli(*base, *extra, cwd=tmp_path)
+        assert_clean_error(rc, err, words)
+    rc, _, err = run_cli(*base, "--tgt", "red photo")
+    assert rc == 0, err
+    rc, _, err = run_cli(*base, "--tgt", "red photo", "--resume", tmp_path / "ok", "--lr", "0.1")
+    assert_clean_error(rc, err, "--lr")
+    rc, _, err = run_cli(*base, "--tgt", "red photo")
+    assert_clean_error(rc, err, "holds a run already")
+
+
+# ---- weights: downloads ---------------------------------------------------------------------------------------
+
+class _Server:
+    """A tiny HTTP server on 127.0.0.1 serving `files`; with cut=True the first response breaks off halfway."""
+
+    def __init__(self, files, cut=False, ranges=True):
+        self.files, self.cut, self.ranges, self.requests = files, cut, ranges, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append((name, self.headers.get("Range")))
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                data, start = outer.files[name], 0
+                rng = self.headers.get("Range")
+                if rng and outer.ranges:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if outer.cut:
+                    outer.cut = False
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_resumes_after_a_cut_and_verifies(tmp_path):
+    data = os.urandom(300_000)
+    srv = _Server({"w.bin": data}, cut=True)
+    try:
+        dest = str(tmp_path / "w" / "w.bin")
+        with pytest.raises(nada.NadaError, match="broke off"):
+            nada.download(srv.url + "/w.bin", dest)
+        assert not os.path.exists(dest) and 0 < os.path.getsize(dest + ".part") < len(data)
+        assert nada.download(srv.url + "/w.bin", dest) == dest
+        assert open(dest, "rb").read() == data and not os.path.exists(dest + ".part")
+        assert srv.requests[-1][1] is not None and srv.requests[-1][1].startswith("bytes=")
+        manifest = json.load(open(tmp_path / "w" / "manifest.json"))
+        assert manifest["w.bin"]["size"] == len(data)
+        assert nada.download(srv.url + "/w.bin", dest) == dest and len(srv.requests) == 2   # present: no request
+    finally:
+        srv.close()
+
+
+def test_download_hash_mismatch_is_refused_and_removed(tmp_path):
+    srv = _Server({"w.bin": b"x" * 1000})
+    try:
+        dest = str(tmp_path / "w.bin")
+        with pytest.raises(nada.NadaError, match="SHA-256 mismatch"):
+            nada.download(srv.url + "/w.bin", dest, sha256="0" * 64)
+        assert os.listdir(tmp_path) == []
+    finally:
+        srv.close()
+
+
+def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
+    t0 = time.time()
+    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty", "--offline")
+    assert_clean_error(rc, err, "ffhq.pkl", "by hand", str(tmp_path / "empty"))
+    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty",
+                         env={"NADA_MIRROR": "http://127.0.0.1:9"})        # nothing listens on port 9
+    assert_clean_error(rc, err, "could not download", "ffhq.pkl", "by hand")
+    assert time.time() - t0 < 60
+    assert not any(f.endswith(".pkl") for f in os.listdir(tmp_path / "empty")) if (tmp_path / "empty").exists() else True
+
+
+@needs_fixtures
+def test_named_model_end_to_end_through_a_mirror(tmp_path):
+    data = open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()
+    srv = _Server({"cifar10.pkl": data})
+    try:
+        env = {"NADA_MIRROR": srv.url}
+        rc, out, err = run_cli("sample", "--ckpt", "cifar10", "--class", "ship", "--n", 2, "--weights-dir", tmp_path / "w",
+                               "--out", tmp_path / "s", env=env)
+        assert rc == 0, err
+        assert open(tmp_path / "w" / "cifar10.pkl", "rb").read() == data
+        assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "seed0000.png", "seed0001.png"]
+        rc, out, _ = run_cli("models", "--weights-dir", tmp_path / "w")
+        assert rc == 0 and any(ln.startswith("cifar10") and "downloaded" in ln for ln in out.splitlines())
+    finally:
+        srv.close()
