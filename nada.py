@@ -64,9 +64,9 @@ IMPLS = ("auto", "cuda", "ref")        # auto: the kernel for CUDA tensors when 
 
 
 def cuda_home():
-    """The CUDA toolkit root: $CUDA_HOME, else torch's guess, else wherever an `nvcc` wrapper script points."""
-    from torch.utils import cpp_extension
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    """The CUDA toolkit root: $CUDA_HOME, else where `nvcc` really lives (following a wrapper script), else
+    /usr/local/cuda. A root counts only if it holds bin/nvcc and the CUDA runtime library."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
@@ -74,32 +74,41 @@ def cuda_home():
             m = re.search(r"(/\S+)/bin/nvcc\b", open(nvcc, errors="strict").read(4096))
             candidates.append(m and m.group(1))
     candidates.append("/usr/local/cuda")
-    for root in candidates:
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
-                any(os.path.isdir(os.path.join(root, lib)) for lib in ("lib64", "lib")):
+    for root in filter(None, candidates):
+        libs = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+                any(f.startswith("libcudart.so") for d in libs if os.path.isdir(d) for f in os.listdir(d)):
             return root
     return None
 
 
-def _ops_hash():
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(OPS_DIR)):
-        if name.endswith((".cpp", ".cu", ".h")):
-            h.update(name.encode() + open(os.path.join(OPS_DIR, name), "rb").read())
-    return h.hexdigest()[:16]
+OPS = {"bias_act": ("bias_act.cpp", "bias_act.cu", "common.h"), "upfirdn2d": ("upfirdn2d.cpp", "upfirdn2d.cu", "common.h")}
 
 
-def build_dir():
-    """Where compiled kernels live: keyed by the sources' hash and the torch/CUDA versions, so edits rebuild."""
+def cuda_arch_list():
+    """GPU architectures to compile for: $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else 8.0 with PTX
+    (a GPU-less build, e.g. in CI: the PTX is JIT-compiled by the driver on any GPU from Ampere on)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    return "8.0+PTX"
+
+
+def build_dir(op):
+    """Where a compiled op lives: keyed by its sources, torch/CUDA versions and GPU architectures."""
+    h = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {cuda_arch_list()}".encode())
+    for name in OPS[op]:
+        h.update(name.encode() + open(os.path.join(OPS_DIR, name), "rb").read())
     root = os.environ.get("NADA_OPS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nada_ops")
-    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-{_ops_hash()}".replace("+", "_")
-    return os.path.join(root, tag)
+    return os.path.join(root, f"{op}-{h.hexdigest()[:16]}")
 
 
 @functools.lru_cache(maxsize=None)
-def load_ops(require_gpu=True):
-    """Build (once per process) and import the CUDA extension. Returns (module, None) or (None, reason)."""
-    if not os.path.isfile(os.path.join(OPS_DIR, "nada_ops.cpp")):
+def load_op(op, require_gpu=True):
+    """Build (once per process, lazily) and load one op's extension. -> (torch.ops.nada, None) or (None, reason)."""
+    if not all(os.path.isfile(os.path.join(OPS_DIR, n)) for n in OPS[op]):
         return None, f"no CUDA sources in {OPS_DIR}"
     if require_gpu and not torch.cuda.is_available():
         return None, "no CUDA device"
@@ -109,37 +118,39 @@ def load_ops(require_gpu=True):
     if home is None:
         return None, "CUDA toolkit (nvcc) not found: set CUDA_HOME"
     try:
-        return _build_ops(home), None
+        _build_op(op, home)
+        return torch.ops.nada, None
     except Exception as e:                              # a failed build is remembered: never retried per call
-        reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-        warnings.warn(f"nada: CUDA ops unavailable ({reason}); using the reference ops. Rebuild with "
+        errors = [ln.strip() for ln in str(e).splitlines() if "error" in ln and "Error building" not in ln]
+        reason = f"build failed: {errors[0][:300] if errors else _first_line(e)}"
+        warnings.warn(f"nada: CUDA op {op} unavailable ({reason}); using the reference op. Retry with "
                       f"`python nada.py doctor --build-ops`, full log with NADA_VERBOSE_BUILD=1.")
         return None, reason
 
 
-def _build_ops(home):
-    """Compile ops/ with ninja into a private folder under a lock, publishing it with an atomic rename."""
+def _build_op(op, home):
+    """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library."""
+    os.environ["CUDA_HOME"] = home                      # before torch's import-time guess, which may be wrong
     from torch.utils import cpp_extension
-    os.environ["CUDA_HOME"] = home
-    cpp_extension.CUDA_HOME = home                      # torch cached its own guess at import
-    final = build_dir()
-    lib = os.path.join(final, "nada_ops.so")
+    cpp_extension.CUDA_HOME = home
+    final = build_dir(op)
+    lib = os.path.join(final, f"nada_{op}.so")
     if not os.path.isfile(lib):
         os.makedirs(os.path.dirname(final), exist_ok=True)
         with _file_lock(final + ".lock"):
-            if not os.path.isfile(lib):
-                work = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(final))
+            if not os.path.isfile(lib):                 # another process may have built it while we waited
+                work = tempfile.mkdtemp(prefix=f".{op}-", dir=os.path.dirname(final))
                 try:
-                    sources = [os.path.join(OPS_DIR, n) for n in ("nada_ops.cpp", "bias_act.cu", "upfirdn2d.cu")]
-                    cpp_extension.load("nada_ops", sources, build_directory=work, is_python_module=False,
-                                       extra_cuda_cflags=["-O3", "--use_fast_math"], extra_cflags=["-O3"],
+                    sources = [os.path.join(OPS_DIR, n) for n in OPS[op] if not n.endswith(".h")]
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+                    cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
+                                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
                                        verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
-                    shutil.rmtree(final, ignore_errors=True)
                     os.replace(work, final)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-    torch.ops.load_library(lib)
-    return torch.ops.nada
+    if not hasattr(torch.ops.nada, op):
+        torch.ops.load_library(lib)
 
 
 @contextlib.contextmanager
@@ -162,7 +173,7 @@ def _file_lock(path, timeout=900):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _use_cuda(x, impl):
+def _use_cuda(x, impl, op):
     """The dispatch rule: ref -> reference; cuda -> kernel or an error; auto -> kernel iff x is on CUDA and it builds."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -170,18 +181,18 @@ def _use_cuda(x, impl):
         return False
     if impl == "cuda" and not x.is_cuda:
         raise RuntimeError("impl='cuda' needs a CUDA tensor")
-    ops, reason = load_ops()
+    ops, reason = load_op(op)
     if ops is None and impl == "cuda":
-        raise RuntimeError(f"impl='cuda' requested but the CUDA ops are unavailable: {reason}")
+        raise RuntimeError(f"impl='cuda' requested but the CUDA {op} op is unavailable: {reason}")
     return ops is not None
 
 
-def ops_status(device):
-    """One word for the startup line: which path the ops take on this device."""
-    if torch.device(device).type != "cuda":
-        return "ref (cpu)"
-    ops, reason = load_ops()
-    return "cuda" if ops is not None else f"ref ({reason})"
+def ops_status(device, impl="auto"):
+    """For the startup line: which path each op takes on this device, and why."""
+    if impl == "ref" or torch.device(device).type != "cuda":
+        return "ref" if impl == "ref" else "ref (cpu)"
+    status = {op: "cuda" if load_op(op)[0] else f"ref ({load_op(op)[1]})" for op in OPS}
+    return " ".join(f"{op}={s}" for op, s in status.items())
 
 
 def bias_act(x, b=None, act="linear", alpha=LRELU_SLOPE, gain=1.0, clamp=None, impl="auto"):
@@ -196,7 +207,7 @@ def bias_act(x, b=None, act="linear", alpha=LRELU_SLOPE, gain=1.0, clamp=None, i
     """
     if act not in ("linear", "lrelu"):
         raise ValueError(f"unknown activation {act!r}")
-    if _use_cuda(x, impl):
+    if _use_cuda(x, impl, "bias_act"):
         return _BiasActCuda.apply(x, b, act == "lrelu", float(alpha), float(gain), -1.0 if clamp is None else float(clamp))
     return _bias_act_ref(x, b, act, alpha, gain, clamp)
 
@@ -216,9 +227,9 @@ def _bias_act_ref(x, b, act, alpha, gain, clamp):
 class _BiasActCuda(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, lrelu, alpha, gain, clamp):
-        ops = load_ops()[0]
+        x = x if x.is_non_overlapping_and_dense() else x.contiguous()
         bias = b.to(x.dtype).contiguous() if b is not None else x.new_empty(0)
-        y = ops.bias_act(x, bias, lrelu, alpha, gain, clamp)
+        y = torch.ops.nada.bias_act(x, bias, lrelu, alpha, gain, clamp)
         ctx.save_for_backward(y)                        # the gradient is rebuilt from the output alone
         ctx.args = (lrelu, alpha, gain, clamp, b is not None)
         return y
@@ -227,14 +238,9 @@ class _BiasActCuda(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (y,), (lrelu, alpha, gain, clamp, has_bias) = ctx.saved_tensors, ctx.args
-        dx = load_ops()[0].bias_act_grad(dy.contiguous(memory_format=_layout(y)), y, lrelu, alpha, gain, clamp)
+        dx = torch.ops.nada.bias_act_grad(dy, y, lrelu, alpha, gain, clamp)
         db = dx.sum([d for d in range(dx.ndim) if d != 1]) if has_bias and ctx.needs_input_grad[1] else None
         return dx, db, None, None, None, None
-
-
-def _layout(t):
-    return torch.channels_last if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
 
 
 def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0, impl="auto"):
@@ -248,7 +254,7 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0,
     """
     if len(pad) == 2:
         pad = (pad[0], pad[1], pad[0], pad[1])
-    if _use_cuda(x, impl):
+    if _use_cuda(x, impl, "upfirdn2d"):
         return _UpFirDn2dCuda.apply(x, f, up, down, tuple(int(p) for p in pad), flip_filter, float(gain))
     return _upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain)
 
@@ -272,8 +278,7 @@ def _upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain):
 class _UpFirDn2dCuda(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, f, up, down, pad, flip, gain):
-        ops = load_ops()[0]
-        y = ops.upfirdn2d(x, f.float().contiguous(), up, down, *pad, flip, gain)
+        y = torch.ops.nada.upfirdn2d(x, f.float(), up, down, *pad, flip, gain)
         ctx.save_for_backward(f)
         ctx.args = (x.shape, up, down, pad, flip, gain)
         return y
@@ -286,7 +291,7 @@ class _UpFirDn2dCuda(torch.autograd.Function):
         fh, fw = f.shape
         oh, ow = dy.shape[2:]
         gpad = (fw - x0 - 1, W * up - ow * down + x0 - up + 1, fh - y0 - 1, H * up - oh * down + y0 - up + 1)
-        dx = load_ops()[0].upfirdn2d(dy, f.float().contiguous(), down, up, *gpad, not flip, gain)
+        dx = torch.ops.nada.upfirdn2d(dy, f.float(), down, up, *gpad, not flip, gain)
         return dx, None, None, None, None, None, None
 
 
@@ -1286,7 +1291,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     shown = fixed_layers or (f"auto (top {k} of {G.num_ws} W+ entries per step)" if k < G.num_ws else "auto (all)")
     if fixed_layers is None and k >= G.num_ws:          # every W+ entry chosen: the selection is moot, skip its cost
         fixed_layers = sorted({n for j in range(G.num_ws) for n in layers_driven_by(G, j)}, key=_layer_order)
-    print(f"nada train | device {device} | ops {ops_status(device) if impl != 'ref' else 'ref'} | CLIP "
+    print(f"nada train | device {device} | ops {ops_status(device, impl)} | CLIP "
           f"{', '.join(f'{n} x{w:g}' for n, w in zip(names, weights))} | layers {shown} | {G.size} px, "
           f"{'images' if tgt_img else repr(src)} -> {tgt_img or repr(tgt)} | out {out}", flush=True)
     meta = dict(src=src, tgt=tgt, tgt_img=tgt_img, base=ckpt, layers=layers, clip=names, clip_weights=weights,
@@ -1485,7 +1490,7 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     out = out or os.path.join(os.path.dirname(path) if os.path.basename(path) == "generator.pt" else "samples",
                               "sample" if os.path.basename(path) == "generator.pt" else _slug(os.path.splitext(os.path.basename(path))[0]))
     os.makedirs(out, exist_ok=True)
-    print(f"nada sample | {path} | device {device} | ops {ops_status(device) if impl != 'ref' else 'ref'} | "
+    print(f"nada sample | {path} | device {device} | ops {ops_status(device, impl)} | "
           f"{len(seeds)} seeds, truncation {trunc}, noise {noise_mode}", flush=True)
     rows = [[] for _ in gens]
     for i, s in enumerate(seeds):
@@ -1556,10 +1561,11 @@ def doctor(device="auto", build_ops=False, wdir=None):
         ok = False
         print("device       cuda requested but no CUDA device is visible: install a CUDA build of torch and a driver")
     if build_ops:
-        t0 = time.time()
-        ops, reason = load_ops(require_gpu=False)
-        print(f"build ops    {'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir()})")
-        ok = ok and ops is not None
+        for op in OPS:
+            t0 = time.time()
+            ops, reason = load_op(op, require_gpu=False)
+            print(f"build {op:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir(op)})")
+            ok = ok and ops is not None
     print(f"ops path     {ops_status(pick_device(device) if device != 'cuda' or cuda else 'cpu')}")
     return 0 if ok else 1
 
