@@ -95,6 +95,203 @@ def test_impl_choice_errors_are_clear():
         nada.upfirdn2d(x, nada.make_kernel(), impl="fast")
 
 
+# ---- ops: the compiled kernels (CPU twins of the CUDA kernels here; the GPU itself where there is one) --------
+
+@pytest.fixture(scope="session")
+def compiled_ops():
+    """Build both extensions (nvcc and a CUDA build of torch suffice, no GPU needed) or skip."""
+    for op in nada.OPS:
+        ops, reason = nada.load_op(op, require_gpu=False)
+        if ops is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"the CUDA ops must build in CI: {reason}")
+            pytest.skip(f"CUDA ops not built here: {reason}")
+    return torch.ops.nada
+
+
+OP_CASES = [(1, 1, (2, 1, 2, 1), 4, 4), (2, 1, (2, 1, 2, 1), 4, 4), (1, 2, (1, 1, 1, 1), 4, 4), (2, 1, (1, 1, 1, 1), 4, 4),
+            (2, 2, (0, 3, 1, 2), 4, 3), (3, 1, (-1, 2, 0, -2), 5, 2), (1, 1, (-1, -1, 0, 0), 3, 3), (1, 4, (0, 0, 0, 0), 1, 7)]
+
+
+def _layouts(x):
+    """The same values as NCHW-contiguous, channels_last and a non-contiguous view."""
+    wide = torch.zeros(*x.shape[:3], x.shape[3] * 2, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last), "strided": wide[..., ::2]}
+
+
+@pytest.mark.parametrize("up,down,pad,fh,fw", OP_CASES)
+def test_upfirdn2d_kernel_math_matches_reference(compiled_ops, up, down, pad, fh, fw):
+    torch.manual_seed(0)
+    f = torch.rand(fh, fw)
+    for name, x in _layouts(torch.randn(2, 3, 7, 9, dtype=torch.float64)).items():
+        for flip in (False, True):
+            y = compiled_ops.upfirdn2d(x, f, up, down, *pad, flip, 1.5)
+            ref = nada._upfirdn2d_ref(x, f.double(), up, down, pad, flip, 1.5)
+            assert y.shape == ref.shape and (y - ref).abs().max() < 1e-12, name
+            if name == "channels_last":
+                assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_upfirdn2d_kernel_backward_formula(compiled_ops):
+    """The CUDA autograd Function (its adjoint-as-upfirdn2d padding) checked through the CPU twin."""
+    f = torch.rand(4, 3, dtype=torch.float32)
+    for up, down, pad, _, _ in OP_CASES[:6]:
+        x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+        fn = lambda t: nada._UpFirDn2dCuda.apply(t, f, up, down, pad, False, 2.0)
+        assert torch.autograd.gradcheck(fn, (x,)), (up, down, pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_bias_act_kernel_math_and_gradient(compiled_ops, dtype):
+    torch.manual_seed(0)
+    for name, x in _layouts(torch.randn(2, 5, 4, 3).to(dtype)).items():
+        b = torch.randn(5).to(dtype)
+        if name == "strided":                             # the op wants dense input; the wrapper makes it so
+            with pytest.raises(RuntimeError, match="must be dense"):
+                compiled_ops.bias_act(x, b, True, 0.2, nada.SQRT2, 0.7)
+            x = x.contiguous()
+        y = compiled_ops.bias_act(x, b, True, 0.2, nada.SQRT2, 0.7)
+        xr = x.double().requires_grad_(True)
+        ref = nada._bias_act_ref(xr, b.double(), "lrelu", 0.2, nada.SQRT2, 0.7)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        assert (y.double() - ref).abs().max() < tol, name
+        dy = torch.randn_like(x)
+        ref.backward(dy.double())
+        dx = compiled_ops.bias_act_grad(dy, y, True, 0.2, nada.SQRT2, 0.7)
+        # rebuilt from the rounded y: skip samples that round onto the clamp itself
+        ok = (ref.detach().abs() - 0.7).abs() > 1e-2
+        assert ((dx.double() - xr.grad).abs() * ok).max() < tol * 10, name
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, c: nada._BiasActCuda.apply(t, c, True, 0.2, 1.3, -1.0), (x, b))
+
+
+def test_op_loader_remembers_failure_and_never_retries(monkeypatch, tmp_path):
+    calls = []
+
+    def broken(op, home):
+        calls.append(op)
+        raise RuntimeError("nvcc exploded\nfoo.cu:1: error: something specific")
+    monkeypatch.setattr(nada, "_build_op", broken)
+    monkeypatch.setattr(nada, "cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(nada.torch.version, "cuda", "13.0")
+    nada.load_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="unavailable"):
+            ops, reason = nada.load_op("upfirdn2d", require_gpu=False)
+        assert ops is None and "error: something specific" in reason
+        assert nada.load_op("upfirdn2d", require_gpu=False) == (None, reason) and calls == ["upfirdn2d"]
+    finally:
+        nada.load_op.cache_clear()
+
+
+def test_stale_lock_does_not_hang(tmp_path):
+    """The build lock is an flock: a killed holder releases it, so a leftover lock file never blocks."""
+    lock = tmp_path / "x.lock"
+    p = subprocess.Popen([sys.executable, "-c", "import fcntl, time, sys; f = open(sys.argv[1], 'a'); "
+                          "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(lock)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    with pytest.raises(TimeoutError):
+        with nada._file_lock(str(lock), timeout=1):
+            pass
+    p.kill()
+    p.wait()
+    t0 = time.time()
+    with nada._file_lock(str(lock), timeout=5):
+        pass
+    assert time.time() - t0 < 2
+
+
+def test_cuda_home_follows_an_nvcc_wrapper(tmp_path, monkeypatch):
+    real = tmp_path / "cuda-x"
+    (real / "bin").mkdir(parents=True)
+    (real / "lib64").mkdir()
+    (real / "bin" / "nvcc").write_text("")
+    (real / "lib64" / "libcudart.so.13").write_text("")
+    wrapper = tmp_path / "wbin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    assert nada.cuda_home() == str(real)
+    monkeypatch.setenv("CUDA_HOME", str(real))
+    assert nada.cuda_home() == str(real)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_upfirdn2d_parity(dtype):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    shapes = [(2, 3, 7, 9), (1, 16, 33, 33), (3, 64, 64, 64), (1, 3, 128, 128)]
+    for up, down, pad, fh, fw in OP_CASES:
+        f = torch.rand(fh, fw, device="cuda")
+        f = f / f.sum()
+        for shape in shapes:
+            for name, x in _layouts(torch.randn(*shape, device="cuda")).items():
+                x = x.to(dtype).requires_grad_(True)
+                y = nada.upfirdn2d(x, f, up, down, pad, gain=2.0, impl="cuda")
+                x64 = x.detach().double().requires_grad_(True)
+                ref = nada._upfirdn2d_ref(x64, f.double(), up, down, pad, False, 2.0)
+                err = (y.double() - ref).abs().max().item()
+                assert err <= tol, (up, down, pad, shape, name, err)
+                dy = torch.randn_like(y)
+                y.backward(dy)
+                ref.backward(dy.double())
+                gerr = (x.grad.double() - x64.grad).abs().max().item()
+                assert gerr <= tol * 4, (up, down, pad, shape, name, gerr)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_bias_act_parity(dtype):
+    torch.manual_seed(0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for shape in [(2, 5, 7, 9), (4, 512, 16, 16), (1, 64, 257, 3), (3, 7)]:
+        x0 = torch.randn(*shape, device="cuda") * 2
+        for name, x in (_layouts(x0) if x0.ndim == 4 else {"2d": x0}).items():
+            b = torch.randn(shape[1], device="cuda")
+            for act, clamp in (("lrelu", 1.5), ("linear", None), ("lrelu", None)):
+                xc = x.to(dtype).requires_grad_(True)
+                y = nada.bias_act(xc, b.to(dtype), act, gain=nada.SQRT2, clamp=clamp, impl="cuda")
+                x64 = xc.detach().double().requires_grad_(True)
+                ref = nada._bias_act_ref(x64, b.to(dtype).double(), act, 0.2, nada.SQRT2, clamp)
+                assert (y.double() - ref).abs().max() <= tol * max(1, ref.abs().max().item()), (shape, name, act)
+                dy = torch.randn_like(y)
+                y.backward(dy)
+                ref.backward(dy.double())
+                ok = (ref.detach().abs() - (clamp or 1e9)).abs() > 1e-2
+                assert ((xc.grad.double() - x64.grad).abs() * ok).max() <= tol * 10, (shape, name, act)
+
+
+@cuda
+def test_gpu_generator_cuda_matches_ref_and_double_backward_is_refused():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    G = tiny_generator(size=64).cuda()
+    G.conv_clamp = None
+    z = torch.randn(3, 32, device="cuda")
+    imgs, grads = [], []
+    for impl in ("ref", "cuda"):
+        G.set_impl(impl)
+        G.zero_grad()
+        img = G(z, noise_mode="const")
+        img.square().mean().backward()
+        imgs.append(img.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in G.parameters() if p.grad is not None]))
+    assert (imgs[0] - imgs[1]).abs().max() < 1e-4
+    assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
+    x = torch.randn(1, 2, 8, 8, device="cuda", requires_grad=True)
+    y = nada.upfirdn2d(x, nada.make_kernel().cuda(), up=2, pad=(2, 1, 2, 1), impl="cuda")
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 # ---- generator and loading ----------------------------------------------------------------------------------
 
 @needs_fixtures

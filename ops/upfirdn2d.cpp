@@ -26,7 +26,7 @@ static UpFirDnParams prepare(const at::Tensor& x, const at::Tensor& f, int64_t u
     TORCH_CHECK(x.numel() < (INT64_C(1) << 40) && x.size(2) * up + std::abs(py0) < INT32_MAX &&
                 x.size(3) * up + std::abs(px0) < INT32_MAX, "upfirdn2d: input too large");
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    fk = ((flip ? f : f.flip({0, 1})) * gain).to(x.device(), acc).contiguous();
+    fk = ((flip ? f : f.flip({0, 1})).to(x.device(), acc) * gain).contiguous();
     y = at::empty({x.size(0), x.size(1), outH, outW}, x.options().memory_format(x.suggest_memory_format()));
     UpFirDnParams p;
     p.N = int(x.size(0)); p.C = int(x.size(1)); p.H = int(x.size(2)); p.W = int(x.size(3));
