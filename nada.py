@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
@@ -563,7 +562,7 @@ def load_generator(path, device="cpu", impl="auto"):
         G.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator: {_first_line(e)}") from None
-    G.latent_avg = latent_avg.float().reshape(G.w_dim)
+    G.latent_avg = latent_avg.float().reshape(G.w_dim).clone()
     G.requires_grad_(True)
     return G.to(device)
 
@@ -1027,8 +1026,10 @@ def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
 
 @torch.no_grad()
 def image_direction(model, target_images, generated):
-    """Image-target mode: mean embedding of the target images minus that of generated images, normalised. [D]"""
-    return F.normalize(encode_images(model, target_images).mean(0) - encode_images(model, generated).mean(0), dim=0)
+    """Image-target mode (NADA's style images): mean unit embedding of the target images (a list, any sizes)
+    minus that of the generated images, normalised. -> (direction [D], unit target embedding [D])"""
+    target = torch.cat([encode_images(model, img) for img in target_images]).mean(0)
+    return F.normalize(target - encode_images(model, generated).mean(0), dim=0), F.normalize(target, dim=0)
 
 
 def directional_loss(emb_frozen, emb_adapted, direction, eps=DIRECTION_EPS):
@@ -1240,23 +1241,18 @@ def _load_image(path):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def _directions(clip_models, weights, G, src, tgt, tgt_img, cls, gen, device):
+def _directions(clip_models, weights, G, src, tgt, images, cls, gen, device):
     """[(model, weight, direction, global target)] per CLIP model, computed once per run."""
-    out = []
-    if tgt_img:
+    if images:
         with torch.no_grad():
-            z = torch.randn(16, G.z_dim, generator=gen).to(device)
             c = class_labels(G, cls, 16, gen)
-            generated = G(z, None if c is None else c.to(device))
+            generated = G(torch.randn(16, G.z_dim, generator=gen).to(device), None if c is None else c.to(device))
+    out = []
     for model, weight in zip(clip_models, weights):
-        dev = next(model.parameters()).device
-        if tgt_img:
-            with torch.no_grad():
-                target = F.normalize(torch.cat([encode_images(model, _load_image(p).to(dev)) for p in tgt_img]).mean(0), dim=0)
-                direction = F.normalize(target - encode_images(model, generated).mean(0), dim=0)
-        else:
-            direction = text_direction(model, src, tgt)
-            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
+        if images:
+            direction, target = image_direction(model, [img.to(device) for img in images], generated)
+        else:                                           # the target prompt, template-averaged, guides auto layers
+            direction, target = text_direction(model, src, tgt), F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
         out.append((model, weight, direction, target))
     return out
 
@@ -1270,9 +1266,10 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
     (optimizer and RNG state for --resume). `clip_models` may pass CLIP modules already loaded (for tests).
     """
-    _check_prompts(src, tgt, tgt_img)
-    device = pick_device(device)
     tgt_img = list(tgt_img or [])
+    _check_prompts(src, tgt, tgt_img)
+    images = [_load_image(p) for p in tgt_img]
+    device = pick_device(device)
     settings = dict(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights, layers=layers,
                     auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls, iters=iters)
     if out is None:
@@ -1290,7 +1287,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     opt = torch.optim.Adam(params, lr=lr, betas=BETAS)
     gen = torch.Generator().manual_seed(seed)           # every random draw of the run, so resume replays exactly
     start = _resume_state(out, G, opt, gen) if resume else 0
-    clip_set = _directions(models, weights, G_frozen, src, tgt, tgt_img, cls, torch.Generator().manual_seed(seed + 1), device)
+    clip_set = _directions(models, weights, G_frozen, src, tgt, images, cls, torch.Generator().manual_seed(seed + 1), device)
     sample_z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
     sample_c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
     shown = fixed_layers or (f"auto (top {k} of {G.num_ws} W+ entries per step)" if k < G.num_ws else "auto (all)")
