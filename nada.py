@@ -877,7 +877,7 @@ def download(url, dest, sha256=None, offline=False):
     mirror = os.environ.get("NADA_MIRROR")
     if mirror:
         url = mirror.rstrip("/") + "/" + os.path.basename(url)
-    hand = f"download {url} by hand and place it at {dest}"
+    hand = f"fetch {url} yourself and place it at {dest}"
     if is_offline(offline):
         raise NadaError(f"{name} is not in {folder} and nada is offline (--offline or NADA_OFFLINE): {hand}")
     try:
@@ -890,8 +890,8 @@ def download(url, dest, sha256=None, offline=False):
     expected = sha256 or (record or {}).get("sha256")
     if expected and digest != expected:
         os.remove(part)
-        raise NadaError(f"{url}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
-                        f"the partial file was removed, try again or {hand}")
+        raise NadaError(f"{name}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
+                        f"the download was removed; try again, or {hand}")
     os.replace(part, dest)
     manifest = _manifest(folder)
     manifest[name] = {"url": url, "size": os.path.getsize(dest), "sha256": digest}
@@ -911,10 +911,10 @@ def _fetch(url, part, hand):
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:                     # the .part is already complete
             return
-        raise NadaError(f"could not download {url}: HTTP {e.code} {e.reason}; {hand}") from None
+        raise NadaError(f"could not download {os.path.basename(part)[:-5]} (HTTP {e.code} {e.reason}); {hand}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise NadaError(f"could not download {url} ({reason}); {hand}") from None
+        raise NadaError(f"could not download {os.path.basename(part)[:-5]} ({reason}); {hand}") from None
     with response:
         if start and response.status != 206:          # the server ignored the range: start over
             start = 0
@@ -928,10 +928,10 @@ def _fetch(url, part, hand):
                     f.write(chunk)
                     bar.update(len(chunk))
         except OSError as e:
-            raise NadaError(f"download of {url} broke off ({e}); run again to resume, or {hand}") from None
+            raise NadaError(f"download of {os.path.basename(part)[:-5]} broke off ({e}); run again to resume, or {hand}") from None
     if total is not None and os.path.getsize(part) != total:
-        raise NadaError(f"download of {url} broke off at {os.path.getsize(part)} of {total} bytes; "
-                        f"run again to resume, or {hand}")
+        raise NadaError(f"download of {os.path.basename(part)[:-5]} broke off at {os.path.getsize(part)} of {total} "
+                        f"bytes; run again to resume, or {hand}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1290,9 +1290,11 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     clip_set = _directions(models, weights, G_frozen, src, tgt, images, cls, torch.Generator().manual_seed(seed + 1), device)
     sample_z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
     sample_c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
-    shown = fixed_layers or (f"auto (top {k} of {G.num_ws} W+ entries per step)" if k < G.num_ws else "auto (all)")
+    shown = f"auto, top {k} of {G.num_ws} W+ entries per step" if fixed_layers is None else layers
     if fixed_layers is None and k >= G.num_ws:          # every W+ entry chosen: the selection is moot, skip its cost
         fixed_layers = sorted({n for j in range(G.num_ws) for n in layers_driven_by(G, j)}, key=_layer_order)
+    if fixed_layers is not None:
+        shown += f" ({len(fixed_layers)} layers, {set_trainable(G, fixed_layers) / 1e6:.2f}M params)"
     print(f"nada train | device {device} | ops {ops_status(device, impl)} | CLIP "
           f"{', '.join(f'{n} x{w:g}' for n, w in zip(names, weights))} | layers {shown} | {G.size} px, "
           f"{'images' if tgt_img else repr(src)} -> {tgt_img or repr(tgt)} | out {out}", flush=True)
@@ -1702,8 +1704,17 @@ def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="ben
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one and the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto | cpu | cuda")
     common.add_argument("--impl", default="auto", choices=IMPLS, help="ops path: auto = CUDA kernels when they build")
@@ -1725,15 +1736,15 @@ def build_parser():
     t.add_argument("--layers", default="auto", help="auto | all | last:N | first:N | resolutions like 16,32")
     t.add_argument("--auto-k", type=int, default=None, help="auto: train the layers of the top K W+ entries "
                    "(default: all of them)")
-    t.add_argument("--iters", type=int, default=300)
-    t.add_argument("--batch", type=int, default=2)
+    t.add_argument("--iters", type=int, default=300, help="training steps")
+    t.add_argument("--batch", type=int, default=2, help="latents per step")
     t.add_argument("--lr", type=float, default=LR, help="Adam, betas (0, 0.99^0.8): NADA's effective values")
     t.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability (0.9 helps shape changes)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds every random draw; same seed, same run")
     t.add_argument("--out", default=None, help="run folder (default: runs/<src>_to_<tgt>)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
-    t.add_argument("--sample-every", type=int, default=50)
-    t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--sample-every", type=int, default=50, help="write a preview grid every N steps")
+    t.add_argument("--save-every", type=int, default=50, help="write generator.pt and state.pt every N steps")
     t.add_argument("--n-sample", type=int, default=4, help="preview columns (fixed seeds)")
 
     s = sub.add_parser("sample", parents=[common], formatter_class=fmt, help="render images from a generator")
@@ -1741,7 +1752,8 @@ def build_parser():
     s.add_argument("--n", type=int, default=8, help="number of images (seeds 0..n-1) when --seeds is not given")
     s.add_argument("--seeds", default=None, help="e.g. 0-15 or 1,5,9")
     s.add_argument("--trunc", type=float, default=1.0, help="truncation psi toward the average w")
-    s.add_argument("--noise-mode", default="const", choices=("const", "random", "none"))
+    s.add_argument("--noise-mode", default="const", choices=("const", "random", "none"),
+                   help="const: the checkpoint's stored noise; random: seeded per image")
     s.add_argument("--class", dest="cls", default=None, help="conditional generators: NAME or INDEX (or all)")
     s.add_argument("--compare", action="store_true", help="the base generator beside the adapted one")
     s.add_argument("--out", default=None, help="output folder (default: RUN/sample or samples/<ckpt>)")
@@ -1754,7 +1766,7 @@ def build_parser():
     b.add_argument("--res", default="256,512,1024", help="resolutions for the op timings")
     b.add_argument("--batch", default="1,8", help="batch sizes for the op timings")
     b.add_argument("--gen-res", type=int, default=1024, help="resolution of the generator and train-step timings")
-    b.add_argument("--out", default="bench.json")
+    b.add_argument("--out", default="bench.json", help="where the JSON goes")
     return p
 
 
