@@ -699,7 +699,11 @@ def _read_nvidia_pickle(path):
     G = data.get("G_ema") if isinstance(data, dict) else None
     if not isinstance(G, _Persistent) or G.class_name != "Generator":
         raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
-    return _convert_nvidia(path, G)
+    try:
+        return _convert_nvidia(path, G)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:
+        raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
+                        f"{_first_line(e)})") from None
 
 
 def _flatten(obj, prefix=""):

@@ -396,6 +396,11 @@ def test_repickled_fixture_loads_and_architecture_refusals(tmp_path):
     with torch.no_grad():
         assert torch.equal(nada.load_generator(tmp_path / "same.pkl")(z),
                            nada.load_generator(os.path.join(FIXTURES, "nvidia_32.pkl"))(z))
+    fc1 = G.state["_modules"]["mapping"].state["_modules"].pop("fc1")
+    _persistent_pickle(tmp_path / "nofc1.pkl", G)
+    with pytest.raises(nada.NadaError, match="nofc1.pkl: G_ema is not a StyleGAN2 generator this loader knows"):
+        nada.load_generator(tmp_path / "nofc1.pkl")
+    G.state["_modules"]["mapping"].state["_modules"]["fc1"] = fc1
     G.state["_modules"]["synthesis"].state["_modules"]["b8"].state["architecture"] = "resnet"
     _persistent_pickle(tmp_path / "resnet.pkl", G)
     with pytest.raises(nada.NadaError, match="'resnet' synthesis architecture is not supported"):
