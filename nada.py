@@ -131,10 +131,11 @@ def _build_op(op, home):
     """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library."""
     os.environ["CUDA_HOME"] = home                      # before torch's import-time guess, which may be wrong
     import logging
-    quiet = logging.getLogger("torch.utils.cpp_extension")
-    level, _ = quiet.level, quiet.setLevel(logging.ERROR)   # its "no CUDA runtime" notice on GPU-less builds
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)                         # silence its "no CUDA runtime" notice on GPU-less builds
     from torch.utils import cpp_extension
-    quiet.setLevel(level)
+    log.setLevel(level)
     cpp_extension.CUDA_HOME = home
     final = build_dir(op)
     lib = os.path.join(final, f"nada_{op}.so")
@@ -149,6 +150,7 @@ def _build_op(op, home):
                     cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
                                        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
                                        verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
+                    shutil.rmtree(final, ignore_errors=True)   # a partial folder left by an older failure
                     os.replace(work, final)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
@@ -314,6 +316,7 @@ class PixelNorm(nn.Module):
 
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
 
 class EqualLinear(nn.Module):
     """Linear layer with equalised learning rate: raw weights, scaled by lr_mul / sqrt(fan_in) at run time."""
@@ -556,15 +559,22 @@ LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10,
 def load_generator(path, device="cpu", impl="auto"):
     """Load a StyleGAN2 generator from any supported checkpoint file -> Generator in eval mode."""
     sd, config, latent_avg = read_checkpoint(path)
-    with torch.device("meta"):                          # no random init: the file's tensors are assigned as they are
-        G = Generator(**config, impl=impl)
-    try:
-        G.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator: {_first_line(e)}") from None
+    G = _assemble(path, sd, config, impl)
+    if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.w_dim:
+        raise NadaError(f"{path}: latent_avg is not a vector of {G.w_dim} numbers")
     G.latent_avg = latent_avg.float().reshape(G.w_dim).clone()
-    G.requires_grad_(True)
-    return G.to(device)
+    return G.requires_grad_(True).to(device)
+
+
+def _assemble(path, sd, config, impl="auto"):
+    """A Generator holding the given tensors themselves: built on the meta device, so no random init and no copy."""
+    try:
+        with torch.device("meta"):
+            G = Generator(**config, impl=impl)
+        G.load_state_dict(sd, strict=True, assign=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator: {_first_line(e)}") from None
+    return G
 
 
 def _first_line(e):
@@ -604,8 +614,8 @@ def _read_torch_checkpoint(path):
     config.update({k: meta["config"][k] for k in ("lr_mlp", "conv_clamp") if k in meta.get("config", {})})
     latent_avg = ckpt.get("latent_avg") if "g_ema" in ckpt else None
     if latent_avg is None:                              # old files without it: the mean of many mapped z is standard
-        latent_avg = _estimate_latent_avg(sd, config)
-    return sd, config, latent_avg
+        latent_avg = _estimate_latent_avg(path, sd, config)
+    return sd, config, latent_avg.clone() if isinstance(latent_avg, torch.Tensor) else latent_avg
 
 
 def _infer_config(path, sd):
@@ -624,10 +634,8 @@ def _infer_config(path, sd):
                 c_dim=c_dim, embed_dim=embed_dim or None, lr_mlp=0.01, conv_clamp=None)
 
 
-def _estimate_latent_avg(sd, config, n=4096):
-    with torch.device("meta"):
-        G = Generator(**config, impl="ref")
-    G.load_state_dict(sd, strict=True, assign=True)
+def _estimate_latent_avg(path, sd, config, n=4096):
+    G = _assemble(path, sd, config, impl="ref")
     with torch.no_grad():
         z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(0))
         c = F.one_hot(torch.arange(n) % G.c_dim, G.c_dim) if G.c_dim else None
@@ -774,7 +782,7 @@ def _convert_nvidia(path, G):
     config = _infer_config(path, out)
     config.update(lr_mlp=float(fcs[0]["bias_gain"]), conv_clamp=conv_clamp)
     latent_avg = sd.get("mapping.w_avg")
-    return out, config, latent_avg if latent_avg is not None else _estimate_latent_avg(out, config)
+    return out, config, latent_avg if latent_avg is not None else _estimate_latent_avg(path, out, config)
 
 
 def save_generator(G, path, **meta):
