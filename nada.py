@@ -1205,6 +1205,14 @@ def _check_prompts(src, tgt, tgt_img):
         raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
 
 
+def _check_numbers(**values):
+    """Each value is (number, lowest allowed, highest allowed or None)."""
+    for name, (v, lo, hi) in values.items():
+        if v < lo or (hi is not None and v > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
+
+
 def _prepare_out(out, resume, settings):
     """Create or reopen the run folder; refuse to mix a resumed run with other settings."""
     if resume:
@@ -1280,6 +1288,8 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     """
     tgt_img = list(tgt_img or [])
     _check_prompts(src, tgt, tgt_img)
+    _check_numbers(iters=(iters, 1, None), batch=(batch, 1, None), lr=(lr, 1e-12, None), mixing=(mixing, 0, 1),
+                   sample_every=(sample_every, 1, None), save_every=(save_every, 1, None), n_sample=(n_sample, 1, None))
     images = [_load_image(p) for p in tgt_img]
     device = pick_device(device)
     settings = dict(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights, layers=layers,
@@ -1310,7 +1320,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     print(f"nada train | device {device} | ops {ops_status(device, impl)} | CLIP "
           f"{', '.join(f'{n} x{w:g}' for n, w in zip(names, weights))} | layers {shown} | {G.size} px, "
           f"{'images' if tgt_img else repr(src)} -> {tgt_img or repr(tgt)} | out {out}", flush=True)
-    meta = dict(src=src, tgt=tgt, tgt_img=tgt_img, base=ckpt, layers=layers, clip=names, clip_weights=weights,
+    meta = dict(src=src, tgt=tgt, tgt_img=tgt_img, base=os.path.abspath(ckpt) if os.path.isfile(ckpt) else ckpt, layers=layers, clip=names, clip_weights=weights,
                 seed=seed, cls=cls)
     log_path = os.path.join(out, "log.jsonl")
     _truncate_log(log_path, start)
@@ -1490,6 +1500,10 @@ def seed_latents(G, seeds):
 def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, device="auto", out=None,
            compare=False, impl="auto", wdir=None, offline=False):
     """Render one PNG per seed and a grid.png; with compare, the base generator beside the adapted one."""
+    _check_numbers(n=(n, 1, None))
+    seeds = parse_seeds(seeds) if seeds is not None else list(range(n))
+    if noise_mode not in ("const", "random", "none"):
+        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
     device = pick_device(device)
     path = resolve_ckpt(ckpt, wdir, offline) if ckpt else latest_run_generator()
     G = load_generator(path, device, impl)
@@ -1499,9 +1513,6 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
         if not base:
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         gens = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
-    seeds = parse_seeds(seeds) if seeds is not None else list(range(n))
-    if noise_mode not in ("const", "random", "none"):
-        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
     labels = class_labels(G, cls, len(seeds))
     out = out or os.path.join(os.path.dirname(path) if os.path.basename(path) == "generator.pt" else "samples",
                               "sample" if os.path.basename(path) == "generator.pt" else _slug(os.path.splitext(os.path.basename(path))[0]))

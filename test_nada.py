@@ -824,6 +824,8 @@ def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
         (["--out", "/proc/nada_cannot_write"], "cannot write the output folder"),
         (["--layers", "last:0"], "--layers"),
         (["--tgt-img", tmp_path / "missing.png"], "no such file"),
+        (["--sample-every", 0], "--sample-every 0: must be at least 1"),
+        (["--mixing", 1.5], "--mixing 1.5: must be between 0 and 1"),
     ]
     for extra, words in cases:
         rc, _, err = run_cli(*base, *extra, cwd=tmp_path)
