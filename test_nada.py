@@ -478,43 +478,141 @@ def test_loading_costs_one_copy_of_the_weights(tmp_path):
     assert 0.5 * nbytes < grown < 1.3 * nbytes, (grown, nbytes)     # two copies would be >= 2x
 
 
-# ---- sample ---------------------------------------------------------------------------------------------------
+# ---- weights: downloads ---------------------------------------------------------------------------------------
+
+class _Server:
+    """A tiny HTTP server on 127.0.0.1 serving `files`; with cut=True the first response breaks off halfway."""
+
+    def __init__(self, files, cut=False, ranges=True):
+        self.files, self.cut, self.ranges, self.requests = files, cut, ranges, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append((name, self.headers.get("Range")))
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                data, start = outer.files[name], 0
+                rng = self.headers.get("Range")
+                if rng and outer.ranges:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if outer.cut:
+                    outer.cut = False
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_resumes_after_a_cut_and_verifies(tmp_path):
+    data = os.urandom(300_000)
+    srv = _Server({"w.bin": data}, cut=True)
+    try:
+        dest = str(tmp_path / "w" / "w.bin")
+        with pytest.raises(nada.NadaError, match="broke off"):
+            nada.download(srv.url + "/w.bin", dest)
+        assert not os.path.exists(dest) and 0 < os.path.getsize(dest + ".part") < len(data)
+        assert nada.download(srv.url + "/w.bin", dest) == dest
+        assert open(dest, "rb").read() == data and not os.path.exists(dest + ".part")
+        assert srv.requests[-1][1] is not None and srv.requests[-1][1].startswith("bytes=")
+        manifest = json.load(open(tmp_path / "w" / "manifest.json"))
+        assert manifest["w.bin"]["size"] == len(data)
+        assert nada.download(srv.url + "/w.bin", dest) == dest and len(srv.requests) == 2   # present: no request
+    finally:
+        srv.close()
+
+
+def test_download_progress_bar_and_server_without_ranges(tmp_path, monkeypatch):
+    import tqdm
+    bars = []
+
+    class Recorder:
+        def __init__(self, total=None, initial=0, **kw):
+            self.total, self.initial, self.n = total, initial, initial
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    data = os.urandom(100_000)
+    srv = _Server({"w.bin": data}, cut=True, ranges=False)
+    try:
+        dest = str(tmp_path / "w.bin")
+        with pytest.raises(nada.NadaError, match="run again to resume"):
+            nada.download(srv.url + "/w.bin", dest)
+        assert nada.download(srv.url + "/w.bin", dest) == dest and open(dest, "rb").read() == data
+    finally:
+        srv.close()
+    # the second try asked for a range, got the whole file (200) and started over from byte 0
+    assert srv.requests[1][1] is not None
+    assert bars[0].total == len(data) and 0 < bars[0].n < len(data)
+    assert (bars[1].initial, bars[1].total, bars[1].n) == (0, len(data), len(data))
+
+
+def test_download_hash_mismatch_is_refused_and_removed(tmp_path):
+    srv = _Server({"w.bin": b"x" * 1000})
+    try:
+        dest = str(tmp_path / "w.bin")
+        with pytest.raises(nada.NadaError, match="SHA-256 mismatch"):
+            nada.download(srv.url + "/w.bin", dest, sha256="0" * 64)
+        assert os.listdir(tmp_path) == []
+    finally:
+        srv.close()
+
+
+def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
+    t0 = time.time()
+    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty", "--offline")
+    assert_clean_error(rc, err, "ffhq.pkl", "yourself", str(tmp_path / "empty"))
+    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty",
+                         env={"NADA_MIRROR": "http://127.0.0.1:9"})        # nothing listens on port 9
+    assert_clean_error(rc, err, "could not download ffhq.pkl", "yourself and place it at")
+    assert time.time() - t0 < 60
+    left = os.listdir(tmp_path / "empty") if (tmp_path / "empty").exists() else []
+    assert not any(f.endswith(".pkl") for f in left)     # nothing under a final name
+
 
 @needs_fixtures
-def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
-    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
-    outs = []
-    for run in ("a", "b"):
-        rc, out, err = run_cli("sample", "--ckpt", ckpt, "--class", "bird", "--n", 8, "--out", tmp_path / run)
+def test_named_model_end_to_end_through_a_mirror(tmp_path):
+    data = open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()
+    srv = _Server({"cifar10.pkl": data})
+    try:
+        env = {"NADA_MIRROR": srv.url}
+        rc, out, err = run_cli("sample", "--ckpt", "cifar10", "--class", "ship", "--n", 2, "--weights-dir", tmp_path / "w",
+                               "--out", tmp_path / "s", env=env)
         assert rc == 0, err
-        assert str(tmp_path / run) in out
-        outs.append({f: (tmp_path / run / f).read_bytes() for f in sorted(os.listdir(tmp_path / run))})
-    assert sorted(outs[0]) == ["grid.png"] + [f"seed{i:04d}.png" for i in range(8)]
-    assert outs[0] == outs[1]
-    from PIL import Image
-    assert Image.open(tmp_path / "a" / "seed0003.png").size == (32, 32)
-    # the PNG holds the generator's image for that seed: seed 3, class bird (2)
-    G = nada.load_generator(ckpt)
-    with torch.no_grad():
-        img = G(nada.seed_latents(G, [3]), F.one_hot(torch.tensor([2]), 10).float())
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
-
-
-def test_parse_seeds():
-    assert nada.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
-    for bad in ("3-1", "a", "1,,2"):
-        with pytest.raises(nada.NadaError):
-            nada.parse_seeds(bad)
-
-
-@needs_fixtures
-def test_sample_bad_input(tmp_path):
-    cond, plain = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
-    assert_clean_error(*run_cli("sample", cwd=tmp_path)[::2], "runs/*/generator.pt")
-    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--class", "cat", cwd=tmp_path)[::2], "unconditional")
-    assert_clean_error(*run_cli("sample", "--ckpt", cond, "--class", "dragon", cwd=tmp_path)[::2], "unknown class")
-    assert_clean_error(*run_cli("sample", "--ckpt", cond, cwd=tmp_path)[::2], "class-conditional")
-    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--seeds", "9-1", cwd=tmp_path)[::2], "--seeds")
+        assert open(tmp_path / "w" / "cifar10.pkl", "rb").read() == data
+        assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "seed0000.png", "seed0001.png"]
+        rc, out, _ = run_cli("models", "--weights-dir", tmp_path / "w")
+        assert rc == 0 and any(ln.startswith("cifar10") and "downloaded" in ln for ln in out.splitlines())
+    finally:
+        srv.close()
 
 
 # ---- loss ---------------------------------------------------------------------------------------------------
@@ -838,105 +936,40 @@ def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
     assert_clean_error(rc, err, "holds a run already")
 
 
-# ---- weights: downloads ---------------------------------------------------------------------------------------
+# ---- sample ---------------------------------------------------------------------------------------------------
 
-class _Server:
-    """A tiny HTTP server on 127.0.0.1 serving `files`; with cut=True the first response breaks off halfway."""
-
-    def __init__(self, files, cut=False, ranges=True):
-        self.files, self.cut, self.ranges, self.requests = files, cut, ranges, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                outer.requests.append((name, self.headers.get("Range")))
-                if name not in outer.files:
-                    self.send_error(404)
-                    return
-                data, start = outer.files[name], 0
-                rng = self.headers.get("Range")
-                if rng and outer.ranges:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    self.send_response(206)
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if outer.cut:
-                    outer.cut = False
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+@needs_fixtures
+def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
+    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    outs = []
+    for run in ("a", "b"):
+        rc, out, err = run_cli("sample", "--ckpt", ckpt, "--class", "bird", "--n", 8, "--out", tmp_path / run)
+        assert rc == 0, err
+        assert str(tmp_path / run) in out
+        outs.append({f: (tmp_path / run / f).read_bytes() for f in sorted(os.listdir(tmp_path / run))})
+    assert sorted(outs[0]) == ["grid.png"] + [f"seed{i:04d}.png" for i in range(8)]
+    assert outs[0] == outs[1]
+    from PIL import Image
+    assert Image.open(tmp_path / "a" / "seed0003.png").size == (32, 32)
+    # the PNG holds the generator's image for that seed: seed 3, class bird (2)
+    G = nada.load_generator(ckpt)
+    with torch.no_grad():
+        img = G(nada.seed_latents(G, [3]), F.one_hot(torch.tensor([2]), 10).float())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
 
 
-def test_download_resumes_after_a_cut_and_verifies(tmp_path):
-    data = os.urandom(300_000)
-    srv = _Server({"w.bin": data}, cut=True)
-    try:
-        dest = str(tmp_path / "w" / "w.bin")
-        with pytest.raises(nada.NadaError, match="broke off"):
-            nada.download(srv.url + "/w.bin", dest)
-        assert not os.path.exists(dest) and 0 < os.path.getsize(dest + ".part") < len(data)
-        assert nada.download(srv.url + "/w.bin", dest) == dest
-        assert open(dest, "rb").read() == data and not os.path.exists(dest + ".part")
-        assert srv.requests[-1][1] is not None and srv.requests[-1][1].startswith("bytes=")
-        manifest = json.load(open(tmp_path / "w" / "manifest.json"))
-        assert manifest["w.bin"]["size"] == len(data)
-        assert nada.download(srv.url + "/w.bin", dest) == dest and len(srv.requests) == 2   # present: no request
-    finally:
-        srv.close()
-
-
-def test_download_hash_mismatch_is_refused_and_removed(tmp_path):
-    srv = _Server({"w.bin": b"x" * 1000})
-    try:
-        dest = str(tmp_path / "w.bin")
-        with pytest.raises(nada.NadaError, match="SHA-256 mismatch"):
-            nada.download(srv.url + "/w.bin", dest, sha256="0" * 64)
-        assert os.listdir(tmp_path) == []
-    finally:
-        srv.close()
-
-
-def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
-    t0 = time.time()
-    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty", "--offline")
-    assert_clean_error(rc, err, "ffhq.pkl", "yourself", str(tmp_path / "empty"))
-    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty",
-                         env={"NADA_MIRROR": "http://127.0.0.1:9"})        # nothing listens on port 9
-    assert_clean_error(rc, err, "could not download ffhq.pkl", "yourself and place it at")
-    assert time.time() - t0 < 60
-    left = os.listdir(tmp_path / "empty") if (tmp_path / "empty").exists() else []
-    assert not any(f.endswith(".pkl") for f in left)     # nothing under a final name
+def test_parse_seeds():
+    assert nada.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    for bad in ("3-1", "a", "1,,2"):
+        with pytest.raises(nada.NadaError):
+            nada.parse_seeds(bad)
 
 
 @needs_fixtures
-def test_named_model_end_to_end_through_a_mirror(tmp_path):
-    data = open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()
-    srv = _Server({"cifar10.pkl": data})
-    try:
-        env = {"NADA_MIRROR": srv.url}
-        rc, out, err = run_cli("sample", "--ckpt", "cifar10", "--class", "ship", "--n", 2, "--weights-dir", tmp_path / "w",
-                               "--out", tmp_path / "s", env=env)
-        assert rc == 0, err
-        assert open(tmp_path / "w" / "cifar10.pkl", "rb").read() == data
-        assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "seed0000.png", "seed0001.png"]
-        rc, out, _ = run_cli("models", "--weights-dir", tmp_path / "w")
-        assert rc == 0 and any(ln.startswith("cifar10") and "downloaded" in ln for ln in out.splitlines())
-    finally:
-        srv.close()
+def test_sample_bad_input(tmp_path):
+    cond, plain = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
+    assert_clean_error(*run_cli("sample", cwd=tmp_path)[::2], "runs/*/generator.pt")
+    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--class", "cat", cwd=tmp_path)[::2], "unconditional")
+    assert_clean_error(*run_cli("sample", "--ckpt", cond, "--class", "dragon", cwd=tmp_path)[::2], "unknown class")
+    assert_clean_error(*run_cli("sample", "--ckpt", cond, cwd=tmp_path)[::2], "class-conditional")
+    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--seeds", "9-1", cwd=tmp_path)[::2], "--seeds")
