@@ -1136,15 +1136,13 @@ def select_layers_auto(G, ws, clip_models, k, lr=0.01):
     (grad,) = torch.autograd.grad(loss, ws)             # the generator's own weights get no gradient here
     moved = (lr * grad).abs().mean(dim=(0, 2))          # [num_ws]: |w_new - w_old| after one SGD step
     chosen = torch.topk(moved, k).indices.tolist()
-    return sorted({name for j in chosen for name in layers_driven_by(G, j)}, key=_layer_order)
+    return _in_block_order(G, [name for j in chosen for name in layers_driven_by(G, j)])
 
 
-def _layer_order(name):
-    order = {"input": -3, "conv1": -2, "to_rgb1": -1}
-    if name in order:
-        return (order[name], 0)
-    kind, i = name.split(".")
-    return (int(i) // 2 if kind == "convs" else int(i), 0 if kind == "convs" else 1, int(i))
+def _in_block_order(G, names):
+    """The given layer names, sorted as the synthesis network runs them."""
+    names = set(names)
+    return [n for _, block in synthesis_blocks(G) for n in block if n in names]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1314,7 +1312,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     sample_c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
     shown = f"auto, top {k} of {G.num_ws} W+ entries per step" if fixed_layers is None else layers
     if fixed_layers is None and k >= G.num_ws:          # every W+ entry chosen: the selection is moot, skip its cost
-        fixed_layers = sorted({n for j in range(G.num_ws) for n in layers_driven_by(G, j)}, key=_layer_order)
+        fixed_layers = _in_block_order(G, [n for j in range(G.num_ws) for n in layers_driven_by(G, j)])
     if fixed_layers is not None:
         shown += f" ({len(fixed_layers)} layers, {set_trainable(G, fixed_layers) / 1e6:.2f}M params)"
     print(f"nada train | device {device} | ops {ops_status(device, impl)} | CLIP "
