@@ -320,6 +320,7 @@ class PixelNorm(nn.Module):
 
 class EqualLinear(nn.Module):
     """Linear layer with equalised learning rate: raw weights, scaled by lr_mul / sqrt(fan_in) at run time."""
+    impl = "auto"                                       # ops path; Generator.set_impl changes it
 
     def __init__(self, in_dim, out_dim, bias_init=0.0, lr_mul=1.0, activation=None):
         super().__init__()
@@ -336,6 +337,7 @@ class EqualLinear(nn.Module):
 
 class Blur(nn.Module):
     """FIR low-pass after a transposed convolution; `kernel` is stored with the upsampling gain (x4)."""
+    impl = "auto"                                       # ops path; Generator.set_impl changes it
 
     def __init__(self, pad, gain):
         super().__init__()
@@ -394,6 +396,7 @@ class NoiseInjection(nn.Module):
 
 class FusedLeakyReLU(nn.Module):
     """Bias, leaky ReLU, gain sqrt(2), and NVIDIA's optional conv_clamp, in one op."""
+    impl = "auto"                                       # ops path; Generator.set_impl changes it
 
     def __init__(self, channels, clamp=None):
         super().__init__()
@@ -430,6 +433,7 @@ class StyledConv(nn.Module):
 
 class ToRGB(nn.Module):
     """1x1 modulated conv to RGB (no demodulation), added to the upsampled image of the previous block."""
+    impl = "auto"                                       # ops path; Generator.set_impl changes it
 
     def __init__(self, in_ch, style_dim, upsample=True, clamp=None):
         super().__init__()
