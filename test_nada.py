@@ -590,6 +590,9 @@ def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
     rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty", "--offline")
     assert_clean_error(rc, err, "ffhq.pkl", "yourself", str(tmp_path / "empty"))
     rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty",
+                         env={"NADA_OFFLINE": "1", "NADA_MIRROR": "http://127.0.0.1:9"})
+    assert_clean_error(rc, err, "nada is offline")
+    rc, _, err = run_cli("sample", "--ckpt", "ffhq", "--weights-dir", tmp_path / "empty",
                          env={"NADA_MIRROR": "http://127.0.0.1:9"})        # nothing listens on port 9
     assert_clean_error(rc, err, "could not download ffhq.pkl", "yourself and place it at")
     assert time.time() - t0 < 60
@@ -808,6 +811,8 @@ def test_step_zero_is_finite_and_small(colour_clip):
     layers, loss, _ = nada.train_step(G0, G, opt, clip_set, nada.parse_layers("all", G), G.num_ws, 2, 0.0, None,
                                       torch.Generator().manual_seed(0), "cpu")
     assert loss == 1.0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())   # CLIP never trains
+    assert all(p.grad is None for p in G0.parameters())
     grads = [p.grad for p in G.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     change = max((G.state_dict()[k] - v).abs().max().item() for k, v in before.items())
@@ -917,6 +922,7 @@ def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
         (["--clip", "ViT-Z/99"], "unknown CLIP model"),
         (["--clip-weights", "1,2"], "2 values for 1 CLIP models"),
         (["--ckpt", tmp_path / "nope.pt"], "neither a file nor a known model"),
+        (["--ckpt", colour_clip], "no generator found"),
         (["--class", "cat"], "unconditional"),
         (["--out", "/proc/nada_cannot_write"], "cannot write the output folder"),
         (["--layers", "last:0"], "--layers"),
