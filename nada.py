@@ -1215,13 +1215,21 @@ def _check_numbers(**values):
             raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
 
 
+def _run_settings(run):
+    """The settings a run was started with (its config.json), or {} if there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        cfg = json.load(open(os.path.join(run, "config.json")))
+        return {k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}
+    return {}
+
+
 def _prepare_out(out, resume, settings):
     """Create or reopen the run folder; refuse to mix a resumed run with other settings."""
     if resume:
         cfg_path = os.path.join(resume, "config.json")
         if not os.path.isfile(os.path.join(resume, "state.pt")) or not os.path.isfile(cfg_path):
             raise NadaError(f"--resume {resume}: no interrupted run there (needs config.json and state.pt)")
-        old = json.load(open(cfg_path))
+        old = _run_settings(resume)
         diff = [k for k in RESUME_MUST_MATCH if old.get(k) != settings.get(k)]
         if diff:
             k = diff[0]
@@ -1349,7 +1357,8 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
                 _save_run(out, G, opt, gen, done, meta)
             if stop:
                 bar.close()
-                print(f"\ninterrupted: saved at step {done} in {out}; continue with --resume {out}", flush=True)
+                print(f"\ninterrupted: saved at step {done} in {out}; continue with "
+                      f"`python nada.py train --resume {out}`", flush=True)
                 raise KeyboardInterrupt
     bar.close()
     print(f"done: {iters} steps in {time.time() - t0:.1f} s; adapted generator: {os.path.join(out, 'generator.pt')}")
@@ -1738,7 +1747,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser():
+def build_parser(typed_only=False):
+    """The CLI. typed_only: train's run settings default to None, so a parse shows which ones were typed."""
     fmt = _HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -1771,6 +1781,8 @@ def build_parser():
     t.add_argument("--sample-every", type=int, default=50, help="write a preview grid every N steps")
     t.add_argument("--save-every", type=int, default=50, help="write generator.pt and state.pt every N steps")
     t.add_argument("--n-sample", type=int, default=4, help="preview columns (fixed seeds)")
+    if typed_only:
+        t.set_defaults(**{k: None for k in RESUME_MUST_MATCH + ("iters",)})
 
     s = sub.add_parser("sample", parents=[common], formatter_class=fmt, help="render images from a generator")
     s.add_argument("--ckpt", default=None, help="a file or a model name (default: the newest runs/*/generator.pt)")
@@ -1800,6 +1812,9 @@ def main(argv=None):
     opts = {k: v for k, v in vars(args).items() if k != "cmd"}
     try:
         if args.cmd == "train":
+            if args.resume:                             # settings not typed again come from the run itself
+                typed = {k for k, v in vars(build_parser(typed_only=True).parse_args(argv)).items() if v is not None}
+                opts.update({k: v for k, v in _run_settings(args.resume).items() if k not in typed})
             train(**opts)
         elif args.cmd == "sample":
             sample(**opts)
