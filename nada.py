@@ -581,6 +581,14 @@ def _assemble(path, sd, config, impl="auto"):
     return G
 
 
+def _refusal(e):
+    """torch.load's weights-only refusal in one line (its own text suggests weights_only=False: never do that)."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+    if m:
+        return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
+    return "not plain tensor data (refused; nothing ran)" if "Weights only load failed" in str(e) else _first_line(e)
+
+
 def _first_line(e):
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return " ".join(lines[:2])[:300] if lines else type(e).__name__
@@ -603,7 +611,7 @@ def _read_torch_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):   # rosinality training checkpoints carry args
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_first_line(e)}") from None
+        raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
     if isinstance(ckpt, dict) and "g_ema" in ckpt:
         sd, meta = ckpt["g_ema"], ckpt.get("nada") or {}
     elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
@@ -654,31 +662,68 @@ class _Persistent:
             raise pickle.UnpicklingError("malformed persistent object")
         self.class_name = str(meta.get("class_name"))
         self.state = meta["state"]
-        if self.class_name.startswith(("Discriminator", "AugmentPipe")):
-            self.state = {}                             # not needed: free its tensors as soon as they are built
 
 
 class _EasyDict(dict):
     """Stands in for dnnlib.util.EasyDict."""
 
 
-def _load_storage_safely(b):
-    # NVIDIA pickles wrap each storage in a nested legacy torch.save; read it with the restricted loader too.
-    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames, straight from the file
+
+
+class _Blob:
+    """A large byte string of the pickle, left on disk: its offset and size."""
+
+    def __init__(self, f, offset, size):
+        self.f, self.offset, self.size = f, offset, size
+
+    def read(self):
+        self.f.seek(self.offset)
+        data = self.f.read(self.size)
+        if len(data) != self.size:
+            raise EOFError("the file ends inside a tensor")
+        return data
+
+
+class _BlobFile:
+    """A file whose large reads return a _Blob and skip ahead: unpickling then never holds tensor bytes."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n=-1):
+        if n is not None and n >= BLOB_MIN:
+            blob = _Blob(self.f, self.f.tell(), n)
+            self.f.seek(n, 1)
+            return blob
+        return self.f.read(n)
+
+    def readline(self):
+        return self.f.readline()
+
+
+class _TensorRef:
+    """A tensor not built yet: its storage's bytes (a _Blob or bytes) and _rebuild_tensor_v2's other arguments."""
+
+    def __init__(self, storage_bytes, args):
+        self.storage_bytes, self.args = storage_bytes, args
 
 
 def _pickle_allowlist():
+    """The globals an NVIDIA network pickle may name, mapped to safe stand-ins (formats.md 1.4). Tensors come out
+    as _TensorRefs: nothing is decoded until we know which ones G_ema holds."""
     import importlib
     np_multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    as_data = lambda data, *args: data                  # requires_grad and hooks do not matter here
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
         ("dnnlib.util", "EasyDict"): _EasyDict,
         ("collections", "OrderedDict"): OrderedDict,
         ("builtins", "set"): set,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-        ("torch.storage", "_load_from_bytes"): _load_storage_safely,
+        ("torch.storage", "_load_from_bytes"): lambda b: b,
+        ("torch._utils", "_rebuild_tensor_v2"): lambda storage_bytes, *args: _TensorRef(storage_bytes, args),
+        ("torch._utils", "_rebuild_parameter"): as_data,
+        ("torch._utils", "_rebuild_parameter_with_state"): as_data,
         ("numpy", "dtype"): np.dtype,
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -686,8 +731,9 @@ def _pickle_allowlist():
     return allowed
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves only the globals an NVIDIA network pickle needs (formats.md 1.4); anything else is refused."""
+class _SafeUnpickler(pickle._Unpickler):
+    """Resolves only the allow-listed globals; anything else is refused before it can run. (Python's own
+    unpickler, not the C one, so that large reads can stay on disk through _BlobFile.)"""
 
     allowed = None
 
@@ -700,17 +746,44 @@ class _SafeUnpickler(pickle.Unpickler):
         return self.allowed[(module, name)]
 
 
-def _read_nvidia_pickle(path):
+def read_g_ema(path):
+    """The pickled G_ema module tree of an NVIDIA network pickle, with its tensors built and no others.
+
+    G and D are in the file too; their tensors are never read from disk, so memory holds one generator.
+    """
     try:
         with open(path, "rb") as f:
-            unpickler = _SafeUnpickler(f)
+            unpickler = _SafeUnpickler(_BlobFile(f))
             unpickler.allowed = _pickle_allowlist()
             data = unpickler.load()
+            G = data.get("G_ema") if isinstance(data, dict) else None
+            if not isinstance(G, _Persistent) or G.class_name != "Generator":
+                raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
+            _build_tensors(G, {})
+    except NadaError:
+        raise
     except Exception as e:
-        raise NadaError(f"{path}: refused, not a loadable network pickle: {_first_line(e)}") from None
-    G = data.get("G_ema") if isinstance(data, dict) else None
-    if not isinstance(G, _Persistent) or G.class_name != "Generator":
-        raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
+        raise NadaError(f"{path}: refused, not a loadable network pickle: {_refusal(e)}") from None
+    return G
+
+
+def _build_tensors(obj, storages):
+    """Replace the _TensorRefs of a pickled module tree by tensors, decoding each storage once."""
+    for kind in ("_parameters", "_buffers"):
+        for name, ref in obj.state.get(kind, {}).items():
+            if isinstance(ref, _TensorRef):
+                key = id(ref.storage_bytes)
+                if key not in storages:                 # each is a nested legacy torch.save: read it restricted too
+                    raw = ref.storage_bytes.read() if isinstance(ref.storage_bytes, _Blob) else ref.storage_bytes
+                    storages[key] = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+                obj.state[kind][name] = torch._utils._rebuild_tensor_v2(storages[key], *ref.args)
+    for child in obj.state.get("_modules", {}).values():
+        if isinstance(child, _Persistent):
+            _build_tensors(child, storages)
+
+
+def _read_nvidia_pickle(path):
+    G = read_g_ema(path)
     try:
         return _convert_nvidia(path, G)
     except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:
@@ -722,7 +795,7 @@ def _flatten(obj, prefix=""):
     """Parameters and buffers of a pickled module tree, with their state-dict names."""
     out = {}
     for kind in ("_parameters", "_buffers"):
-        out.update({prefix + k: v.detach() for k, v in obj.state.get(kind, {}).items() if v is not None})
+        out.update({prefix + k: v for k, v in obj.state.get(kind, {}).items() if v is not None})
     for name, child in obj.state.get("_modules", {}).items():
         if isinstance(child, _Persistent):
             out.update(_flatten(child, f"{prefix}{name}."))
@@ -745,7 +818,7 @@ def _convert_nvidia(path, G):
                             "which every public StyleGAN2 checkpoint uses)")
     if G.state.get("img_channels", 3) != 3:
         raise NadaError(f"{path}: only RGB generators are supported")
-    sd = _flatten(G)
+    sd = {k: v.detach() for k, v in _flatten(G).items()}
     n_mlp = mapping.state["num_layers"]
     fcs = [mods(mapping)[f"fc{i}"].state for i in range(n_mlp)]
     if any(fc["activation"] != "lrelu" for fc in fcs) or any(sd[f"mapping.fc{i}.weight"].shape[0] != w_dim for i in range(n_mlp)):

@@ -1,7 +1,6 @@
 """Tests for nada.py, CPU first, in the order of nada.py's sections. Run: python -m pytest -q"""
 
 import http.server
-import io
 import json
 import os
 import pickle
@@ -360,7 +359,7 @@ class _Evil:
         return (os.system, ("touch PWNED",))
 
 
-def _persistent_pickle(path, G_meta):
+def _persistent_pickle(path, G_meta, extra=None):
     """Write a pickle the way NVIDIA's persistence does: GLOBAL torch_utils.persistence._reconstruct_persistent_obj."""
     mod = types.ModuleType("torch_utils.persistence")
 
@@ -385,16 +384,13 @@ def _persistent_pickle(path, G_meta):
     sys.modules["torch_utils.persistence"] = mod
     try:
         with open(path, "wb") as f:
-            pickle.dump({"G_ema": wrap(G_meta)}, f)
+            pickle.dump({**{k: wrap(v) for k, v in (extra or {}).items()}, "G_ema": wrap(G_meta)}, f)
     finally:
         del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
 
 
 def _fixture_records():
-    with open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb") as f:
-        u = nada._SafeUnpickler(f)
-        u.allowed = nada._pickle_allowlist()
-        return u.load()["G_ema"]
+    return nada.read_g_ema(os.path.join(FIXTURES, "nvidia_32.pkl"))
 
 
 @needs_fixtures
@@ -427,12 +423,17 @@ def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tm
     cases["evil.pkl"] = pickle.dumps({"G_ema": _Evil()})
     cases["evil.pt"] = None
     torch.save({"g_ema": _Evil()}, tmp_path / "evil.pt")
-    # a legal outer pickle whose nested storage bytes hide code: the nested load must be restricted too
-    nested = pickle.dumps(_Evil(), protocol=2)
-    outer = io.BytesIO()
-    outer.write(b"\x80\x04\x8c\rtorch.storage\x94\x8c\x10_load_from_bytes\x94\x93\x94")
-    outer.write(b"C" + bytes([len(nested)]) + nested + b"\x94\x85\x94R\x94.")
-    cases["nested.pkl"] = outer.getvalue()
+    # a legal G_ema whose nested storage bytes hide code: decoding G_ema's storages must be restricted too
+    class EvilStorage:
+        def __reduce__(self):
+            return (torch.storage._load_from_bytes, (pickle.dumps(_Evil(), protocol=2),))
+
+    class EvilTensor:                                     # pickles as a tensor does, around that storage
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (EvilStorage(), 0, (1,), (1,), False, {}))
+    _persistent_pickle(tmp_path / "nested.pkl", types.SimpleNamespace(
+        class_name="Generator", state={"_parameters": {"weight": EvilTensor()}, "_modules": {}}))
+    cases["nested.pkl"] = None
     full = open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb").read()
     cases["truncated.pkl"] = full[:len(full) // 2]
     cases["garbage.pkl"] = b"this is not a pickle at all"
@@ -446,7 +447,7 @@ def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tm
     bad = dict(good["g_ema"], **{"convs.1.conv.weight": torch.zeros(1, 64, 64, 1, 1)})
     torch.save({"g_ema": bad, "latent_avg": good["latent_avg"]}, tmp_path / "shape.pt")
     torch.save({"g_ema": good["g_ema"], "latent_avg": torch.zeros(3)}, tmp_path / "avg.pt")
-    expected = {"evil.pkl": "posix.system", "evil.pt": "refused", "nested.pkl": "refused", "truncated.pkl": "refused",
+    expected = {"evil.pkl": "posix.system", "evil.pt": "posix.system", "nested.pkl": "posix.system", "truncated.pkl": "refused",
                 "garbage.pkl": "refused", "tf.pkl": "TensorFlow", "wrong.pt": "not a StyleGAN2 generator",
                 "other.pt": "no generator found", "missing.pt": "no such file", "shape.pt": "do not fit",
                 "avg.pt": "latent_avg is not a vector of 64"}
@@ -475,6 +476,23 @@ def test_loading_costs_one_copy_of_the_weights(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.pt")], capture_output=True, text=True, cwd=HERE)
     grown = int(out.stdout.strip().splitlines()[-1])
     assert 0.5 * nbytes < grown < 1.3 * nbytes, (grown, nbytes)     # two copies would be >= 2x
+
+
+@needs_fixtures
+def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
+    """G and D share the file with G_ema; their tensors stay on disk (here 2 x 64 MB that are never read)."""
+    G = _fixture_records()
+    bulky = lambda cls: types.SimpleNamespace(class_name=cls, state={"_parameters": {"w": torch.randn(16_000_000)},
+                                                                      "_modules": {}})
+    path = tmp_path / "snapshot.pkl"
+    _persistent_pickle(path, G, extra={"G": bulky("Generator"), "D": bulky("Discriminator")})
+    assert path.stat().st_size > 128e6
+    code = ("import resource, sys, nada\nnada.load_generator(sys.argv[2])\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nnada.load_generator(sys.argv[1])\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(path), os.path.join(FIXTURES, "nvidia_32.pkl")],
+                         capture_output=True, text=True, cwd=HERE)
+    assert int(out.stdout.strip().splitlines()[-1]) < 16e6, out.stdout
 
 
 # ---- weights: downloads ---------------------------------------------------------------------------------------
