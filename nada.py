@@ -869,18 +869,30 @@ def save_generator(G, path, **meta):
     atomic_save(state, path)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temp file beside `path` to write, renamed onto `path` when the block ends without error: a crash or
+    Ctrl-C never leaves a half-written file under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+
+
+def atomic_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -933,13 +945,6 @@ def _manifest(folder):
     with contextlib.suppress(OSError, ValueError):
         return json.load(open(path))
     return {}
-
-
-def atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def sha256_file(path):
@@ -1547,10 +1552,8 @@ def make_grid(img, ncol):
 def save_image(img, path):
     """Write one image [1, 3, H, W] in [-1, 1] as a PNG, atomically."""
     from PIL import Image
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    Image.fromarray(to_uint8(img)[0]).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(img)[0]).save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------
