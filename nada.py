@@ -489,6 +489,7 @@ class Generator(nn.Module):
             self.convs.append(StyledConv(channels[r], channels[r], style_dim, clamp=conv_clamp))
             self.to_rgbs.append(ToRGB(channels[r], style_dim, clamp=conv_clamp))
         self.register_buffer("latent_avg", torch.zeros(style_dim), persistent=False)   # saved beside g_ema
+        self.meta = {}                                  # load_generator: the metadata our checkpoints carry
         self.set_impl(impl)
         self.eval()
 
@@ -562,8 +563,9 @@ LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10,
 
 def load_generator(path, device="cpu", impl="auto"):
     """Load a StyleGAN2 generator from any supported checkpoint file -> Generator in eval mode."""
-    sd, config, latent_avg = read_checkpoint(path)
+    sd, config, latent_avg, meta = read_checkpoint(path)
     G = _assemble(path, sd, config, impl)
+    G.meta = meta                                       # what our own checkpoints record (prompts, base, ...)
     if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.w_dim:
         raise NadaError(f"{path}: latent_avg is not a vector of {G.w_dim} numbers")
     G.latent_avg = latent_avg.float().reshape(G.w_dim).clone()
@@ -595,7 +597,7 @@ def _first_line(e):
 
 
 def read_checkpoint(path):
-    """-> (rosinality-named state dict, Generator kwargs, latent_avg) from a .pt or .pkl file."""
+    """-> (rosinality-named state dict, Generator kwargs, latent_avg, our metadata or {}) from a .pt or .pkl file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NadaError(f"{path}: no such file")
@@ -613,7 +615,7 @@ def _read_torch_checkpoint(path):
     except Exception as e:
         raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
     if isinstance(ckpt, dict) and "g_ema" in ckpt:
-        sd, meta = ckpt["g_ema"], ckpt.get("nada") or {}
+        sd, meta = ckpt["g_ema"], ckpt.get("nada") if isinstance(ckpt.get("nada"), dict) else {}
     elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
         sd, meta = ckpt, {}
     else:
@@ -623,11 +625,13 @@ def _read_torch_checkpoint(path):
         raise NadaError(f"{path}: 'g_ema' is not a state dict of tensors")
     sd = {k: v.clone() for k, v in sd.items()}         # one private copy of g_ema alone, out of the mapped file
     config = _infer_config(path, sd)
-    config.update({k: meta["config"][k] for k in ("lr_mlp", "conv_clamp") if k in meta.get("config", {})})
+    saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    config.update({k: saved[k] for k in ("lr_mlp", "conv_clamp") if k in saved})
     latent_avg = ckpt.get("latent_avg") if "g_ema" in ckpt else None
     if latent_avg is None:                              # old files without it: the mean of many mapped z is standard
         latent_avg = _estimate_latent_avg(path, sd, config)
-    return sd, config, latent_avg.clone() if isinstance(latent_avg, torch.Tensor) else latent_avg
+    latent_avg = latent_avg.clone() if isinstance(latent_avg, torch.Tensor) else latent_avg
+    return sd, config, latent_avg, meta
 
 
 def _infer_config(path, sd):
@@ -859,7 +863,7 @@ def _convert_nvidia(path, G):
     config = _infer_config(path, out)
     config.update(lr_mlp=float(fcs[0]["bias_gain"]), conv_clamp=conv_clamp)
     latent_avg = sd.get("mapping.w_avg")
-    return out, config, latent_avg if latent_avg is not None else _estimate_latent_avg(path, out, config)
+    return out, config, latent_avg if latent_avg is not None else _estimate_latent_avg(path, out, config), {}
 
 
 def save_generator(G, path, **meta):
@@ -1509,7 +1513,7 @@ def _save_run(out, G, opt, gen, step, meta):
 
 def _saved_step(out):
     path = os.path.join(out, "state.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.isfile(path) else 0
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] if os.path.isfile(path) else 0
 
 
 def _resume_state(out, G, opt, gen):
@@ -1596,7 +1600,7 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     G = load_generator(path, device, impl)
     gens = [G]
     if compare:
-        base = _checkpoint_meta(path).get("base")
+        base = G.meta.get("base")
         if not base:
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         gens = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
@@ -1624,12 +1628,6 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     return out
 
 
-def _checkpoint_meta(path):
-    if not zipfile.is_zipfile(path):
-        return {}
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("nada", {}) if isinstance(ckpt, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
