@@ -58,124 +58,27 @@ class NadaError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # ops: bias_act and upfirdn2d, each a pure-PyTorch reference plus an optional CUDA kernel from ops/
 
-OPS_DIR = os.path.join(HERE, "ops")
 IMPLS = ("auto", "cuda", "ref")        # auto: the kernel for CUDA tensors when it builds, else the reference
-
-
-def cuda_home():
-    """The CUDA toolkit root: $CUDA_HOME, else where `nvcc` really lives (following a wrapper script), else
-    /usr/local/cuda. A root counts only if it holds bin/nvcc and the CUDA runtime library."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        with contextlib.suppress(OSError, UnicodeDecodeError):   # a shell wrapper: `exec /real/bin/nvcc "$@"`
-            m = re.search(r"(/\S+)/bin/nvcc\b", open(nvcc, errors="strict").read(4096))
-            candidates.append(m and m.group(1))
-    candidates.append("/usr/local/cuda")
-    for root in filter(None, candidates):
-        libs = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
-        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
-                any(f.startswith("libcudart.so") for d in libs if os.path.isdir(d) for f in os.listdir(d)):
-            return root
-    return None
-
-
-OPS = {"bias_act": ("bias_act.cpp", "bias_act.cu", "common.h"), "upfirdn2d": ("upfirdn2d.cpp", "upfirdn2d.cu", "common.h")}
-
-
-def cuda_arch_list():
-    """GPU architectures to compile for: $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else 8.0 with PTX
-    (a GPU-less build, e.g. in CI: the PTX is JIT-compiled by the driver on any GPU from Ampere on)."""
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"]
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{a}.{b}" for a, b in caps)
-    return "8.0+PTX"
-
-
-def build_dir(op):
-    """Where a compiled op lives: keyed by its sources, torch/CUDA versions and GPU architectures."""
-    h = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {cuda_arch_list()}".encode())
-    for name in OPS[op]:
-        h.update(name.encode() + open(os.path.join(OPS_DIR, name), "rb").read())
-    root = os.environ.get("NADA_OPS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nada_ops")
-    return os.path.join(root, f"{op}-{h.hexdigest()[:16]}")
+OPS = ("bias_act", "upfirdn2d")
 
 
 @functools.lru_cache(maxsize=None)
+def ops_build():
+    """ops/build.py beside this file, imported at the first CUDA use of an op (never at import), or None."""
+    path = os.path.join(HERE, "ops", "build.py")
+    if not os.path.isfile(path):
+        return None
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nada_ops_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_op(op, require_gpu=True):
-    """Build (once per process, lazily) and load one op's extension. -> (torch.ops.nada, None) or (None, reason)."""
-    if not all(os.path.isfile(os.path.join(OPS_DIR, n)) for n in OPS[op]):
-        return None, f"no CUDA sources in {OPS_DIR}"
-    if require_gpu and not torch.cuda.is_available():
-        return None, "no CUDA device"
-    if torch.version.cuda is None:
-        return None, "this torch is a CPU build"
-    home = cuda_home()
-    if home is None:
-        return None, "CUDA toolkit (nvcc) not found: set CUDA_HOME"
-    try:
-        _build_op(op, home)
-        return torch.ops.nada, None
-    except Exception as e:                              # a failed build is remembered: never retried per call
-        errors = [ln.strip() for ln in str(e).splitlines() if "error" in ln and "Error building" not in ln]
-        reason = f"build failed: {errors[0][:300] if errors else _first_line(e)}"
-        warnings.warn(f"nada: CUDA op {op} unavailable ({reason}); using the reference op. Retry with "
-                      f"`python nada.py doctor --build-ops`, full log with NADA_VERBOSE_BUILD=1.")
-        return None, reason
-
-
-def _build_op(op, home):
-    """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library."""
-    os.environ["CUDA_HOME"] = home                      # before torch's import-time guess, which may be wrong
-    import logging
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)                         # silence its "no CUDA runtime" notice on GPU-less builds
-    from torch.utils import cpp_extension
-    log.setLevel(level)
-    cpp_extension.CUDA_HOME = home
-    final = build_dir(op)
-    lib = os.path.join(final, f"nada_{op}.so")
-    if not os.path.isfile(lib):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        with _file_lock(final + ".lock"):
-            if not os.path.isfile(lib):                 # another process may have built it while we waited
-                work = tempfile.mkdtemp(prefix=f".{op}-", dir=os.path.dirname(final))
-                try:
-                    sources = [os.path.join(OPS_DIR, n) for n in OPS[op] if not n.endswith(".h")]
-                    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
-                    cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
-                                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
-                                       verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
-                    shutil.rmtree(final, ignore_errors=True)   # a partial folder left by an older failure
-                    os.replace(work, final)
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
-    if not hasattr(torch.ops.nada, op):
-        torch.ops.load_library(lib)
-
-
-@contextlib.contextmanager
-def _file_lock(path, timeout=900):
-    """An flock: the kernel drops it when its holder dies, so a killed build never leaves a stale lock."""
-    import fcntl
-    with open(path, "a") as f:
-        start = time.time()
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() - start > timeout:
-                    raise TimeoutError(f"another process has been building {path} for {timeout} s")
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """The compiled op, built on first use. -> (torch.ops.nada, None) or (None, the reason it is unavailable)."""
+    build = ops_build()
+    return build.load_op(op, require_gpu) if build else (None, "no ops/ folder beside nada.py")
 
 
 def _use_cuda(x, impl, op):
@@ -1657,7 +1560,8 @@ def doctor(device="auto", build_ops=False, wdir=None):
     print(f"python       {sys.version.split()[0]}")
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"GPU          {torch.cuda.get_device_name(0) if cuda else 'none visible'}")
-    home = cuda_home()
+    build = ops_build()
+    home = build.cuda_home() if build else None
     print(f"CUDA toolkit {home or 'not found (set CUDA_HOME to the folder holding bin/nvcc)'}")
     print(f"ninja        {shutil.which('ninja') or _ninja_from_pip() or 'not found (pip install ninja)'}")
     try:
@@ -1676,7 +1580,8 @@ def doctor(device="auto", build_ops=False, wdir=None):
         for op in OPS:
             t0 = time.time()
             ops, reason = load_op(op, require_gpu=False)
-            print(f"build {op:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir(op)})")
+            where = f", {build.build_dir(op)}" if build else ""
+            print(f"build {op:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s{where})")
             ok = ok and ops is not None
     print(f"ops path     {ops_status(pick_device(device) if device != 'cuda' or cuda else 'cpu')}")
     return 0 if ok else 1
@@ -1687,126 +1592,6 @@ def _ninja_from_pip():
         import ninja
         return os.path.join(ninja.BIN_DIR, "ninja")
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# bench: the CUDA ops against the reference, the generator, and one training step (GPU figures)
-
-def _time_ms(fn, reps=20):
-    """Median wall time of fn() in ms, after a warm-up, synchronising the GPU around each call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
-def _saved_mb(fn):
-    """GPU memory held after a forward with grad (what autograd keeps for backward, plus the output), in MB."""
-    if not torch.cuda.is_available():
-        return float("nan")
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    held = torch.cuda.memory_allocated() - before
-    del out
-    return held / 2 ** 20
-
-
-def bench_ops(device, resolutions, batches):
-    """Rows of (op, shape, ref ms, cuda ms, speed-up, ref MB, cuda MB) at StyleGAN2's shapes (config-f widths)."""
-    rows, k = [], make_kernel().to(device) * 4
-    impls = ("ref", "cuda") if device == "cuda" else ("ref",)
-    for r in resolutions:
-        C = default_channels(r)[r]
-        for n in batches:
-            x = torch.randn(n, C, r, r, device=device)
-            b = torch.randn(C, device=device)
-            cases = {
-                f"upfirdn2d up2 [{n},3,{r // 2}]": (lambda i, t=torch.randn(n, 3, r // 2, r // 2, device=device):
-                                                    upfirdn2d(t, k, up=2, pad=(2, 1, 2, 1), impl=i)),
-                f"upfirdn2d down2 [{n},{C},{r}]": lambda i: upfirdn2d(x, k / 4, down=2, pad=(1, 1, 1, 1), impl=i),
-                f"upfirdn2d blur [{n},{C},{r + 1}]": (lambda i, t=torch.randn(n, C, r + 1, r + 1, device=device):
-                                                      upfirdn2d(t, k, pad=(1, 1, 1, 1), impl=i)),
-                f"bias_act fwd [{n},{C},{r}]": lambda i: bias_act(x, b, "lrelu", gain=SQRT2, clamp=256, impl=i),
-            }
-            xg = x.clone().requires_grad_(True)
-            cases[f"bias_act fwd+bwd [{n},{C},{r}]"] = lambda i: bias_act(xg, b, "lrelu", gain=SQRT2, clamp=256,
-                                                                          impl=i).sum().backward()
-            for name, fn in cases.items():
-                ms = {i: _time_ms(lambda: fn(i)) for i in impls}
-                mb = {i: _saved_mb(lambda: bias_act(xg, b, "lrelu", gain=SQRT2, clamp=256, impl=i))
-                      if name.startswith("bias_act fwd [") else float("nan") for i in impls}
-                cu = ms.get("cuda", float("nan"))
-                rows.append(dict(op=name, ref_ms=ms["ref"], cuda_ms=cu, speedup=ms["ref"] / cu,
-                                 ref_saved_mb=mb["ref"], cuda_saved_mb=mb.get("cuda", float("nan"))))
-    return rows
-
-
-def bench_generator(device, res, batch):
-    """Images per second (inference) and forward+backward time of a random generator, per ops path."""
-    G = Generator(res).to(device)
-    z = torch.randn(batch, G.z_dim, device=device)
-    out = {}
-    for impl in (("ref", "cuda") if device == "cuda" else ("ref",)):
-        G.set_impl(impl)
-        with torch.no_grad():
-            ms = _time_ms(lambda: G(z), reps=5)
-        out[f"{impl}_images_per_s"] = batch * 1e3 / ms
-        out[f"{impl}_fwd_bwd_ms"] = _time_ms(lambda: G(z).square().mean().backward(), reps=5)
-    return out
-
-
-def bench_train_step(device, res, batch, impl):
-    """One training step (both generators, a random CLIP of ViT-B/32's shape): time and peak GPU memory."""
-    clip = _import_clip()
-    model = clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12).to(device).eval().requires_grad_(False)
-    G0 = Generator(res, impl=impl).to(device).requires_grad_(False)
-    G = copy.deepcopy(G0)
-    opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith("style.")], lr=LR, betas=BETAS)
-    clip_set = [(model, 1.0, F.normalize(torch.randn(512, device=device), dim=0), None)]
-    layers = parse_layers("all", G)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator().manual_seed(0)
-    ms = _time_ms(lambda: train_step(G0, G, opt, clip_set, layers, G.num_ws, batch, 0.0, None, gen, device), reps=5)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-    return dict(res=res, batch=batch, impl=impl, step_ms=ms, peak_gb=peak)
-
-
-def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json", **_):
-    """Print the benchmark as a table and write it as JSON."""
-    device = pick_device(device)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    resolutions = [int(r) for r in str(res).split(",")]
-    batches = [int(b) for b in str(batch).split(",")]
-    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    print(f"nada bench | {name} | torch {torch.__version__} | ops {ops_status(device)}", flush=True)
-    rows = bench_ops(device, resolutions, batches)
-    print(f"{'op':<34} {'ref ms':>9} {'cuda ms':>9} {'x':>6} {'ref MB':>8} {'cuda MB':>8}")
-    for r in rows:
-        print(f"{r['op']:<34} {r['ref_ms']:>9.3f} {r['cuda_ms']:>9.3f} {r['speedup']:>6.2f} "
-              f"{r['ref_saved_mb']:>8.1f} {r['cuda_saved_mb']:>8.1f}", flush=True)
-    result = dict(device=name, torch=torch.__version__, ops=rows)
-    result["generator"] = dict(res=gen_res, batch=2, **bench_generator(device, gen_res, 2))
-    print(f"generator {gen_res} px, batch 2: " + ", ".join(f"{k} {v:.2f}" for k, v in result["generator"].items()
-                                                         if k not in ("res", "batch")), flush=True)
-    result["train_step"] = [bench_train_step(device, min(resolutions[-1], 1024), 2, i)
-                            for i in (("ref", "cuda") if device == "cuda" else ("ref",))]
-    for t in result["train_step"]:
-        print(f"train step {t['res']} px, batch {t['batch']}, impl {t['impl']}: {t['step_ms']:.1f} ms, "
-              f"peak {t['peak_gb']:.2f} GB", flush=True)
-    atomic_write_text(out, json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1873,11 +1658,6 @@ def build_parser(typed_only=False):
     d = sub.add_parser("doctor", parents=[common], formatter_class=fmt, help="check the environment")
     d.add_argument("--build-ops", action="store_true", help="compile the CUDA ops now (no GPU needed)")
     del m
-    b = sub.add_parser("bench", parents=[common], formatter_class=fmt, help="time the CUDA ops against the reference")
-    b.add_argument("--res", default="256,512,1024", help="resolutions for the op timings")
-    b.add_argument("--batch", default="1,8", help="batch sizes for the op timings")
-    b.add_argument("--gen-res", type=int, default=1024, help="resolution of the generator and train-step timings")
-    b.add_argument("--out", default="bench.json", help="where the JSON goes")
     return p
 
 
@@ -1896,8 +1676,6 @@ def main(argv=None):
             list_models(args.wdir)
         elif args.cmd == "doctor":
             return doctor(args.device, args.build_ops, args.wdir)
-        elif args.cmd == "bench":
-            bench(**opts)
     except NadaError as e:
         print(f"nada: error: {e}", file=sys.stderr)
         return 2

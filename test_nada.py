@@ -19,8 +19,7 @@ import torch.nn.functional as F
 import nada
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.path.join(HERE, "..", "shared", "fixtures")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="../shared/fixtures not present")
+FIXTURES = os.path.join(HERE, "fixtures")             # the reference checkpoints and outputs (fixtures/README.md)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -172,17 +171,18 @@ def test_op_loader_remembers_failure_and_never_retries(monkeypatch, tmp_path):
     def broken(op, home):
         calls.append(op)
         raise RuntimeError("nvcc exploded\nfoo.cu:1: error: something specific")
-    monkeypatch.setattr(nada, "_build_op", broken)
-    monkeypatch.setattr(nada, "cuda_home", lambda: str(tmp_path))
+    build = nada.ops_build()
+    monkeypatch.setattr(build, "build_op", broken)
+    monkeypatch.setattr(build, "cuda_home", lambda: str(tmp_path))
     monkeypatch.setattr(nada.torch.version, "cuda", "13.0")
-    nada.load_op.cache_clear()
+    build.load_op.cache_clear()
     try:
         with pytest.warns(UserWarning, match="unavailable"):
             ops, reason = nada.load_op("upfirdn2d", require_gpu=False)
         assert ops is None and "error: something specific" in reason
         assert nada.load_op("upfirdn2d", require_gpu=False) == (None, reason) and calls == ["upfirdn2d"]
     finally:
-        nada.load_op.cache_clear()
+        build.load_op.cache_clear()
 
 
 def test_stale_lock_does_not_hang(tmp_path):
@@ -193,12 +193,12 @@ def test_stale_lock_does_not_hang(tmp_path):
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     with pytest.raises(TimeoutError):
-        with nada._file_lock(str(lock), timeout=1):
+        with nada.ops_build().file_lock(str(lock), timeout=1):
             pass
     p.kill()
     p.wait()
     t0 = time.time()
-    with nada._file_lock(str(lock), timeout=5):
+    with nada.ops_build().file_lock(str(lock), timeout=5):
         pass
     assert time.time() - t0 < 2
 
@@ -216,9 +216,9 @@ def test_cuda_home_follows_an_nvcc_wrapper(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(wrapper.parent))
-    assert nada.cuda_home() == str(real)
+    assert nada.ops_build().cuda_home() == str(real)
     monkeypatch.setenv("CUDA_HOME", str(real))
-    assert nada.cuda_home() == str(real)
+    assert nada.ops_build().cuda_home() == str(real)
 
 
 @cuda
@@ -292,7 +292,6 @@ def test_gpu_generator_cuda_matches_ref_and_double_backward_is_refused():
 
 # ---- generator and loading ----------------------------------------------------------------------------------
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["rosinality_32", "nvidia_32", "nvidia_32_cond"])
 def test_fixture_parity(name):
     ext = ".pt" if name.startswith("rosinality") else ".pkl"
@@ -312,7 +311,6 @@ def test_fixture_parity(name):
     assert (G.z_dim, G.w_dim, G.num_ws, G.img_resolution, G.c_dim) == (64, 64, 8, 32, 10 if "cond" in name else 0)
 
 
-@needs_fixtures
 def test_saved_checkpoint_is_rosinality_compatible_and_reloads_exactly(tmp_path):
     G = nada.load_generator(os.path.join(FIXTURES, "nvidia_32.pkl"))
     path = tmp_path / "g.pt"
@@ -330,7 +328,6 @@ def test_saved_checkpoint_is_rosinality_compatible_and_reloads_exactly(tmp_path)
         assert torch.equal(G(z, truncation=0.5), G2(z, truncation=0.5))
 
 
-@needs_fixtures
 def test_bare_state_dict_without_latent_avg_loads(tmp_path):
     sd = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)["g_ema"]
     torch.save(sd, tmp_path / "bare.pt")
@@ -393,7 +390,6 @@ def _fixture_records():
     return nada.read_g_ema(os.path.join(FIXTURES, "nvidia_32.pkl"))
 
 
-@needs_fixtures
 def test_repickled_fixture_loads_and_architecture_refusals(tmp_path):
     G = _fixture_records()
     _persistent_pickle(tmp_path / "same.pkl", G)          # our writer is faithful: the copy loads and agrees
@@ -416,7 +412,6 @@ def test_repickled_fixture_loads_and_architecture_refusals(tmp_path):
         nada.load_generator(tmp_path / "sg3.pkl")
 
 
-@needs_fixtures
 def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = {}
@@ -478,7 +473,6 @@ def test_loading_costs_one_copy_of_the_weights(tmp_path):
     assert 0.5 * nbytes < grown < 1.3 * nbytes, (grown, nbytes)     # two copies would be >= 2x
 
 
-@needs_fixtures
 def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
     """G and D share the file with G_ema; their tensors stay on disk (here 2 x 64 MB that are never read)."""
     G = _fixture_records()
@@ -618,7 +612,6 @@ def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
     assert not any(f.endswith(".pkl") for f in left)     # nothing under a final name
 
 
-@needs_fixtures
 def test_named_model_end_to_end_through_a_mirror(tmp_path):
     data = open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()
     srv = _Server({"cifar10.pkl": data})
@@ -925,7 +918,6 @@ def test_image_targets(tmp_path, colour_clip, tiny_ckpt):
         assert redness(G1(z), 0) > redness(G0(z), 0) + 0.1
 
 
-@needs_fixtures
 def test_train_conditional_generator_with_class(tmp_path, colour_clip):
     out = nada.train(tgt="blue photo", ckpt=os.path.join(FIXTURES, "nvidia_32_cond.pkl"), cls="all", iters=2,
                      layers="last:2", out=str(tmp_path / "c"), clip=colour_clip, progress=False)
@@ -962,7 +954,6 @@ def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
 
 # ---- sample ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
     ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
     outs = []
@@ -989,7 +980,6 @@ def test_parse_seeds():
             nada.parse_seeds(bad)
 
 
-@needs_fixtures
 def test_sample_bad_input(tmp_path):
     cond, plain = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
     assert_clean_error(*run_cli("sample", cwd=tmp_path)[::2], "runs/*/generator.pt")

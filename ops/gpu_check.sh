@@ -8,5 +8,5 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 python nada.py doctor --build-ops --device cuda 2>&1 | tee "$out/doctor.log"
 python -m pytest -q -p no:cacheprovider -k "gpu or kernel" test_nada.py 2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-python nada.py bench --device cuda --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+python ops/bench.py --device cuda --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
 exit $(( tests || PIPESTATUS[0] ))

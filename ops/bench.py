@@ -1,0 +1,158 @@
+"""Benchmark nada's CUDA ops against the reference ops, the generator, and one training step.
+
+    python ops/bench.py --device cuda --out bench.json     # GPU figures: table on stdout, JSON to --out
+    python ops/bench.py --device cpu --res 64 --gen-res 64  # the reference path alone, for a quick look
+
+It imports nada from the folder above; nada never imports it.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import nada  # noqa: E402
+from nada import BETAS, LR, SQRT2, Generator, bias_act, default_channels, make_kernel, upfirdn2d  # noqa: E402
+
+
+def _time_ms(fn, reps=20):
+    """Median wall time of fn() in ms, after a warm-up, synchronising the GPU around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _saved_mb(fn):
+    """GPU memory held after a forward with grad (what autograd keeps for backward, plus the output), in MB."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    held = torch.cuda.memory_allocated() - before
+    del out
+    return held / 2 ** 20
+
+
+def bench_ops(device, resolutions, batches):
+    """Rows of (op, shape, ref ms, cuda ms, speed-up, ref MB, cuda MB) at StyleGAN2's shapes (config-f widths)."""
+    rows, k = [], make_kernel().to(device) * 4
+    impls = ("ref", "cuda") if device == "cuda" else ("ref",)
+    for r in resolutions:
+        C = default_channels(r)[r]
+        for n in batches:
+            x = torch.randn(n, C, r, r, device=device)
+            b = torch.randn(C, device=device)
+            cases = {
+                f"upfirdn2d up2 [{n},3,{r // 2}]": (lambda i, t=torch.randn(n, 3, r // 2, r // 2, device=device):
+                                                    upfirdn2d(t, k, up=2, pad=(2, 1, 2, 1), impl=i)),
+                f"upfirdn2d down2 [{n},{C},{r}]": lambda i: upfirdn2d(x, k / 4, down=2, pad=(1, 1, 1, 1), impl=i),
+                f"upfirdn2d blur [{n},{C},{r + 1}]": (lambda i, t=torch.randn(n, C, r + 1, r + 1, device=device):
+                                                      upfirdn2d(t, k, pad=(1, 1, 1, 1), impl=i)),
+                f"bias_act fwd [{n},{C},{r}]": lambda i: bias_act(x, b, "lrelu", gain=SQRT2, clamp=256, impl=i),
+            }
+            xg = x.clone().requires_grad_(True)
+            cases[f"bias_act fwd+bwd [{n},{C},{r}]"] = lambda i: bias_act(xg, b, "lrelu", gain=SQRT2, clamp=256,
+                                                                          impl=i).sum().backward()
+            for name, fn in cases.items():
+                ms = {i: _time_ms(lambda: fn(i)) for i in impls}
+                mb = {i: _saved_mb(lambda: bias_act(xg, b, "lrelu", gain=SQRT2, clamp=256, impl=i))
+                      if name.startswith("bias_act fwd [") else float("nan") for i in impls}
+                cu = ms.get("cuda", float("nan"))
+                rows.append(dict(op=name, ref_ms=ms["ref"], cuda_ms=cu, speedup=ms["ref"] / cu,
+                                 ref_saved_mb=mb["ref"], cuda_saved_mb=mb.get("cuda", float("nan"))))
+    return rows
+
+
+def bench_generator(device, res, batch):
+    """Images per second (inference) and forward+backward time of a random generator, per ops path."""
+    G = Generator(res).to(device)
+    z = torch.randn(batch, G.z_dim, device=device)
+    out = {}
+    for impl in (("ref", "cuda") if device == "cuda" else ("ref",)):
+        G.set_impl(impl)
+        with torch.no_grad():
+            ms = _time_ms(lambda: G(z), reps=5)
+        out[f"{impl}_images_per_s"] = batch * 1e3 / ms
+        out[f"{impl}_fwd_bwd_ms"] = _time_ms(lambda: G(z).square().mean().backward(), reps=5)
+    return out
+
+
+def bench_train_step(device, res, batch, impl):
+    """One training step (both generators, a random CLIP of ViT-B/32's shape): time and peak GPU memory."""
+    clip = nada._import_clip()
+    model = clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12).to(device).eval().requires_grad_(False)
+    G0 = Generator(res, impl=impl).to(device).requires_grad_(False)
+    G = copy.deepcopy(G0)
+    opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith("style.")], lr=LR, betas=BETAS)
+    clip_set = [(model, 1.0, F.normalize(torch.randn(512, device=device), dim=0), None)]
+    layers = nada.parse_layers("all", G)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator().manual_seed(0)
+    ms = _time_ms(lambda: nada.train_step(G0, G, opt, clip_set, layers, G.num_ws, batch, 0.0, None, gen, device), reps=5)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+    return dict(res=res, batch=batch, impl=impl, step_ms=ms, peak_gb=peak)
+
+
+def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json"):
+    """Print the benchmark as a table and write it as JSON."""
+    device = nada.pick_device(device)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    resolutions = [int(r) for r in str(res).split(",")]
+    batches = [int(b) for b in str(batch).split(",")]
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    print(f"nada bench | {name} | torch {torch.__version__} | ops {nada.ops_status(device)}", flush=True)
+    rows = bench_ops(device, resolutions, batches)
+    print(f"{'op':<34} {'ref ms':>9} {'cuda ms':>9} {'x':>6} {'ref MB':>8} {'cuda MB':>8}")
+    for r in rows:
+        print(f"{r['op']:<34} {r['ref_ms']:>9.3f} {r['cuda_ms']:>9.3f} {r['speedup']:>6.2f} "
+              f"{r['ref_saved_mb']:>8.1f} {r['cuda_saved_mb']:>8.1f}", flush=True)
+    result = dict(device=name, torch=torch.__version__, ops=rows)
+    result["generator"] = dict(res=gen_res, batch=2, **bench_generator(device, gen_res, 2))
+    print(f"generator {gen_res} px, batch 2: " + ", ".join(f"{k} {v:.2f}" for k, v in result["generator"].items()
+                                                         if k not in ("res", "batch")), flush=True)
+    result["train_step"] = [bench_train_step(device, min(resolutions[-1], 1024), 2, i)
+                            for i in (("ref", "cuda") if device == "cuda" else ("ref",))]
+    for t in result["train_step"]:
+        print(f"train step {t['res']} px, batch {t['batch']}, impl {t['impl']}: {t['step_ms']:.1f} ms, "
+              f"peak {t['peak_gb']:.2f} GB", flush=True)
+    nada.atomic_write_text(out, json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--res", default="256,512,1024", help="resolutions for the op timings")
+    p.add_argument("--batch", default="1,8", help="batch sizes for the op timings")
+    p.add_argument("--gen-res", type=int, default=1024, help="resolution of the generator and train-step timings")
+    p.add_argument("--out", default="bench.json", help="where the JSON goes")
+    args = p.parse_args(argv)
+    try:
+        [int(r) for r in f"{args.res},{args.batch}".split(",")]
+    except ValueError:
+        p.error(f"--res and --batch take integers separated by commas, got {args.res!r} and {args.batch!r}")
+    bench(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Build and load nada's CUDA ops: toolkit discovery, architectures, a hashed build folder, an flock.
+
+nada.py imports this file from its own folder at the first CUDA use of an op (never at import), so nada.py
+without ops/ runs on the reference ops. Also a command:
+
+    python ops/build.py              # compile both ops now (nvcc is enough, no GPU needed)
+    python ops/build.py --cuda-home  # print the CUDA toolkit root that the build will use
+"""
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+OPS_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCES = {"bias_act": ("bias_act.cpp", "bias_act.cu", "common.h"),
+           "upfirdn2d": ("upfirdn2d.cpp", "upfirdn2d.cu", "common.h")}
+
+
+def cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME, else where `nvcc` really lives (following a wrapper script), else
+    /usr/local/cuda. A root counts only if it holds bin/nvcc and the CUDA runtime library."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        with contextlib.suppress(OSError, UnicodeDecodeError):   # a shell wrapper: `exec /real/bin/nvcc "$@"`
+            m = re.search(r"(/\S+)/bin/nvcc\b", open(nvcc, errors="strict").read(4096))
+            candidates.append(m and m.group(1))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        libs = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+                any(f.startswith("libcudart.so") for d in libs if os.path.isdir(d) for f in os.listdir(d)):
+            return root
+    return None
+
+
+def cuda_arch_list():
+    """GPU architectures to compile for: $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else 8.0 with PTX
+    (a GPU-less build, e.g. in CI: the PTX is JIT-compiled by the driver on any GPU from Ampere on)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    return "8.0+PTX"
+
+
+def build_dir(op):
+    """Where a compiled op lives: keyed by its sources, torch/CUDA versions and GPU architectures."""
+    h = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {cuda_arch_list()}".encode())
+    for name in SOURCES[op]:
+        h.update(name.encode() + open(os.path.join(OPS_DIR, name), "rb").read())
+    root = os.environ.get("NADA_OPS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nada_ops")
+    return os.path.join(root, f"{op}-{h.hexdigest()[:16]}")
+
+
+@functools.lru_cache(maxsize=None)
+def load_op(op, require_gpu=True):
+    """Build (once per process, lazily) and load one op's extension. -> (torch.ops.nada, None) or (None, reason)."""
+    if not all(os.path.isfile(os.path.join(OPS_DIR, n)) for n in SOURCES[op]):
+        return None, f"no CUDA sources in {OPS_DIR}"
+    if require_gpu and not torch.cuda.is_available():
+        return None, "no CUDA device"
+    if torch.version.cuda is None:
+        return None, "this torch is a CPU build"
+    home = cuda_home()
+    if home is None:
+        return None, "CUDA toolkit (nvcc) not found: set CUDA_HOME"
+    try:
+        build_op(op, home)
+        return torch.ops.nada, None
+    except Exception as e:                              # a failed build is remembered: never retried per call
+        errors = [ln.strip() for ln in str(e).splitlines() if "error" in ln and "Error building" not in ln]
+        reason = f"build failed: {errors[0][:300] if errors else str(e).strip().splitlines()[0][:300]}"
+        warnings.warn(f"nada: CUDA op {op} unavailable ({reason}); using the reference op. Retry with "
+                      f"`python nada.py doctor --build-ops`, full log with NADA_VERBOSE_BUILD=1.")
+        return None, reason
+
+
+def build_op(op, home):
+    """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library."""
+    os.environ["CUDA_HOME"] = home                      # before torch's import-time guess, which may be wrong
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)                         # silence its "no CUDA runtime" notice on GPU-less builds
+    from torch.utils import cpp_extension
+    log.setLevel(level)
+    cpp_extension.CUDA_HOME = home
+    final = build_dir(op)
+    lib = os.path.join(final, f"nada_{op}.so")
+    if not os.path.isfile(lib):
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with file_lock(final + ".lock"):
+            if not os.path.isfile(lib):                 # another process may have built it while we waited
+                work = tempfile.mkdtemp(prefix=f".{op}-", dir=os.path.dirname(final))
+                try:
+                    sources = [os.path.join(OPS_DIR, n) for n in SOURCES[op] if not n.endswith(".h")]
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+                    cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
+                                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
+                                       verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
+                    shutil.rmtree(final, ignore_errors=True)   # a partial folder left by an older failure
+                    os.replace(work, final)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    if not hasattr(torch.ops.nada, op):
+        torch.ops.load_library(lib)
+
+
+@contextlib.contextmanager
+def file_lock(path, timeout=900):
+    """An flock: the kernel drops it when its holder dies, so a killed build never leaves a stale lock."""
+    import fcntl
+    with open(path, "a") as f:
+        start = time.time()
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() - start > timeout:
+                    raise TimeoutError(f"another process has been building {path} for {timeout} s")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--cuda-home"]:
+        print(cuda_home() or "")
+        sys.exit(0)
+    failed = 0
+    for name in SOURCES:
+        t0 = time.time()
+        ops, reason = load_op(name, require_gpu=False)
+        print(f"build {name:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir(name)})")
+        failed += ops is None
+    sys.exit(1 if failed else 0)
