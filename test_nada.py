@@ -699,10 +699,13 @@ def test_parse_layers():
     assert nada.parse_layers("last:1", G) == ["convs.4", "convs.5", "to_rgbs.2"]
     assert nada.parse_layers("first:1", G) == ["input", "conv1", "to_rgb1"]
     assert nada.parse_layers("16,32", G) == ["convs.2", "convs.3", "to_rgbs.1", "convs.4", "convs.5", "to_rgbs.2"]
-    assert len(nada.parse_layers("all", G)) == 12 and nada.parse_layers("auto", G) is None
-    for bad in ("last:9", "64", "some"):
-        with pytest.raises(nada.NadaError):
-            nada.parse_layers(bad, G)
+    assert len(nada.parse_layers("all", G)) == 12
+    assert nada.parse_layers("auto", G, auto_k=3) == 3                # chosen anew at every step
+    # every W+ entry chosen: the fixed list of layers that read ws (the constant input reads none)
+    assert nada.parse_layers("auto", G) == nada.parse_layers("all", G)[1:]
+    for bad, k in (("last:9", None), ("64", None), ("some", None), ("16,", None), ("auto", 0), ("auto", 9)):
+        with pytest.raises(nada.NadaError, match="--auto-k" if k is not None else "--layers"):
+            nada.parse_layers(bad, G, auto_k=k)
 
 
 def test_gradients_only_on_selected_layers():
@@ -816,11 +819,11 @@ def test_step_zero_is_finite_and_small(colour_clip):
     G0 = tiny_generator().requires_grad_(False)
     G = tiny_generator()
     model = nada.load_clip(colour_clip)
-    clip_set = [(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
+    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
     before = {k: v.clone() for k, v in G.state_dict().items()}
     opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=nada.LR, betas=nada.BETAS)
-    layers, loss, _ = nada.train_step(G0, G, opt, clip_set, nada.parse_layers("all", G), G.num_ws, 2, 0.0, None,
-                                      torch.Generator().manual_seed(0), "cpu")
+    layers, loss, _ = nada.train_step(G0, G, opt, targets, layers=nada.parse_layers("all", G), batch=2, mixing=0.0,
+                                      cls=None, rng=torch.Generator().manual_seed(0), device="cpu")
     assert loss == 1.0
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())   # CLIP never trains
     assert all(p.grad is None for p in G0.parameters())

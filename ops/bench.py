@@ -100,12 +100,13 @@ def bench_train_step(device, res, batch, impl):
     G0 = Generator(res, impl=impl).to(device).requires_grad_(False)
     G = copy.deepcopy(G0)
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith("style.")], lr=LR, betas=BETAS)
-    clip_set = [(model, 1.0, F.normalize(torch.randn(512, device=device), dim=0), None)]
+    targets = [nada.ClipTarget(model, 1.0, F.normalize(torch.randn(512, device=device), dim=0), None)]
     layers = nada.parse_layers("all", G)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator().manual_seed(0)
-    ms = _time_ms(lambda: nada.train_step(G0, G, opt, clip_set, layers, G.num_ws, batch, 0.0, None, gen, device), reps=5)
+    rng = torch.Generator().manual_seed(0)
+    ms = _time_ms(lambda: nada.train_step(G0, G, opt, targets, layers=layers, batch=batch, mixing=0.0, cls=None,
+                                          rng=rng, device=device), reps=5)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
     return dict(res=res, batch=batch, impl=impl, step_ms=ms, peak_gb=peak)
 

@@ -118,6 +118,14 @@ def build_op(op, home):
         torch.ops.load_library(lib)
 
 
+def ninja():
+    """Where ninja is (on PATH, or the pip package's), or how to get it."""
+    with contextlib.suppress(ImportError):
+        import ninja as package
+        return shutil.which("ninja") or os.path.join(package.BIN_DIR, "ninja")
+    return shutil.which("ninja") or "not found (pip install ninja)"
+
+
 @contextlib.contextmanager
 def file_lock(path, timeout=900):
     """An flock: the kernel drops it when its holder dies, so a killed build never leaves a stale lock."""
