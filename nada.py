@@ -10,16 +10,11 @@ change between their images, in CLIP space, to point the same way as the change 
     python nada.py sample --ckpt my.pkl --class bird --n 8                # any StyleGAN2 checkpoint
     python nada.py doctor --build-ops                                     # what runs, and why
 
-The file reads as the method first (ops, generator, CLIP loss, freezing, train, sample), then, below one
-divider, the plumbing (checkpoint files, downloads, run folders, command line).
-
-References: Gal et al., StyleGAN-NADA (arXiv 2108.00946); Karras et al., StyleGAN2 (arXiv 1912.04958);
-Radford et al., CLIP (arXiv 2103.00020). Checkpoint formats: rosinality/stylegan2-pytorch and
-NVlabs/stylegan2-ada-pytorch (read for facts, no code copied).
-
-Copy-paste contract: nada.py alone runs everywhere on the pure-PyTorch reference ops. Put ops/ beside
-it and the CUDA kernels (written for this project from the math, same licence) are built on first use.
-Checkpoints we write are rosinality-style state dicts that load with strict=True in rosinality tools.
+The method comes first (ops, generator, CLIP loss, freezing, train, sample), the plumbing below one divider.
+nada.py alone runs everywhere on pure-PyTorch reference ops; with ops/ beside it, our CUDA kernels are built
+on first use. References: Gal et al., StyleGAN-NADA (arXiv 2108.00946); Karras et al., StyleGAN2 (arXiv
+1912.04958); Radford et al., CLIP (arXiv 2103.00020). Checkpoint formats: rosinality/stylegan2-pytorch and
+NVlabs/stylegan2-ada-pytorch (read for facts, no code copied); we write rosinality-style state dicts.
 """
 
 import argparse
@@ -563,8 +558,6 @@ def global_loss(emb, target):
     return (1 - emb @ target).mean()
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # layer freezing: which synthesis layers train. A "layer" is a module prefix of the rosinality layout.
 
@@ -757,27 +750,23 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
     layers = parse_layers(layers, G_frozen, auto_k)
     names, weights, models = load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
-    run = RunFolder(out, resume, settings, sample_every, save_every)
+    run = RunFolder(out, resume, settings)
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
                            lr=lr, betas=BETAS)          # the mapping network never trains
     rng = torch.Generator().manual_seed(seed)           # every random draw of the run, so resume replays exactly
-    start = run.restore(G, opt, rng)
     targets = clip_targets(models, weights, G_frozen, src, tgt, images, cls, torch.Generator().manual_seed(seed + 1), device)
     n_params = None if isinstance(layers, int) else set_trainable(G, layers)
     print(startup_line("train", device, impl, "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)),
                        describe_layers(settings["layers"], layers, G, n_params),
                        f"{G.size} px, {'images' if images else repr(src)} -> {settings['tgt_img'] or repr(tgt)}",
                        f"out {run.path}"), flush=True)
-    run.begin(G_frozen, G, start, n_sample, cls, meta=dict(
-        src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=os.path.abspath(ckpt) if os.path.isfile(ckpt) else ckpt,
-        layers=settings["layers"], clip=names, clip_weights=weights, seed=seed, cls=cls))
-    with deferred_interrupt() as stop:                  # Ctrl-C lands between steps, never inside one
-        for step in run.progress(start, iters, progress):
-            trained, loss, losses = train_step(G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
-                                               cls=cls, rng=rng, device=device)
-            run.log(step, loss, dict(zip(names, losses)), trained)                   # stops on a NaN loss
-            run.end_step(step + 1, iters, G_frozen, G, opt, rng, interrupted=bool(stop))
+    meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=os.path.abspath(ckpt) if os.path.isfile(ckpt) else ckpt,
+                layers=settings["layers"], clip=names, clip_weights=weights, seed=seed, cls=cls)
+    for step in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
+        trained, loss, losses = train_step(G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
+                                           cls=cls, rng=rng, device=device)
+        run.log(step, loss, dict(zip(names, losses)), trained)                       # stops on a NaN loss
     return run.path
 
 
@@ -1381,8 +1370,8 @@ class RunFolder:
     """A run's folder: config.json (settings), log.jsonl (a line per step), samples/ (previews), generator.pt (the
     adapted generator) and state.pt (optimizer and RNG state: everything --resume needs)."""
 
-    def __init__(self, out, resume, settings, sample_every, save_every):
-        self.settings, self.resume, self.every = settings, resume, (sample_every, save_every)
+    def __init__(self, out, resume, settings):
+        self.settings, self.resume = settings, resume
         if resume:
             self.path = resume
             if not all(os.path.isfile(os.path.join(resume, f)) for f in ("state.pt", "config.json")):
@@ -1403,34 +1392,53 @@ class RunFolder:
             raise NadaError(f"cannot write the output folder {self.path}: {e.strerror}; choose another with --out") from None
         atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(settings, indent=1))
 
-    def restore(self, G, opt, rng):
-        """On --resume, load the saved weights, optimizer and RNG state. -> the step to continue from."""
-        if not self.resume:
-            return 0
-        state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
-        G.load_state_dict(state["g_ema"], strict=True)
-        opt.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
-        return state["step"]
-
-    def begin(self, G_frozen, G, start, n_sample, cls, meta):
-        """Fix the preview latents, drop log lines of steps that will run again, write the step-0 preview."""
-        seed, self.meta = self.settings["seed"], meta
-        self.sample_z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
-        self.sample_c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
+    def steps(self, G_frozen, G, opt, rng, meta, every, n_sample, cls, show=True):
+        """The steps still to run (after --resume, from the saved one). Around each: a progress bar, previews and
+        checkpoints every (sample, save) steps, and Ctrl-C, which lands between steps: save, then stop."""
+        start, iters, self.t0 = 0, self.settings["iters"], time.time()
+        if self.resume:
+            state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
+            G.load_state_dict(state["g_ema"], strict=True)
+            opt.load_state_dict(state["optimizer"])
+            rng.set_state(state["rng"])
+            start = state["step"]
+        seed = self.settings["seed"]                    # previews: the same latents at every step
+        z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
+        c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
         self.log_path = os.path.join(self.path, "log.jsonl")
-        if os.path.isfile(self.log_path):
-            lines = [ln for ln in open(self.log_path) if ln.strip() and json.loads(ln)["iter"] < start]
-            atomic_write_text(self.log_path, "".join(lines))
+        if os.path.isfile(self.log_path):             # drop the log lines of steps that will run again
+            atomic_write_text(self.log_path, "".join(ln for ln in open(self.log_path) if json.loads(ln)["iter"] < start))
         if start == 0:
-            self.preview(G_frozen, G, 0)
+            self.preview(G_frozen, G, z, c, 0)
+        stop, previous = [], None
 
-    def progress(self, start, iters, show=True):
-        """The steps still to run, with a progress bar; a closing line when all are done."""
+        def interrupt(*_):                              # the first Ctrl-C waits for the step's end, a second doesn't
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(True)
+        with contextlib.suppress(ValueError):           # not the main thread: leave signals alone
+            previous = signal.signal(signal.SIGINT, interrupt)
         from tqdm import tqdm
-        self.t0 = time.time()
-        with tqdm(total=iters, initial=start, disable=None if show else True, dynamic_ncols=True, desc="train") as self.bar:
-            yield from range(start, iters)
+        try:
+            with tqdm(total=iters, initial=start, disable=None if show else True, dynamic_ncols=True, desc="train") as self.bar:
+                for step in range(start, iters):
+                    yield step
+                    done = step + 1
+                    if done % every[0] == 0 or done == iters:
+                        self.preview(G_frozen, G, z, c, done)
+                    if done % every[1] == 0 or done == iters or stop:
+                        save_generator(G, os.path.join(self.path, "generator.pt"), iterations=done, **meta)
+                        atomic_save({"step": done, "optimizer": opt.state_dict(), "rng": rng.get_state(),
+                                     "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
+                                    os.path.join(self.path, "state.pt"))
+                    if stop:
+                        self.bar.close()
+                        print(f"\ninterrupted: saved at step {done} in {self.path}; continue with "
+                              f"`python nada.py train --resume {self.path}`", flush=True)
+                        raise KeyboardInterrupt
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         print(f"done: {iters} steps in {time.time() - self.t0:.1f} s; adapted generator: "
               f"{os.path.join(self.path, 'generator.pt')}")
 
@@ -1444,55 +1452,16 @@ class RunFolder:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
 
-    def end_step(self, done, iters, G_frozen, G, opt, rng, interrupted=False):
-        """Previews and checkpoints on schedule; on Ctrl-C, save and stop."""
-        sample_every, save_every = self.every
-        if done % sample_every == 0 or done == iters:
-            self.preview(G_frozen, G, done)
-        if done % save_every == 0 or done == iters or interrupted:
-            save_generator(G, os.path.join(self.path, "generator.pt"), iterations=done, **self.meta)
-            atomic_save({"step": done, "optimizer": opt.state_dict(), "rng": rng.get_state(),
-                         "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
-                        os.path.join(self.path, "state.pt"))
-        if interrupted:
-            self.bar.close()
-            print(f"\ninterrupted: saved at step {done} in {self.path}; continue with "
-                  f"`python nada.py train --resume {self.path}`", flush=True)
-            raise KeyboardInterrupt
-
     def saved_step(self):
         path = os.path.join(self.path, "state.pt")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] if os.path.isfile(path) else 0
 
     @torch.no_grad()
-    def preview(self, G_frozen, G, step):
+    def preview(self, G_frozen, G, z, c, step):
         """samples/STEP.png: the frozen generator's row above the adapted one's, same latents, truncation 0.7."""
-        device = G.latent_avg.device
-        z, c = self.sample_z.to(device), None if self.sample_c is None else self.sample_c.to(device)
+        z, c = z.to(G.latent_avg.device), None if c is None else c.to(G.latent_avg.device)
         rows = [g.synthesis(G_frozen.mapping(z, c, SAMPLE_TRUNCATION)) for g in (G_frozen, G)]
         save_image(make_grid(torch.cat(rows), ncol=len(z)), os.path.join(self.path, "samples", f"{step:06d}.png"))
-
-
-class deferred_interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after each step; a second one stops at once."""
-
-    def __enter__(self):
-        self.flag, self.previous = False, None
-        with contextlib.suppress(ValueError):           # not the main thread: leave signals alone
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_):
-        if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def __bool__(self):
-        return self.flag
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def to_uint8(img):
@@ -1542,18 +1511,14 @@ def list_models(wdir=None):
           "downloaded into the same folder on first use")
 
 
-
 def doctor(device="auto", build_ops=False, wdir=None):
     """Print the environment; -> 0 when everything the chosen device needs is there, else 1."""
-    ok = True
     cuda = torch.cuda.is_available()
+    ok = cuda or device != "cuda"
     print(f"python       {sys.version.split()[0]}")
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-    print(f"GPU          {torch.cuda.get_device_name(0) if cuda else 'none visible'}")
-    build = ops_build()
-    home = build.cuda_home() if build else None
-    print(f"CUDA toolkit {home or 'not found (set CUDA_HOME to the folder holding bin/nvcc)'}")
-    print(f"ninja        {build.ninja() if build else 'not needed without ops/'}")
+    print(f"GPU          {torch.cuda.get_device_name(0) if cuda else 'none visible'}"
+          + ("" if ok else ": --device cuda needs a CUDA build of torch and a driver"))
     try:
         _import_clip()
         print("CLIP         clip-anytorch importable")
@@ -1561,18 +1526,10 @@ def doctor(device="auto", build_ops=False, wdir=None):
         ok = False
         print(f"CLIP         MISSING: {_first_line(e)} (pip install -r requirements.txt)")
     folder = weights_dir(wdir)
-    present = [f for f in os.listdir(folder) if f.endswith((".pkl", ".pt"))] if os.path.isdir(folder) else []
-    print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(sorted(present)) if present else ''})")
-    if device == "cuda" and not cuda:
-        ok = False
-        print("device       cuda requested but no CUDA device is visible: install a CUDA build of torch and a driver")
-    if build_ops:
-        for op in OPS:
-            t0 = time.time()
-            ops, reason = load_op(op, require_gpu=False)
-            where = f", {build.build_dir(op)}" if build else ""
-            print(f"build {op:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s{where})")
-            ok = ok and ops is not None
+    present = sorted(f for f in os.listdir(folder) if f.endswith((".pkl", ".pt"))) if os.path.isdir(folder) else []
+    print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(present) if present else ''})")
+    build = ops_build()                                 # the toolkit, ninja and the builds: ops/build.py reports them
+    ok = (build.doctor(build_ops) if build else print("ops          no ops/ folder beside nada.py") is None) and ok
     print(f"ops path     {ops_status(pick_device(device) if device != 'cuda' or cuda else 'cpu')}")
     return 0 if ok else 1
 

@@ -146,14 +146,21 @@ def file_lock(path, timeout=900):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def doctor(build=False):
+    """Print the toolkit and ninja; with build, compile both ops now (no GPU needed). -> False if a build failed."""
+    print(f"CUDA toolkit {cuda_home() or 'not found (set CUDA_HOME to the folder holding bin/nvcc)'}")
+    print(f"ninja        {ninja()}")
+    ok = True
+    for name in SOURCES if build else ():
+        t0 = time.time()
+        ops, reason = load_op(name, require_gpu=False)
+        print(f"build {name:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir(name)})")
+        ok = ok and ops is not None
+    return ok
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--cuda-home"]:
         print(cuda_home() or "")
         sys.exit(0)
-    failed = 0
-    for name in SOURCES:
-        t0 = time.time()
-        ops, reason = load_op(name, require_gpu=False)
-        print(f"build {name:<10}{'ok' if ops else 'FAILED: ' + reason} ({time.time() - t0:.1f} s, {build_dir(name)})")
-        failed += ops is None
-    sys.exit(1 if failed else 0)
+    sys.exit(0 if doctor(build=True) else 1)
