@@ -663,12 +663,11 @@ def class_labels(G, cls, n, generator=None):
     if cls is None:
         raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class "
                         f"{'NAME, ' if names else ''}INDEX (0-{G.c_dim - 1}) or all" + (f"; names: {', '.join(names)}" if names else ""))
-    if str(cls) == "all":
+    cls = str(cls)
+    if cls == "all":                                    # random classes when drawing, else cycling through them
         idx = torch.randint(G.c_dim, (n,), generator=generator) if generator is not None else torch.arange(n) % G.c_dim
-    elif str(cls) in names:
-        idx = torch.full((n,), names.index(str(cls)))
-    elif str(cls).isdigit() and int(cls) < G.c_dim:
-        idx = torch.full((n,), int(cls))
+    elif cls in names or (cls.isdigit() and int(cls) < G.c_dim):
+        idx = torch.full((n,), names.index(cls) if cls in names else int(cls))
     else:
         raise NadaError(f"--class {cls}: unknown class; use " + (f"one of {', '.join(names)}, " if names else "")
                         + f"an index 0-{G.c_dim - 1}, or all")
@@ -784,7 +783,7 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     """Render one PNG per seed and a grid.png; with compare, the base generator beside the adapted one."""
     seeds = check_sample_settings(seeds, n, noise_mode)
     device = pick_device(device)
-    path = resolve_ckpt(ckpt, wdir, offline) if ckpt else latest_run_generator()
+    path, out = sample_paths(ckpt, out, wdir, offline)
     G = load_generator(path, device, impl)
     generators = [G]
     if compare:
@@ -793,7 +792,6 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         generators = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
     labels = class_labels(G, cls, len(seeds))
-    out = out or default_sample_folder(path)
     os.makedirs(out, exist_ok=True)
     print(startup_line("sample", device, impl, path, f"{len(seeds)} seeds, truncation {trunc}, noise {noise_mode}"), flush=True)
     rows = [[] for _ in generators]
@@ -1125,17 +1123,15 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
 def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
     """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
     names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
-    if weights is None:
-        weights = [1.0] * len(names)
-    elif isinstance(weights, str):
+    if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.split(",")]
         except ValueError:
             raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if not names or len(weights) != len(names):
         raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
-    models = preloaded or [load_clip(n, device, wdir, offline) for n in names]
-    return names, [float(w) for w in weights], models
+    return names, weights, preloaded or [load_clip(n, device, wdir, offline) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1144,17 +1140,13 @@ def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
 ADA = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
 NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/files/"
 GENERATORS = {  # name: (url, resolution, approximate download size in MB, class names if conditional)
-    "ffhq": (ADA + "ffhq.pkl", 1024, 364, None),
-    "ffhq512": (NGC + "stylegan2-ffhq-512x512.pkl", 512, 364, None),
+    "ffhq": (ADA + "ffhq.pkl", 1024, 364, None), "ffhq512": (NGC + "stylegan2-ffhq-512x512.pkl", 512, 364, None),
     "ffhq256": (NGC + "stylegan2-ffhq-256x256.pkl", 256, 280, None),
     "ffhqu": (NGC + "stylegan2-ffhqu-1024x1024.pkl", 1024, 364, None),
-    "ffhqu256": (NGC + "stylegan2-ffhqu-256x256.pkl", 256, 280, None),
-    "metfaces": (ADA + "metfaces.pkl", 1024, 364, None),
+    "ffhqu256": (NGC + "stylegan2-ffhqu-256x256.pkl", 256, 280, None), "metfaces": (ADA + "metfaces.pkl", 1024, 364, None),
     "metfacesu": (NGC + "stylegan2-metfacesu-1024x1024.pkl", 1024, 364, None),
-    "afhqcat": (ADA + "afhqcat.pkl", 512, 347, None),
-    "afhqdog": (ADA + "afhqdog.pkl", 512, 347, None),
-    "afhqwild": (ADA + "afhqwild.pkl", 512, 347, None),
-    "afhqv2": (NGC + "stylegan2-afhqv2-512x512.pkl", 512, 347, None),
+    "afhqcat": (ADA + "afhqcat.pkl", 512, 347, None), "afhqdog": (ADA + "afhqdog.pkl", 512, 347, None),
+    "afhqwild": (ADA + "afhqwild.pkl", 512, 347, None), "afhqv2": (NGC + "stylegan2-afhqv2-512x512.pkl", 512, 347, None),
     "brecahad": (ADA + "brecahad.pkl", 512, 347, None),
     "celebahq256": (NGC + "stylegan2-celebahq-256x256.pkl", 256, 280, None),
     "lsundog256": (NGC + "stylegan2-lsundog-256x256.pkl", 256, 280, None),
@@ -1180,9 +1172,8 @@ def resolve_ckpt(name_or_path, wdir=None, offline=False):
 
 
 def _manifest(folder):
-    path = os.path.join(folder, "manifest.json")
     with contextlib.suppress(OSError, ValueError):
-        return json.load(open(path))
+        return json.load(open(os.path.join(folder, "manifest.json")))
     return {}
 
 
@@ -1327,19 +1318,17 @@ def parse_seeds(spec):
     return seeds
 
 
-def latest_run_generator(root="runs"):
-    found = [os.path.join(root, d, "generator.pt") for d in (os.listdir(root) if os.path.isdir(root) else [])]
-    found = [p for p in found if os.path.isfile(p)]
-    if not found:
-        raise NadaError(f"no --ckpt given and no trained generator in {root}/*/generator.pt: pass --ckpt FILE or NAME")
-    return max(found, key=os.path.getmtime)
-
-
-def default_sample_folder(ckpt_path):
-    """RUN/sample for a run's generator.pt, else samples/<checkpoint name>."""
-    if os.path.basename(ckpt_path) == "generator.pt":
-        return os.path.join(os.path.dirname(ckpt_path), "sample")
-    return os.path.join("samples", _slug(os.path.splitext(os.path.basename(ckpt_path))[0]))
+def sample_paths(ckpt, out, wdir, offline, runs="runs"):
+    """-> (checkpoint file: --ckpt, else the newest runs/*/generator.pt; output folder: --out, else RUN/sample
+    for a run's generator, else samples/<checkpoint name>)."""
+    found = [p for p in (os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else []))
+             if os.path.isfile(p)]
+    if not ckpt and not found:
+        raise NadaError(f"no --ckpt given and no trained generator in {runs}/*/generator.pt: pass --ckpt FILE or NAME")
+    path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
+    name = os.path.basename(path)
+    return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
+                         else os.path.join("samples", _slug(os.path.splitext(name)[0])))
 
 
 def _slug(text):
