@@ -213,13 +213,6 @@ def normalize_2nd_moment(x, eps=1e-8):
     return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
 
 
-class PixelNorm(nn.Module):
-    """normalize_2nd_moment as a module: it sits at style.0, so rosinality's indices style.1.. stay the same."""
-
-    def forward(self, x):
-        return normalize_2nd_moment(x)
-
-
 class OpModule(nn.Module):
     """A layer that calls bias_act or upfirdn2d: `impl` picks the ops path; Generator.set_impl sets it on all."""
     impl = "auto"
@@ -242,22 +235,16 @@ class EqualLinear(OpModule):
 
 
 class Blur(OpModule):
-    """FIR low-pass after a transposed convolution; `kernel` is stored with the upsampling gain (x4)."""
+    """FIR low-pass after a transposed convolution, or with up=2 the skip image's upsampling (zero insertion, then
+    the low-pass). `kernel` is stored with the upsampling gain (x4), as in rosinality's checkpoints."""
 
-    def __init__(self, pad, gain):
+    def __init__(self, pad, gain, up=1):
         super().__init__()
         self.register_buffer("kernel", make_kernel() * gain)
-        self.pad = pad
+        self.pad, self.up = pad, up
 
     def forward(self, x):
-        return upfirdn2d(x, self.kernel, pad=self.pad, impl=self.impl)
-
-
-class Upsample(Blur):
-    """2x upsampling of the RGB skip image: zero insertion, then the blur."""
-
-    def forward(self, x):
-        return upfirdn2d(x, self.kernel, up=2, pad=self.pad, impl=self.impl)
+        return upfirdn2d(x, self.kernel, up=self.up, pad=self.pad, impl=self.impl)
 
 
 class ModulatedConv2d(nn.Module):
@@ -341,7 +328,7 @@ class ToRGB(OpModule):
     def __init__(self, in_ch, style_dim, upsample=True, clamp=None):
         super().__init__()
         if upsample:
-            self.upsample = Upsample(pad=(2, 1, 2, 1), gain=4)
+            self.upsample = Blur(pad=(2, 1, 2, 1), gain=4, up=2)
         self.conv = ModulatedConv2d(in_ch, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
         self.clamp = clamp
@@ -376,7 +363,7 @@ class Generator(nn.Module):
         self.num_ws = self.n_latent = self.log_size * 2 - 2   # 2 per block, +1 for the last toRGB, -1 at 4 px
         if c_dim:                                       # NVIDIA's class embedding, concatenated to the normalised z
             self.embed = EqualLinear(c_dim, self.embed_dim)
-        self.style = nn.Sequential(PixelNorm(), *[
+        self.style = nn.Sequential(nn.Identity(), *[   # [0]: rosinality's PixelNorm, done in mapping
             EqualLinear(self.z_dim + self.embed_dim if i == 0 else style_dim, style_dim, lr_mul=lr_mlp,
                         activation="lrelu") for i in range(n_mlp)])
         self.input = ConstantInput(channels[4])
@@ -1098,44 +1085,7 @@ def atomic_write_text(path, text):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLIP models: by name (downloaded) or from a file; frozen, float32
-
-def load_clip(name, device="cpu", wdir=None, offline=False):
-    """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
-    clip = _import_clip()
-    if os.path.isfile(name):
-        path = name
-    elif name in clip.available_models():
-        url = clip.clip._MODELS[name]
-        path = download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
-                        offline=offline)
-    else:
-        raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
-    try:
-        with warnings.catch_warnings():                 # clip.load tries torch.jit.load first, which is deprecated
-            warnings.simplefilter("ignore")
-            model, _ = clip.load(path, device="cpu", jit=False)
-    except Exception as e:
-        raise NadaError(f"{path}: not a loadable CLIP model: {_first_line(e)}") from None
-    return model.float().eval().requires_grad_(False).to(device)
-
-
-def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
-    """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
-    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
-    if isinstance(weights, str):
-        try:
-            weights = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if not names or len(weights) != len(names):
-        raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
-    return names, weights, preloaded or [load_clip(n, device, wdir, offline) for n in names]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# pretrained weights by name: download once into the weights folder, resumable, verified, atomic
+# weights by name (generators and CLIP models): downloaded once into the weights folder, resumable, verified
 
 ADA = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
 NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/files/"
@@ -1169,6 +1119,40 @@ def resolve_ckpt(name_or_path, wdir=None, offline=False):
         return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), offline=offline)
     raise NadaError(f"--ckpt {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
                     f"the names ({', '.join(GENERATORS)})")
+
+
+def load_clip(name, device="cpu", wdir=None, offline=False):
+    """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
+    clip = _import_clip()
+    if os.path.isfile(name):
+        path = name
+    elif name in clip.available_models():
+        url = clip.clip._MODELS[name]
+        path = download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
+                        offline=offline)
+    else:
+        raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
+    try:
+        with warnings.catch_warnings():                 # clip.load tries torch.jit.load first, which is deprecated
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(path, device="cpu", jit=False)
+    except Exception as e:
+        raise NadaError(f"{path}: not a loadable CLIP model: {_first_line(e)}") from None
+    return model.float().eval().requires_grad_(False).to(device)
+
+
+def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
+    """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if not names or len(weights) != len(names):
+        raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
+    return names, weights, preloaded or [load_clip(n, device, wdir, offline) for n in names]
 
 
 def _manifest(folder):
@@ -1433,17 +1417,15 @@ class RunFolder:
 
     def log(self, step, loss, losses, layers):
         if not math.isfinite(loss):
+            state = os.path.join(self.path, "state.pt")
+            saved = torch.load(state, weights_only=True, mmap=True)["step"] if os.path.isfile(state) else 0
             raise NadaError(f"the loss became {loss} at step {step}; stopped. The last good checkpoint "
-                            f"(step {self.saved_step()}) is in {self.path}. Try a lower --lr.")
+                            f"(step {saved}) is in {self.path}. Try a lower --lr.")
         with open(self.log_path, "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
-
-    def saved_step(self):
-        path = os.path.join(self.path, "state.pt")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] if os.path.isfile(path) else 0
 
     @torch.no_grad()
     def preview(self, G_frozen, G, z, c, step):
