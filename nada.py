@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -507,7 +508,10 @@ def encode_images(model, img):
 @torch.no_grad()
 def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
     """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
-    tokens = _import_clip().tokenize([t.format(text) for t in templates], truncate=True).to(next(model.parameters()).device)
+    try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
+        tokens = _import_clip().tokenize([t.format(text) for t in templates]).to(next(model.parameters()).device)
+    except RuntimeError:
+        raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten it") from None
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
@@ -727,16 +731,16 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
     (optimizer and RNG state for --resume). `clip_models` may pass CLIP modules already loaded (for tests).
     """
-    settings = dict(ckpt=ckpt, src=src, tgt=tgt, tgt_img=list(tgt_img or []), clip=clip, clip_weights=clip_weights,
-                    layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls, iters=iters)
-    check_train_settings(settings, sample_every=sample_every, save_every=save_every, n_sample=n_sample)
+    settings = train_settings(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights,
+                              layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls,
+                              iters=iters, sample_every=sample_every, save_every=save_every, n_sample=n_sample)
+    run = RunFolder(out, resume, settings)              # checked now; written only once everything has loaded
     images = [load_image(p) for p in settings["tgt_img"]]
-    device = pick_device(device)
-    G_frozen = load_generator(resolve_ckpt(ckpt, wdir, offline), device, impl).requires_grad_(False)
+    device = check_device(device, impl)
+    G_frozen = load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl).requires_grad_(False)
     class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
     layers = parse_layers(layers, G_frozen, auto_k)
-    names, weights, models = load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
-    run = RunFolder(out, resume, settings)
+    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline, clip_models)
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
                            lr=lr, betas=BETAS)          # the mapping network never trains
@@ -747,12 +751,13 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
                        describe_layers(settings["layers"], layers, G, n_params),
                        f"{G.size} px, {'images' if images else repr(src)} -> {settings['tgt_img'] or repr(tgt)}",
                        f"out {run.path}"), flush=True)
-    meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=os.path.abspath(ckpt) if os.path.isfile(ckpt) else ckpt,
-                layers=settings["layers"], clip=names, clip_weights=weights, seed=seed, cls=cls)
-    for step in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
-        trained, loss, losses = train_step(G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
-                                           cls=cls, rng=rng, device=device)
-        run.log(step, loss, dict(zip(names, losses)), trained)                       # stops on a NaN loss
+    meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=settings["ckpt"], layers=settings["layers"],
+                clip=names, clip_weights=weights, seed=seed, cls=cls)
+    with run:                                           # its lock; a new run that fails before a save leaves nothing
+        for step in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
+            trained, loss, losses = train_step(G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
+                                               cls=cls, rng=rng, device=device)
+            run.log(step, loss, dict(zip(names, losses)), trained)                   # stops on a NaN loss
     return run.path
 
 
@@ -768,9 +773,9 @@ def seed_latents(G, seeds):
 def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, device="auto", out=None,
            compare=False, impl="auto", wdir=None, offline=False):
     """Render one PNG per seed and a grid.png; with compare, the base generator beside the adapted one."""
-    seeds = check_sample_settings(seeds, n, noise_mode)
-    device = pick_device(device)
+    seeds = check_sample_settings(seeds, n, trunc, noise_mode)
     path, out = sample_paths(ckpt, out, wdir, offline)
+    device = check_device(device, impl)
     G = load_generator(path, device, impl)
     generators = [G]
     if compare:
@@ -779,7 +784,7 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         generators = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
     labels = class_labels(G, cls, len(seeds))
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     print(startup_line("sample", device, impl, path, f"{len(seeds)} seeds, truncation {trunc}, noise {noise_mode}"), flush=True)
     rows = [[] for _ in generators]
     for i, s in enumerate(seeds):
@@ -787,10 +792,14 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
         c = None if labels is None else labels[i:i + 1].to(device)
         noise = G.make_noise(1, torch.Generator().manual_seed(s), "cpu") if noise_mode == "random" else None
         ws = generators[0].mapping(z, c, trunc)         # compare: the same ws (from the base) for both
-        for row, g in zip(rows, generators):
-            row.append(g.synthesis(ws, noise_mode, None if noise is None else [t.to(device) for t in noise]).cpu())
-        save_image(torch.cat([row[-1] for row in rows], dim=3), os.path.join(out, f"seed{s:04d}.png"))
-    ncol = len(seeds) if compare else math.ceil(math.sqrt(len(seeds)))
+        imgs = [g.synthesis(ws, noise_mode, None if noise is None else [t.to(device) for t in noise]).cpu()
+                for g in generators]
+        save_image(torch.cat(imgs, dim=3), os.path.join(out, f"seed{s:04d}.png"))
+        if i < GRID_MAX:                                # the grid shows the first seeds
+            for row, img in zip(rows, imgs):
+                row.append(img)
+    shown = len(rows[0])
+    ncol = shown if compare else math.ceil(math.sqrt(shown))
     save_image(make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=ncol), os.path.join(out, "grid.png"))
     print(f"wrote {len(seeds)} images and grid.png to {out}")
     return out
@@ -1066,12 +1075,19 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())                    # mkstemp makes 0600; a normal file follows the umask
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0o22)                               # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path):
@@ -1251,26 +1267,47 @@ RESUME_MUST_MATCH = ("ckpt", "src", "tgt", "tgt_img", "clip", "clip_weights", "l
                      "mixing", "seed", "cls")
 
 
-def pick_device(device="auto"):
+MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
+MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
+GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
+
+
+def check_device(device, impl="auto"):
+    """--device and --impl -> the device, or one clear error: no such GPU, or CUDA kernels asked for but unusable."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NadaError("--device cuda, but torch sees no CUDA device (use --device cpu, or check `python nada.py doctor`)")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise NadaError(f"--device must be auto, cpu or cuda, got {device!r}")
+        device = "cuda" if count else "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device != "cpu" and not m:
+        raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if m and int(m.group(1) or 0) >= count:
+        raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device cpu, "
+                        "or check `python nada.py doctor`)")
+    if impl == "cuda":
+        if device == "cpu":
+            raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
+        for op in OPS:
+            if load_op(op)[0] is None:
+                raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
     return device
 
 
 def check_numbers(**values):
-    """Each value is (number, lowest allowed, highest allowed or None)."""
+    """Each value is (number, lowest allowed, highest allowed or None); NaN and infinities are refused."""
     for name, (v, lo, hi) in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise NadaError(f"--{name.replace('_', '-')} {v}: must be a finite number")
         if v < lo or (hi is not None and v > hi):
             bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
 
 
-def check_train_settings(s, **every):
-    """Prompts, target images and numbers, before anything is loaded or written."""
+def train_settings(**s):
+    """Check the settings before anything is loaded or written -> the run's settings, files as absolute paths
+    (a run then resumes from any folder)."""
+    absolute = lambda p: os.path.abspath(p) if os.path.isfile(p) else p
+    s["tgt_img"] = [os.path.abspath(p) for p in s["tgt_img"] or []]
+    s["ckpt"], s["clip"] = absolute(s["ckpt"]), ",".join(absolute(n.strip()) for n in str(s["clip"]).split(","))
     if s["tgt_img"]:
         missing = [p for p in s["tgt_img"] if not os.path.isfile(p)]
         if missing:
@@ -1280,26 +1317,30 @@ def check_train_settings(s, **every):
     elif s["src"].strip().lower() == s["tgt"].strip().lower():
         raise NadaError(f"--src and --tgt are the same ({s['src']!r}): there is no direction to move in")
     check_numbers(iters=(s["iters"], 1, None), batch=(s["batch"], 1, None), lr=(s["lr"], 1e-12, None),
-                  mixing=(s["mixing"], 0, 1), **{k: (v, 1, None) for k, v in every.items()})
+                  mixing=(s["mixing"], 0, 1), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
+                  **{k: (s.pop(k), 1, None) for k in ("sample_every", "save_every")})
+    return s
 
 
-def check_sample_settings(seeds, n, noise_mode):
+def check_sample_settings(seeds, n, trunc, noise_mode):
     """-> the seeds to render: --seeds, else 0..n-1."""
-    check_numbers(n=(n, 1, None))
+    check_numbers(n=(n, 1, MAX_IMAGES), trunc=(trunc, -10, 10))
     if noise_mode not in ("const", "random", "none"):
         raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
     return parse_seeds(seeds) if seeds is not None else list(range(n))
 
 
 def parse_seeds(spec):
-    """'0-15' or '1,5,9' (or a mix) -> [int]."""
-    seeds = []
+    """'0-15' or '1,5,9' (or a mix) -> [int], each a seed NumPy takes, at most MAX_IMAGES of them."""
+    ranges = []
     for part in str(spec).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
             raise NadaError(f"--seeds {spec!r}: use a range like 0-15 or a list like 1,5,9")
-        seeds += list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return seeds
+        ranges.append(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    if max(r[-1] for r in ranges) > MAX_SEED or sum(len(r) for r in ranges) > MAX_IMAGES:
+        raise NadaError(f"--seeds {spec!r}: seeds go up to {MAX_SEED}, and one call renders at most {MAX_IMAGES} images")
+    return [s for r in ranges for s in r]
 
 
 def sample_paths(ckpt, out, wdir, offline, runs="runs"):
@@ -1313,6 +1354,15 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs"):
     name = os.path.basename(path)
     return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
                          else os.path.join("samples", _slug(os.path.splitext(name)[0])))
+
+
+def make_folder(path, sub=""):
+    """Create an output folder (and a subfolder) we can write in, or one clear error."""
+    try:
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise NadaError(f"cannot write the output folder {path}: {e.strerror}; choose another with --out") from None
 
 
 def _slug(text):
@@ -1332,24 +1382,29 @@ def describe_layers(spec, layers, G, n_params):
 
 
 def run_settings(run):
-    """The settings a run was started with (its config.json), or {} if there is none."""
-    with contextlib.suppress(OSError, ValueError):
+    """The settings a run was started with (its config.json); one clear error if `run` is not a run folder."""
+    if not all(os.path.isfile(os.path.join(run, f)) for f in ("state.pt", "config.json")):
+        raise NadaError(f"--resume {run}: no interrupted run there (needs config.json and state.pt)")
+    try:
         cfg = json.load(open(os.path.join(run, "config.json")))
         return {k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}
-    return {}
+    except (OSError, ValueError, TypeError) as e:
+        raise NadaError(f"--resume {run}: config.json is unreadable ({_first_line(e)}); start a new --out") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the step was saved: the CLI exits with 128 + the signal's number."""
 
 
 class RunFolder:
     """A run's folder: config.json (settings), log.jsonl (a line per step), samples/ (previews), generator.pt (the
-    adapted generator) and state.pt (optimizer and RNG state: everything --resume needs)."""
+    adapted generator), state.pt (optimizer and RNG state: everything --resume needs) and .lock, held while a
+    process trains in it. Checked when made, before any work; written only inside `with`."""
 
     def __init__(self, out, resume, settings):
-        self.settings, self.resume = settings, resume
+        self.settings, self.resume, self.lock = settings, resume, None
         if resume:
-            self.path = resume
-            if not all(os.path.isfile(os.path.join(resume, f)) for f in ("state.pt", "config.json")):
-                raise NadaError(f"--resume {resume}: no interrupted run there (needs config.json and state.pt)")
-            old = run_settings(resume)
+            self.path, old = resume, run_settings(resume)
             for k in (k for k in RESUME_MUST_MATCH if old.get(k) != settings.get(k)):
                 raise NadaError(f"--resume {resume}: the run used --{k.replace('_', '-')} {old.get(k)!r}, not "
                                 f"{settings.get(k)!r}; resume with the same settings or start a new --out")
@@ -1358,39 +1413,74 @@ class RunFolder:
         self.path = out or os.path.join("runs", f"{_slug(src)}_to_{_slug(tgt)}")
         if os.path.isfile(os.path.join(self.path, "state.pt")):
             raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose another --out")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise NadaError(f"--out {self.path} is a file, not a folder; choose another --out")
+
+    def __enter__(self):
+        """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json."""
+        import fcntl
+        self.created = not os.path.exists(self.path)
+        make_folder(self.path)
+        self.lock = open(os.path.join(self.path, ".lock"), "a+")
         try:
-            os.makedirs(os.path.join(self.path, "samples"), exist_ok=True)
-            tempfile.TemporaryFile(dir=self.path).close()
-        except OSError as e:
-            raise NadaError(f"cannot write the output folder {self.path}: {e.strerror}; choose another with --out") from None
-        atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(settings, indent=1))
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder, self.lock = self.lock.read().strip() or "?", self.lock.close()
+            raise NadaError(f"{self.path} is in use by another nada process (pid {holder}); wait for it to finish, "
+                            "or choose another --out") from None
+        self.lock.truncate(0)
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+        make_folder(self.path, "samples")
+        for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
+            for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
+                os.remove(os.path.join(folder, name))
+        if not self.resume and os.path.isfile(os.path.join(self.path, "state.pt")):   # it finished while we loaded
+            raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose another --out")
+        atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(self.settings, indent=1))
+        return self
+
+    def __exit__(self, kind, error, tb):
+        """Release the lock; a new run that failed before its first save leaves nothing behind."""
+        if kind is not None and self.created and not os.path.isfile(os.path.join(self.path, "state.pt")):
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock:
+            self.lock.close()
 
     def steps(self, G_frozen, G, opt, rng, meta, every, n_sample, cls, show=True):
         """The steps still to run (after --resume, from the saved one). Around each: a progress bar, previews and
-        checkpoints every (sample, save) steps, and Ctrl-C, which lands between steps: save, then stop."""
+        checkpoints every (sample, save) steps, and Ctrl-C or SIGTERM, which land between steps: save, then stop."""
         start, iters, self.t0 = 0, self.settings["iters"], time.time()
         if self.resume:
-            state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
-            G.load_state_dict(state["g_ema"], strict=True)
-            opt.load_state_dict(state["optimizer"])
-            rng.set_state(state["rng"])
-            start = state["step"]
+            try:
+                state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
+                G.load_state_dict(state["g_ema"], strict=True)
+                opt.load_state_dict(state["optimizer"])
+                rng.set_state(state["rng"])
+                start = int(state["step"])
+            except Exception as e:
+                raise NadaError(f"--resume {self.path}: state.pt is unreadable or from another setup "
+                                f"({_first_line(e)[:120]}); the run cannot continue: start a new --out") from None
+            if start > iters:
+                raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {iters} would go back: "
+                                f"pass --iters {start} or more")
         seed = self.settings["seed"]                    # previews: the same latents at every step
         z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
         c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
         self.log_path = os.path.join(self.path, "log.jsonl")
-        if os.path.isfile(self.log_path):             # drop the log lines of steps that will run again
-            atomic_write_text(self.log_path, "".join(ln for ln in open(self.log_path) if json.loads(ln)["iter"] < start))
+        if os.path.isfile(self.log_path):             # keep the steps before `start`; a line torn by a kill goes
+            atomic_write_text(self.log_path, "".join(ln for ln in open(self.log_path) if _logged_before(ln, start)))
         if start == 0:
             self.preview(G_frozen, G, z, c, 0)
-        stop, previous = [], None
+        stop, previous = [], {}
 
-        def interrupt(*_):                              # the first Ctrl-C waits for the step's end, a second doesn't
+        def interrupt(signum, _):                       # the first signal waits for the step's end, a second doesn't
             if stop:
-                raise KeyboardInterrupt
-            stop.append(True)
+                raise Interrupted(128 + signum)
+            stop.append(signum)
         with contextlib.suppress(ValueError):           # not the main thread: leave signals alone
-            previous = signal.signal(signal.SIGINT, interrupt)
+            previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         from tqdm import tqdm
         try:
             with tqdm(total=iters, initial=start, disable=None if show else True, dynamic_ncols=True, desc="train") as self.bar:
@@ -1408,19 +1498,20 @@ class RunFolder:
                         self.bar.close()
                         print(f"\ninterrupted: saved at step {done} in {self.path}; continue with "
                               f"`python nada.py train --resume {self.path}`", flush=True)
-                        raise KeyboardInterrupt
+                        raise Interrupted(128 + stop[0])
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        print(f"done: {iters} steps in {time.time() - self.t0:.1f} s; adapted generator: "
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        print(f"done: {iters - start} steps in {time.time() - self.t0:.1f} s, {iters} in all; adapted generator: "
               f"{os.path.join(self.path, 'generator.pt')}")
 
     def log(self, step, loss, losses, layers):
         if not math.isfinite(loss):
             state = os.path.join(self.path, "state.pt")
-            saved = torch.load(state, weights_only=True, mmap=True)["step"] if os.path.isfile(state) else 0
-            raise NadaError(f"the loss became {loss} at step {step}; stopped. The last good checkpoint "
-                            f"(step {saved}) is in {self.path}. Try a lower --lr.")
+            saved = torch.load(state, weights_only=True, mmap=True)["step"] if os.path.isfile(state) else None
+            raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
+                f"The last good checkpoint (step {saved}) is in {self.path}." if saved is not None else
+                "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
         with open(self.log_path, "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
@@ -1433,6 +1524,13 @@ class RunFolder:
         z, c = z.to(G.latent_avg.device), None if c is None else c.to(G.latent_avg.device)
         rows = [g.synthesis(G_frozen.mapping(z, c, SAMPLE_TRUNCATION)) for g in (G_frozen, G)]
         save_image(make_grid(torch.cat(rows), ncol=len(z)), os.path.join(self.path, "samples", f"{step:06d}.png"))
+
+
+def _logged_before(line, start):
+    """Whether a log.jsonl line is a whole record of a step before `start` (a kill can tear the last line)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return json.loads(line)["iter"] < start
+    return False
 
 
 def to_uint8(img):
@@ -1501,7 +1599,7 @@ def doctor(device="auto", build_ops=False, wdir=None):
     print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(present) if present else ''})")
     build = ops_build()                                 # the toolkit, ninja and the builds: ops/build.py reports them
     ok = (build.doctor(build_ops) if build else print("ops          no ops/ folder beside nada.py") is None) and ok
-    print(f"ops path     {ops_status(pick_device(device) if device != 'cuda' or cuda else 'cpu')}")
+    print(f"ops path     {ops_status('cpu' if device == 'cuda' and not cuda else check_device(device))}")
     return 0 if ok else 1
 
 
@@ -1574,10 +1672,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     resume = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     resume.add_argument("--resume")
-    run = resume.parse_known_args(argv)[0].resume if argv[:1] == ["train"] else None
-    args = build_parser(run_settings(run) if run else None).parse_args(argv)   # a run's settings, unless typed
-    opts = {k: v for k, v in vars(args).items() if k != "cmd"}
     try:
+        run = resume.parse_known_args(argv)[0].resume if argv[:1] == ["train"] else None
+        args = build_parser(run_settings(run) if run else None).parse_args(argv)   # a run's settings, unless typed
+        opts = {k: v for k, v in vars(args).items() if k != "cmd"}
         if args.cmd == "train":
             train(**opts)
         elif args.cmd == "sample":
@@ -1589,8 +1687,14 @@ def main(argv=None):
     except NadaError as e:
         print(f"nada: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except (MemoryError, RuntimeError) as e:            # an allocation too large for this machine, CPU or GPU
+        if not isinstance(e, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(e)):
+            raise
+        print(f"nada: error: out of memory ({_first_line(e)[:160]}); lower --batch, --n-sample or --n, or use a "
+              "smaller model", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        return e.args[0] if isinstance(e, Interrupted) else 130
     return 0
 
 

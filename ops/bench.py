@@ -113,7 +113,7 @@ def bench_train_step(device, res, batch, impl):
 
 def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json"):
     """Print the benchmark as a table and write it as JSON."""
-    device = nada.pick_device(device)
+    device = nada.check_device(device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
