@@ -97,7 +97,8 @@ def ops_status(device, impl="auto"):
     """For the startup line: which path each op takes on this device, and why."""
     if impl == "ref" or torch.device(device).type != "cuda":
         return "ref" if impl == "ref" else "ref (cpu)"
-    return " ".join(f"{op}={'cuda' if load_op(op)[0] else f'ref ({load_op(op)[1]})'}" for op in OPS)
+    status = {op: load_op(op) for op in OPS}
+    return " ".join(f"{op}={'cuda' if ops else f'ref ({reason})'}" for op, (ops, reason) in status.items())
 
 
 def bias_act(x, b=None, act="linear", alpha=LRELU_SLOPE, gain=1.0, clamp=None, impl="auto"):
@@ -627,7 +628,7 @@ def select_layers_auto(G, ws, targets, k, lr=0.01):
     loss = sum(t.weight * global_loss(encode_images(t.model, img), t.target) for t in targets)
     (grad,) = torch.autograd.grad(loss, ws)             # the generator's own weights get no gradient here
     moved = (lr * grad).abs().mean(dim=(0, 2))          # [num_ws]: |w_new - w_old| after one SGD step
-    chosen = torch.topk(moved, k).indices.tolist()
+    chosen = list(range(k)) if moved.is_meta else torch.topk(moved, k).indices.tolist()   # meta: any k cost the same
     return in_block_order(G, [name for j in chosen for name in layers_driven_by(G, j)])
 
 
@@ -715,11 +716,12 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
             emb_frozen = encode_images(t.model, img_frozen)                           # [B, D]
         losses.append(t.weight * directional_loss(emb_frozen, encode_images(t.model, img), t.direction))
     loss = sum(losses)
-    if torch.isfinite(loss):                            # a NaN stops the run (train) before any weight changes
+    if loss.is_meta or torch.isfinite(loss):            # a NaN stops the run (train) before any weight changes
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return layers, loss.item(), [l.item() for l in losses]
+    value = lambda t: 0.0 if t.is_meta else t.item()   # meta: the dry run, shapes without numbers
+    return layers, value(loss), [value(l) for l in losses]
 
 
 def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, lr=LR, mixing=0.0, layers="auto",
@@ -1598,7 +1600,9 @@ def doctor(device="auto", build_ops=False, wdir=None):
     present = sorted(f for f in os.listdir(folder) if f.endswith((".pkl", ".pt"))) if os.path.isdir(folder) else []
     print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(present) if present else ''})")
     build = ops_build()                                 # the toolkit, ninja and the builds: ops/build.py reports them
-    ok = (build.doctor(build_ops) if build else print("ops          no ops/ folder beside nada.py") is None) and ok
+    if build is None:
+        print("ops          no ops/ folder beside nada.py: the reference ops run")
+    ok = (build is None or build.doctor(build_ops)) and ok
     print(f"ops path     {ops_status('cpu' if device == 'cuda' and not cuda else check_device(device))}")
     return 0 if ok else 1
 

@@ -4,6 +4,7 @@ import http.server
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ FIXTURES = os.path.join(HERE, "fixtures")             # the reference checkpoint
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+# ---- fixtures and helpers -----------------------------------------------------------------------------------
+
 def run_cli(*args, cwd=HERE, env=None, timeout=600):
     """Run nada.py in a subprocess -> (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, os.path.join(HERE, "nada.py"), *map(str, args)], cwd=cwd, capture_output=True,
@@ -39,7 +42,156 @@ def assert_clean_error(rc, err, *words):
         assert w in lines[0], lines[0]
 
 
-# ---- ops ----------------------------------------------------------------------------------------------------
+def tiny_generator(seed=0, size=32, impl="ref"):
+    torch.manual_seed(seed)
+    G = nada.Generator(size, style_dim=32, n_mlp=2, channels={4: 32, 8: 32, 16: 32, 32: 16, 64: 16}, impl=impl)
+    with torch.no_grad():
+        G.latent_avg = G.mapping(torch.randn(512, 32))[:, 0].mean(0)
+    return G
+
+
+def make_colour_clip(path, K=20.0, C=5.0, const=0.01):
+    """A CLIP (its real architecture, loaded through clip.load) whose embeddings mean something: the image
+    embedding reads an image's mean colour and the text embedding reads the words red, green and blue.
+
+    Both transformers average their tokens (q = k = 0, v = out = identity, MLP off); channels 0-2 carry colour,
+    3-5 its negative (so LayerNorm sees zero mean) and 6-7 a large constant pair that keeps LayerNorm near linear.
+    Projections put R, G, B on embedding axes 0-2 and a small constant on axis 3.
+    """
+    nada._import_clip()                                   # quietly: clip-anytorch warns on import
+    from clip.model import CLIP
+    from clip.simple_tokenizer import SimpleTokenizer
+    m = CLIP(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    sd = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
+    eye = torch.eye(64)
+    for pre in ("visual.transformer.resblocks.0.", "transformer.resblocks.0."):
+        sd[pre + "attn.in_proj_weight"][128:] = eye
+        sd[pre + "attn.out_proj.weight"] = eye.clone()
+        sd[pre + "ln_1.weight"] = sd[pre + "ln_2.weight"] = torch.ones(64)
+    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        sd[ln + ".weight"] = torch.ones(64)
+    for c in range(3):
+        sd["visual.conv1.weight"][c, c] = 1 / 256         # mean over the 16x16 patch
+        sd["visual.conv1.weight"][3 + c, c] = -1 / 256
+        sd["visual.proj"][c, c] = sd["text_projection"][c, c] = 1
+    sd["visual.proj"][6, 3] = sd["text_projection"][6, 3] = const
+    sd["visual.positional_embedding"][:, 6], sd["visual.positional_embedding"][:, 7] = K, -K
+    sd["token_embedding.weight"][:, 6], sd["token_embedding.weight"][:, 7] = K, -K
+    tok = SimpleTokenizer()
+    for c, word in enumerate(("red", "green", "blue")):
+        (i,) = tok.encode(word)
+        sd["token_embedding.weight"][i, c] += C
+        sd["token_embedding.weight"][i, 3 + c] -= C
+    torch.save(sd, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def colour_clip(tmp_path_factory):
+    return make_colour_clip(tmp_path_factory.mktemp("clip") / "colour_clip.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "tiny.pt"
+    nada.save_generator(tiny_generator(), path)
+    return str(path)
+
+
+def redness(img, channel):
+    """How much the given channel exceeds the mean of the other two."""
+    others = [c for c in range(3) if c != channel]
+    return (img[:, channel] - img[:, others].mean(1)).mean().item()
+
+
+def train_args(tmp_path, colour_clip, tiny_ckpt):
+    """A quick, valid `train` command line writing to tmp_path/ok (tests add or override flags)."""
+    return ["train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--iters", 2, "--out", tmp_path / "ok"]
+
+
+def _layouts(x):
+    """The same values as NCHW-contiguous, channels_last and a non-contiguous view."""
+    wide = torch.zeros(*x.shape[:3], x.shape[3] * 2, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last), "strided": wide[..., ::2]}
+
+
+def _persistent_pickle(path, G_meta, extra=None):
+    """Write a pickle the way NVIDIA's persistence does: GLOBAL torch_utils.persistence._reconstruct_persistent_obj."""
+    mod = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("never called while writing")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Obj:
+        def __init__(self, meta):
+            self.meta = meta
+
+        def __reduce__(self):
+            return (_reconstruct_persistent_obj, (self.meta,))
+
+    def wrap(rec):
+        state = dict(rec.state)
+        state["_modules"] = {k: wrap(v) for k, v in rec.state.get("_modules", {}).items()}
+        return Obj(dict(type="class", version=6, module_src="# placeholder", class_name=rec.class_name, state=state))
+    sys.modules.setdefault("torch_utils", types.ModuleType("torch_utils"))
+    sys.modules["torch_utils.persistence"] = mod
+    try:
+        with open(path, "wb") as f:
+            pickle.dump({**{k: wrap(v) for k, v in (extra or {}).items()}, "G_ema": wrap(G_meta)}, f)
+    finally:
+        del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
+
+
+class _Server:
+    """A tiny HTTP server on 127.0.0.1 serving `files`; with cut=True the first response breaks off halfway."""
+
+    def __init__(self, files, cut=False, ranges=True):
+        self.files, self.cut, self.ranges, self.requests = files, cut, ranges, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append((name, self.headers.get("Range")))
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                data, start = outer.files[name], 0
+                rng = self.headers.get("Range")
+                if rng and outer.ranges:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if outer.cut:
+                    outer.cut = False
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---- ops (reference) ----------------------------------------------------------------------------------------
 
 def upfirdn2d_naive(x, f, up, down, pad, flip_filter=False, gain=1.0):
     """The op's definition written out the long way: explicit zero insertion, pad/crop, conv2d, subsample."""
@@ -93,6 +245,36 @@ def test_impl_choice_errors_are_clear():
         nada.upfirdn2d(x, nada.make_kernel(), impl="fast")
 
 
+def test_import_compiles_nothing_and_nada_py_alone_runs_on_the_reference_ops(tmp_path):
+    """nada.py copied alone imports, reports why the kernels are off and renders; no import builds anything."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "nada.py"), alone)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "NADA_OPS_CACHE": str(tmp_path / "ops_cache")}
+    loaded = ("print(sorted(m for m in sys.modules\n"
+              "             if m == 'nada_ops_build' or m.startswith('torch.utils.cpp_extension')))")
+    code = ("import os, sys, torch, nada\n"
+            "assert nada.__file__ == os.path.join(os.getcwd(), 'nada.py'), nada.__file__\n"
+            "reason = 'no ops/ folder beside nada.py'\n"
+            "assert nada.load_op('upfirdn2d') == (None, reason), nada.load_op('upfirdn2d')\n"
+            "status = nada.ops_status('cuda')\n"
+            "assert all(op in status for op in nada.OPS) and status.count(reason) == len(nada.OPS), status\n"
+            "torch.manual_seed(0)\n"
+            "G = nada.Generator(8, style_dim=8, n_mlp=1, channels={4: 8, 8: 8})\n"
+            "with torch.no_grad():\n"
+            "    img = G(torch.randn(2, 8))\n"
+            "assert img.shape == (2, 3, 8, 8) and torch.isfinite(img).all() and img.std() > 0\n" + loaded)
+    p = subprocess.run([sys.executable, "-c", code], cwd=alone, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
+    assert os.listdir(alone) == ["nada.py"]               # wrote nothing beside itself
+    # beside ops/, importing still builds nothing: ops/build.py is read at the first CUDA use of an op
+    p = subprocess.run([sys.executable, "-c", "import sys, nada\n" + loaded], cwd=HERE, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "[]", (p.stdout, p.stderr)
+    assert not (tmp_path / "ops_cache").exists()
+
+
 # ---- ops: the compiled kernels (CPU twins of the CUDA kernels here; the GPU itself where there is one) --------
 
 @pytest.fixture(scope="session")
@@ -109,13 +291,6 @@ def compiled_ops():
 
 OP_CASES = [(1, 1, (2, 1, 2, 1), 4, 4), (2, 1, (2, 1, 2, 1), 4, 4), (1, 2, (1, 1, 1, 1), 4, 4), (2, 1, (1, 1, 1, 1), 4, 4),
             (2, 2, (0, 3, 1, 2), 4, 3), (3, 1, (-1, 2, 0, -2), 5, 2), (1, 1, (-1, -1, 0, 0), 3, 3), (1, 4, (0, 0, 0, 0), 1, 7)]
-
-
-def _layouts(x):
-    """The same values as NCHW-contiguous, channels_last and a non-contiguous view."""
-    wide = torch.zeros(*x.shape[:3], x.shape[3] * 2, dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last), "strided": wide[..., ::2]}
 
 
 @pytest.mark.parametrize("up,down,pad,fh,fw", OP_CASES)
@@ -285,12 +460,247 @@ def test_gpu_generator_cuda_matches_ref_and_double_backward_is_refused():
     assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
     x = torch.randn(1, 2, 8, 8, device="cuda", requires_grad=True)
     y = nada.upfirdn2d(x, nada.make_kernel().cuda(), up=2, pad=(2, 1, 2, 1), impl="cuda")
-    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)   # its dy = 2y carries a graph
+    with pytest.raises(RuntimeError, match="differentiate twice"):             # torch's once_differentiable
         g.sum().backward()
 
 
-# ---- generator and loading ----------------------------------------------------------------------------------
+# ---- generator ----------------------------------------------------------------------------------------------
+
+def test_random_noise_changes_images_and_none_differs_from_const():
+    torch.manual_seed(0)
+    G = nada.Generator(16, style_dim=32, n_mlp=1, channels={4: 16, 8: 16, 16: 16})
+    for m in G.modules():
+        if isinstance(m, nada.NoiseInjection):
+            m.weight.data.fill_(0.5)
+    ws = G.mapping(torch.randn(2, 32))
+    with torch.no_grad():
+        a, b = G.synthesis(ws, "random"), G.synthesis(ws, "random")
+        assert not torch.equal(a, b)
+        assert torch.equal(G.synthesis(ws, "const"), G.synthesis(ws, "const"))
+        assert not torch.equal(G.synthesis(ws, "none"), G.synthesis(ws, "const"))
+
+
+# ---- CLIP loss ----------------------------------------------------------------------------------------------
+
+def test_directional_loss_against_hand_computation():
+    e_frozen = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), dim=1)
+    e_adapted = F.normalize(torch.tensor([[1.0, 1.0, 0, 0], [0, 1.0, 0, 1.0]]), dim=1)
+    direction = F.normalize(torch.tensor([0.0, 1.0, 0, 0]), dim=0)
+    loss = nada.directional_loss(e_frozen, e_adapted, direction, eps=0)
+    s = 1 / np.sqrt(2)
+    d1 = np.array([s - 1, s, 0, 0]); d2 = np.array([0, s - 1, 0, s])
+    cos1 = d1[1] / np.linalg.norm(d1); cos2 = d2[1] / np.linalg.norm(d2)
+    assert abs(loss.item() - ((1 - cos1) + (1 - cos2)) / 2) < 1e-6
+    # with the soft norm, |d| >> eps changes the value by < eps^2 / |d|^2
+    assert abs(nada.directional_loss(e_frozen, e_adapted, direction).item() - loss.item()) < 1e-3
+
+
+def test_text_direction_is_template_mean_of_normalised_differences(colour_clip):
+    model = nada.load_clip(colour_clip)
+    templates = ("a {}.", "a photo of a {}.", "{} art")
+    d = nada.text_direction(model, "photo", "red photo", templates)
+    clip = nada._import_clip()
+    with torch.no_grad():
+        enc = lambda t: F.normalize(model.encode_text(clip.tokenize([tp.format(t) for tp in templates])).float(), dim=-1)
+        expected = F.normalize((enc("red photo") - enc("photo")).mean(0), dim=0)
+    assert torch.allclose(d, expected, atol=1e-6)
+    assert d[0] > 0.9                                     # the colour CLIP: "red" lives on axis 0
+
+
+def test_clip_preprocess_resizes_the_short_side_and_crops_the_centre():
+    class V:
+        input_resolution = 24
+    model = types.SimpleNamespace(visual=V())
+    x = nada.clip_preprocess(torch.zeros(2, 3, 64, 96), model)
+    assert x.shape == (2, 3, 24, 24)
+    assert torch.allclose(x[0, :, 0, 0], (0.5 - torch.tensor(nada.CLIP_MEAN)) / torch.tensor(nada.CLIP_STD))
+    mean, std = torch.tensor(nada.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(nada.CLIP_STD).view(1, 3, 1, 1)
+
+    def picture(h, w):                                    # every column and every row differs, per channel and image
+        ramp = torch.linspace(-0.6, 0.6, w).view(1, 1, 1, w) + \
+            torch.linspace(-0.3, 0.3, h).view(1, 1, h, 1) * torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1)
+        return torch.cat([ramp, -ramp])
+
+    def expected(img, size, top, left):                   # bicubic resize of the short side to 24, crop, normalise
+        x = (img + 1) / 2
+        if size != tuple(img.shape[2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        return (x[:, :, top:top + 24, left:left + 24] - mean) / std
+
+    wide, tall = picture(64, 96), picture(96, 64)
+    assert torch.allclose(nada.clip_preprocess(wide, model), expected(wide, (24, 36), 0, 6), atol=1e-6)
+    assert not torch.allclose(expected(wide, (24, 36), 0, 0), expected(wide, (24, 36), 0, 6), atol=1e-2)
+    assert torch.allclose(nada.clip_preprocess(tall, model), expected(tall, (36, 24), 6, 0), atol=1e-6)
+    for n in (48, 24):                                    # square: resized whole, without a crop (24: untouched)
+        square = picture(n, n)
+        assert torch.allclose(nada.clip_preprocess(square, model), expected(square, (24, 24), 0, 0), atol=1e-6)
+
+
+# ---- freezing -----------------------------------------------------------------------------------------------
+
+def test_layers_driven_by_matches_what_synthesis_reads():
+    G = tiny_generator()
+    ws = G.mapping(torch.randn(2, 32)).detach()
+    read = {}
+    hooks = []
+    for name, m in G.named_modules():
+        if name.endswith("conv.modulation"):
+            layer = name[:-len(".conv.modulation")]
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, layer=layer: read.__setitem__(layer, inp[0])))
+    with torch.no_grad():
+        G.synthesis(ws)
+    for h in hooks:
+        h.remove()
+    readers = {j: sorted(l for l, t in read.items() if torch.equal(t, ws[:, j]) and t.data_ptr() == ws[:, j].data_ptr())
+               for j in range(G.num_ws)}
+    for j in range(G.num_ws):
+        assert readers[j] == sorted(nada.layers_driven_by(G, j)), j
+    assert nada.layers_driven_by(G, 1) == ["convs.0", "to_rgb1"] and nada.layers_driven_by(G, 7) == ["to_rgbs.2"]
+
+
+def test_parse_layers():
+    G = tiny_generator()
+    assert nada.parse_layers("last:1", G) == ["convs.4", "convs.5", "to_rgbs.2"]
+    assert nada.parse_layers("first:1", G) == ["input", "conv1", "to_rgb1"]
+    assert nada.parse_layers("16,32", G) == ["convs.2", "convs.3", "to_rgbs.1", "convs.4", "convs.5", "to_rgbs.2"]
+    assert len(nada.parse_layers("all", G)) == 12
+    assert nada.parse_layers("auto", G, auto_k=3) == 3                # chosen anew at every step
+    # every W+ entry chosen: the fixed list of layers that read ws (the constant input reads none)
+    assert nada.parse_layers("auto", G) == nada.parse_layers("all", G)[1:]
+
+
+@pytest.mark.parametrize("bad,k", [("last:9", None), ("64", None), ("some", None), ("16,", None), ("auto", 0),
+                                   ("auto", 9)])
+def test_parse_layers_refuses(bad, k):
+    with pytest.raises(nada.NadaError, match="--auto-k" if k is not None else "--layers"):
+        nada.parse_layers(bad, tiny_generator(), auto_k=k)
+
+
+def test_gradients_only_on_selected_layers():
+    G = tiny_generator()
+    n = nada.set_trainable(G, ["convs.4", "to_rgbs.2"])
+    G.synthesis(G.mapping(torch.randn(2, 32))).square().mean().backward()
+    with_grad = {k for k, p in G.named_parameters() if p.grad is not None}
+    assert with_grad and all(k.startswith(("convs.4.", "to_rgbs.2.")) for k in with_grad)
+    assert n == sum(p.numel() for k, p in G.named_parameters() if k.startswith(("convs.4.", "to_rgbs.2.")))
+
+
+# ---- train ----------------------------------------------------------------------------------------------------
+
+def test_step_zero_is_finite_and_small(colour_clip):
+    G0 = tiny_generator().requires_grad_(False)
+    G = tiny_generator()
+    model = nada.load_clip(colour_clip)
+    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=nada.LR, betas=nada.BETAS)
+    layers, loss, _ = nada.train_step(G0, G, opt, targets, layers=nada.parse_layers("all", G), batch=2, mixing=0.0,
+                                      cls=None, rng=torch.Generator().manual_seed(0), device="cpu")
+    assert loss == 1.0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())   # CLIP never trains
+    assert all(p.grad is None for p in G0.parameters())
+    grads = [p.grad for p in G.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    change = max((G.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert 0 < change <= nada.LR * 1.01                   # Adam's first step: at most lr per element
+
+
+@pytest.mark.parametrize("word,channel", [("red", 0), ("blue", 2)])
+def test_training_moves_images_toward_the_prompt(tmp_path, colour_clip, tiny_ckpt, word, channel):
+    out = nada.train(src="photo", tgt=f"{word} photo", ckpt=tiny_ckpt, out=str(tmp_path / word), iters=40,
+                     layers="all", clip=colour_clip, progress=False, sample_every=1000)
+    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
+    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before, after = G0(z), G1(z)
+    assert redness(after, channel) > redness(before, channel) + 0.1
+    model = nada.load_clip(colour_clip)
+    direction = nada.text_direction(model, "photo", f"{word} photo")
+    with torch.no_grad():
+        loss = nada.directional_loss(nada.encode_images(model, before), nada.encode_images(model, after), direction)
+    assert loss < 0.5
+
+
+def test_frozen_tensors_bitwise_unchanged(tmp_path, colour_clip, tiny_ckpt):
+    out = nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=6, layers="last:1",
+                     clip=colour_clip, progress=False)
+    a = torch.load(tiny_ckpt, weights_only=True)["g_ema"]
+    b = torch.load(os.path.join(out, "generator.pt"), weights_only=True)["g_ema"]
+    trained = ("convs.4.", "convs.5.", "to_rgbs.2.")
+    for k in a:
+        if k.startswith(trained) and not k.endswith("kernel"):
+            continue
+        assert torch.equal(a[k], b[k]), k                 # mapping, other blocks, buffers
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith(trained))
+
+
+def test_auto_layers_select_k_entries_each_step(tmp_path, colour_clip, tiny_ckpt):
+    out = nada.train(src="photo", tgt="blue photo", ckpt=tiny_ckpt, out=str(tmp_path / "a"), iters=3, layers="auto",
+                     auto_k=2, clip=colour_clip, progress=False)
+    G = nada.load_generator(tiny_ckpt)
+    for row in map(json.loads, open(os.path.join(out, "log.jsonl"))):
+        possible = [set(nada.layers_driven_by(G, j)) for j in range(G.num_ws)]
+        covered = set(row["layers"])
+        # exactly the union of the layers of 2 W+ entries
+        assert any(covered == possible[i] | possible[j] for i in range(G.num_ws) for j in range(i + 1, G.num_ws))
+
+
+def test_image_targets(tmp_path, colour_clip, tiny_ckpt):
+    from PIL import Image
+    paths = []
+    for i, rgb in enumerate([(250, 10, 10), (200, 30, 40)]):
+        paths.append(str(tmp_path / f"t{i}.png"))
+        Image.new("RGB", (40, 48), rgb).save(paths[-1])
+    out = nada.train(src="", tgt="", tgt_img=paths, ckpt=tiny_ckpt, out=str(tmp_path / "img"), iters=30, layers="auto",
+                     auto_k=4, clip=colour_clip, progress=False)
+    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
+    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert redness(G1(z), 0) > redness(G0(z), 0) + 0.1
+
+
+def test_train_conditional_generator_with_class(tmp_path, colour_clip):
+    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    out = nada.train(tgt="blue photo", ckpt=ckpt, cls="all", iters=2, layers="last:2", out=str(tmp_path / "c"),
+                     clip=colour_clip, progress=False)
+    G = nada.load_generator(os.path.join(out, "generator.pt"))
+    assert G.c_dim == 10 and G.conv_clamp == 256
+    G0 = nada.load_generator(ckpt)
+    saved = torch.load(os.path.join(out, "generator.pt"), weights_only=True)
+    a, b = G0.state_dict(), saved["g_ema"]
+    assert set(a) == set(b)
+    # last:2 of 32 px is the 16 and 32 px blocks: each of their parameters moved, every other tensor (mapping,
+    # class embedding, earlier blocks, noise and filter buffers) is bitwise the base's
+    trained = ("convs.2.", "convs.3.", "convs.4.", "convs.5.", "to_rgbs.1.", "to_rgbs.2.")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {k for k, _ in G0.named_parameters() if k.startswith(trained)}
+    assert any(k.startswith("embed.") for k in a) and torch.equal(saved["latent_avg"], G0.latent_avg)
+    assert saved["nada"]["cls"] == "all" and json.load(open(os.path.join(out, "config.json")))["cls"] == "all"
+
+
+# ---- sample ---------------------------------------------------------------------------------------------------
+
+def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
+    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    outs = []
+    for run in ("a", "b"):
+        rc, out, err = run_cli("sample", "--ckpt", ckpt, "--class", "bird", "--n", 8, "--out", tmp_path / run)
+        assert rc == 0, err
+        assert str(tmp_path / run) in out
+        outs.append({f: (tmp_path / run / f).read_bytes() for f in sorted(os.listdir(tmp_path / run))})
+    assert sorted(outs[0]) == ["grid.png"] + [f"seed{i:04d}.png" for i in range(8)]
+    assert outs[0] == outs[1]
+    from PIL import Image
+    assert Image.open(tmp_path / "a" / "seed0003.png").size == (32, 32)
+    # the PNG holds the generator's image for that seed: seed 3, class bird (2)
+    G = nada.load_generator(ckpt)
+    with torch.no_grad():
+        img = G(nada.seed_latents(G, [3]), F.one_hot(torch.tensor([2]), 10).float())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
+
+
+# ---- checkpoint files: loading, parity, hostile files -------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["rosinality_32", "nvidia_32", "nvidia_32_cond"])
 def test_fixture_parity(name):
@@ -337,53 +747,9 @@ def test_bare_state_dict_without_latent_avg_loads(tmp_path):
     assert torch.allclose(G.latent_avg, expected)
 
 
-def test_random_noise_changes_images_and_none_differs_from_const():
-    torch.manual_seed(0)
-    G = nada.Generator(16, style_dim=32, n_mlp=1, channels={4: 16, 8: 16, 16: 16})
-    for m in G.modules():
-        if isinstance(m, nada.NoiseInjection):
-            m.weight.data.fill_(0.5)
-    ws = G.mapping(torch.randn(2, 32))
-    with torch.no_grad():
-        a, b = G.synthesis(ws, "random"), G.synthesis(ws, "random")
-        assert not torch.equal(a, b)
-        assert torch.equal(G.synthesis(ws, "const"), G.synthesis(ws, "const"))
-        assert not torch.equal(G.synthesis(ws, "none"), G.synthesis(ws, "const"))
-
-
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
-
-
-def _persistent_pickle(path, G_meta, extra=None):
-    """Write a pickle the way NVIDIA's persistence does: GLOBAL torch_utils.persistence._reconstruct_persistent_obj."""
-    mod = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError("never called while writing")
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-
-    class Obj:
-        def __init__(self, meta):
-            self.meta = meta
-
-        def __reduce__(self):
-            return (_reconstruct_persistent_obj, (self.meta,))
-
-    def wrap(rec):
-        state = dict(rec.state)
-        state["_modules"] = {k: wrap(v) for k, v in rec.state.get("_modules", {}).items()}
-        return Obj(dict(type="class", version=6, module_src="# placeholder", class_name=rec.class_name, state=state))
-    sys.modules.setdefault("torch_utils", types.ModuleType("torch_utils"))
-    sys.modules["torch_utils.persistence"] = mod
-    try:
-        with open(path, "wb") as f:
-            pickle.dump({**{k: wrap(v) for k, v in (extra or {}).items()}, "G_ema": wrap(G_meta)}, f)
-    finally:
-        del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
 
 
 def _fixture_records():
@@ -412,12 +778,13 @@ def test_repickled_fixture_loads_and_architecture_refusals(tmp_path):
         nada.load_generator(tmp_path / "sg3.pkl")
 
 
-def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cases = {}
-    cases["evil.pkl"] = pickle.dumps({"G_ema": _Evil()})
-    cases["evil.pt"] = None
-    torch.save({"g_ema": _Evil()}, tmp_path / "evil.pt")
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    """A folder of checkpoints that must each be refused with one clear error, and run nothing."""
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "evil.pkl").write_bytes(pickle.dumps({"G_ema": _Evil()}))
+    torch.save({"g_ema": _Evil()}, folder / "evil.pt")
+
     # a legal G_ema whose nested storage bytes hide code: decoding G_ema's storages must be restricted too
     class EvilStorage:
         def __reduce__(self):
@@ -426,34 +793,41 @@ def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(tm
     class EvilTensor:                                     # pickles as a tensor does, around that storage
         def __reduce__(self):
             return (torch._utils._rebuild_tensor_v2, (EvilStorage(), 0, (1,), (1,), False, {}))
-    _persistent_pickle(tmp_path / "nested.pkl", types.SimpleNamespace(
+    _persistent_pickle(folder / "nested.pkl", types.SimpleNamespace(
         class_name="Generator", state={"_parameters": {"weight": EvilTensor()}, "_modules": {}}))
-    cases["nested.pkl"] = None
     full = open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb").read()
-    cases["truncated.pkl"] = full[:len(full) // 2]
-    cases["garbage.pkl"] = b"this is not a pickle at all"
-    cases["tf.pkl"] = b"\x80\x04\x8c\x14dnnlib.tflib.network\x94\x8c\x07Network\x94\x93\x94."
-    for name, data in cases.items():
-        if data is not None:
-            (tmp_path / name).write_bytes(data)
-    torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, tmp_path / "wrong.pt")
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    (folder / "truncated.pkl").write_bytes(full[:len(full) // 2])
+    (folder / "garbage.pkl").write_bytes(b"this is not a pickle at all")
+    (folder / "tf.pkl").write_bytes(b"\x80\x04\x8c\x14dnnlib.tflib.network\x94\x8c\x07Network\x94\x93\x94.")
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, folder / "wrong.pt")
+    torch.save({"weights": torch.zeros(1)}, folder / "other.pt")
     good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)
     bad = dict(good["g_ema"], **{"convs.1.conv.weight": torch.zeros(1, 64, 64, 1, 1)})
-    torch.save({"g_ema": bad, "latent_avg": good["latent_avg"]}, tmp_path / "shape.pt")
-    torch.save({"g_ema": good["g_ema"], "latent_avg": torch.zeros(3)}, tmp_path / "avg.pt")
-    expected = {"evil.pkl": "posix.system", "evil.pt": "posix.system", "nested.pkl": "posix.system", "truncated.pkl": "refused",
-                "garbage.pkl": "refused", "tf.pkl": "TensorFlow", "wrong.pt": "not a StyleGAN2 generator",
-                "other.pt": "no generator found", "missing.pt": "no such file", "shape.pt": "do not fit",
-                "avg.pt": "latent_avg is not a vector of 64"}
-    for name, words in expected.items():
-        with pytest.raises(nada.NadaError) as e:
-            nada.load_generator(tmp_path / name)
-        assert name in str(e.value) and words in str(e.value), str(e.value)
-    assert not (tmp_path / "PWNED").exists()
-    rc, _, err = run_cli("sample", "--ckpt", tmp_path / "evil.pkl", cwd=tmp_path)
+    torch.save({"g_ema": bad, "latent_avg": good["latent_avg"]}, folder / "shape.pt")
+    torch.save({"g_ema": good["g_ema"], "latent_avg": torch.zeros(3)}, folder / "avg.pt")
+    return folder
+
+
+HOSTILE = [("evil.pkl", "posix.system"), ("evil.pt", "posix.system"), ("nested.pkl", "posix.system"),
+           ("truncated.pkl", "refused"), ("garbage.pkl", "refused"), ("tf.pkl", "TensorFlow"),
+           ("wrong.pt", "not a StyleGAN2 generator"), ("other.pt", "no generator found"),
+           ("missing.pt", "no such file"), ("shape.pt", "do not fit"), ("avg.pt", "latent_avg is not a vector of 64")]
+
+
+@pytest.mark.parametrize("name,words", HOSTILE, ids=[name for name, _ in HOSTILE])
+def test_hostile_and_broken_checkpoints_raise_one_clear_error_and_run_nothing(hostile_files, monkeypatch, name, words):
+    monkeypatch.chdir(hostile_files)                      # where _Evil's `touch PWNED` would land
+    with pytest.raises(nada.NadaError) as e:
+        nada.load_generator(hostile_files / name)
+    assert name in str(e.value) and words in str(e.value), str(e.value)
+    assert "\n" not in str(e.value), str(e.value)
+    assert not (hostile_files / "PWNED").exists()
+
+
+def test_hostile_checkpoint_on_the_command_line_is_one_clean_error(hostile_files):
+    rc, _, err = run_cli("sample", "--ckpt", hostile_files / "evil.pkl", cwd=hostile_files)
     assert_clean_error(rc, err, "evil.pkl")
-    assert not (tmp_path / "PWNED").exists()
+    assert not (hostile_files / "PWNED").exists()
 
 
 def test_loading_costs_one_copy_of_the_weights(tmp_path):
@@ -489,51 +863,7 @@ def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
     assert int(out.stdout.strip().splitlines()[-1]) < 16e6, out.stdout
 
 
-# ---- weights: downloads ---------------------------------------------------------------------------------------
-
-class _Server:
-    """A tiny HTTP server on 127.0.0.1 serving `files`; with cut=True the first response breaks off halfway."""
-
-    def __init__(self, files, cut=False, ranges=True):
-        self.files, self.cut, self.ranges, self.requests = files, cut, ranges, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                outer.requests.append((name, self.headers.get("Range")))
-                if name not in outer.files:
-                    self.send_error(404)
-                    return
-                data, start = outer.files[name], 0
-                rng = self.headers.get("Range")
-                if rng and outer.ranges:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    self.send_response(206)
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if outer.cut:
-                    outer.cut = False
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
+# ---- downloads ----------------------------------------------------------------------------------------------
 
 def test_download_resumes_after_a_cut_and_verifies(tmp_path):
     data = os.urandom(300_000)
@@ -628,233 +958,16 @@ def test_named_model_end_to_end_through_a_mirror(tmp_path):
         srv.close()
 
 
-# ---- loss ---------------------------------------------------------------------------------------------------
+# ---- run folders: settings checks, resume, Ctrl-C ------------------------------------------------------------
 
-def test_directional_loss_against_hand_computation():
-    e_frozen = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), dim=1)
-    e_adapted = F.normalize(torch.tensor([[1.0, 1.0, 0, 0], [0, 1.0, 0, 1.0]]), dim=1)
-    direction = F.normalize(torch.tensor([0.0, 1.0, 0, 0]), dim=0)
-    loss = nada.directional_loss(e_frozen, e_adapted, direction, eps=0)
-    s = 1 / np.sqrt(2)
-    d1 = np.array([s - 1, s, 0, 0]); d2 = np.array([0, s - 1, 0, s])
-    cos1 = d1[1] / np.linalg.norm(d1); cos2 = d2[1] / np.linalg.norm(d2)
-    assert abs(loss.item() - ((1 - cos1) + (1 - cos2)) / 2) < 1e-6
-    # with the soft norm, |d| >> eps changes the value by < eps^2 / |d|^2
-    assert abs(nada.directional_loss(e_frozen, e_adapted, direction).item() - loss.item()) < 1e-3
+def test_parse_seeds():
+    assert nada.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
 
 
-def test_text_direction_is_template_mean_of_normalised_differences(colour_clip):
-    model = nada.load_clip(colour_clip)
-    templates = ("a {}.", "a photo of a {}.", "{} art")
-    d = nada.text_direction(model, "photo", "red photo", templates)
-    clip = nada._import_clip()
-    with torch.no_grad():
-        enc = lambda t: F.normalize(model.encode_text(clip.tokenize([tp.format(t) for tp in templates])).float(), dim=-1)
-        expected = F.normalize((enc("red photo") - enc("photo")).mean(0), dim=0)
-    assert torch.allclose(d, expected, atol=1e-6)
-    assert d[0] > 0.9                                     # the colour CLIP: "red" lives on axis 0
-
-
-def test_clip_preprocess_uses_the_models_own_resolution():
-    class V:
-        input_resolution = 24
-    model = types.SimpleNamespace(visual=V())
-    x = nada.clip_preprocess(torch.zeros(2, 3, 64, 96), model)
-    assert x.shape == (2, 3, 24, 24)
-    assert torch.allclose(x[0, :, 0, 0], (0.5 - torch.tensor(nada.CLIP_MEAN)) / torch.tensor(nada.CLIP_STD))
-
-
-# ---- freezing -----------------------------------------------------------------------------------------------
-
-def tiny_generator(seed=0, size=32, impl="ref"):
-    torch.manual_seed(seed)
-    G = nada.Generator(size, style_dim=32, n_mlp=2, channels={4: 32, 8: 32, 16: 32, 32: 16, 64: 16}, impl=impl)
-    with torch.no_grad():
-        G.latent_avg = G.mapping(torch.randn(512, 32))[:, 0].mean(0)
-    return G
-
-
-def test_layers_driven_by_matches_what_synthesis_reads():
-    G = tiny_generator()
-    ws = G.mapping(torch.randn(2, 32)).detach()
-    read = {}
-    hooks = []
-    for name, m in G.named_modules():
-        if name.endswith("conv.modulation"):
-            layer = name[:-len(".conv.modulation")]
-            hooks.append(m.register_forward_hook(lambda mod, inp, out, layer=layer: read.__setitem__(layer, inp[0])))
-    with torch.no_grad():
-        G.synthesis(ws)
-    for h in hooks:
-        h.remove()
-    readers = {j: sorted(l for l, t in read.items() if torch.equal(t, ws[:, j]) and t.data_ptr() == ws[:, j].data_ptr())
-               for j in range(G.num_ws)}
-    for j in range(G.num_ws):
-        assert readers[j] == sorted(nada.layers_driven_by(G, j)), j
-    assert nada.layers_driven_by(G, 1) == ["convs.0", "to_rgb1"] and nada.layers_driven_by(G, 7) == ["to_rgbs.2"]
-
-
-def test_parse_layers():
-    G = tiny_generator()
-    assert nada.parse_layers("last:1", G) == ["convs.4", "convs.5", "to_rgbs.2"]
-    assert nada.parse_layers("first:1", G) == ["input", "conv1", "to_rgb1"]
-    assert nada.parse_layers("16,32", G) == ["convs.2", "convs.3", "to_rgbs.1", "convs.4", "convs.5", "to_rgbs.2"]
-    assert len(nada.parse_layers("all", G)) == 12
-    assert nada.parse_layers("auto", G, auto_k=3) == 3                # chosen anew at every step
-    # every W+ entry chosen: the fixed list of layers that read ws (the constant input reads none)
-    assert nada.parse_layers("auto", G) == nada.parse_layers("all", G)[1:]
-    for bad, k in (("last:9", None), ("64", None), ("some", None), ("16,", None), ("auto", 0), ("auto", 9)):
-        with pytest.raises(nada.NadaError, match="--auto-k" if k is not None else "--layers"):
-            nada.parse_layers(bad, G, auto_k=k)
-
-
-def test_gradients_only_on_selected_layers():
-    G = tiny_generator()
-    n = nada.set_trainable(G, ["convs.4", "to_rgbs.2"])
-    G.synthesis(G.mapping(torch.randn(2, 32))).square().mean().backward()
-    with_grad = {k for k, p in G.named_parameters() if p.grad is not None}
-    assert with_grad and all(k.startswith(("convs.4.", "to_rgbs.2.")) for k in with_grad)
-    assert n == sum(p.numel() for k, p in G.named_parameters() if k.startswith(("convs.4.", "to_rgbs.2.")))
-
-
-# ---- train ----------------------------------------------------------------------------------------------------
-
-def make_colour_clip(path, K=20.0, C=5.0, const=0.01):
-    """A CLIP (its real architecture, loaded through clip.load) whose embeddings mean something: the image
-    embedding reads an image's mean colour and the text embedding reads the words red, green and blue.
-
-    Both transformers average their tokens (q = k = 0, v = out = identity, MLP off); channels 0-2 carry colour,
-    3-5 its negative (so LayerNorm sees zero mean) and 6-7 a large constant pair that keeps LayerNorm near linear.
-    Projections put R, G, B on embedding axes 0-2 and a small constant on axis 3.
-    """
-    nada._import_clip()                                   # quietly: clip-anytorch warns on import
-    from clip.model import CLIP
-    from clip.simple_tokenizer import SimpleTokenizer
-    m = CLIP(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
-             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
-    sd = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
-    eye = torch.eye(64)
-    for pre in ("visual.transformer.resblocks.0.", "transformer.resblocks.0."):
-        sd[pre + "attn.in_proj_weight"][128:] = eye
-        sd[pre + "attn.out_proj.weight"] = eye.clone()
-        sd[pre + "ln_1.weight"] = sd[pre + "ln_2.weight"] = torch.ones(64)
-    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
-        sd[ln + ".weight"] = torch.ones(64)
-    for c in range(3):
-        sd["visual.conv1.weight"][c, c] = 1 / 256         # mean over the 16x16 patch
-        sd["visual.conv1.weight"][3 + c, c] = -1 / 256
-        sd["visual.proj"][c, c] = sd["text_projection"][c, c] = 1
-    sd["visual.proj"][6, 3] = sd["text_projection"][6, 3] = const
-    sd["visual.positional_embedding"][:, 6], sd["visual.positional_embedding"][:, 7] = K, -K
-    sd["token_embedding.weight"][:, 6], sd["token_embedding.weight"][:, 7] = K, -K
-    tok = SimpleTokenizer()
-    for c, word in enumerate(("red", "green", "blue")):
-        (i,) = tok.encode(word)
-        sd["token_embedding.weight"][i, c] += C
-        sd["token_embedding.weight"][i, 3 + c] -= C
-    torch.save(sd, path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def colour_clip(tmp_path_factory):
-    return make_colour_clip(tmp_path_factory.mktemp("clip") / "colour_clip.pt")
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gen") / "tiny.pt"
-    nada.save_generator(tiny_generator(), path)
-    return str(path)
-
-
-def redness(img, channel):
-    """How much the given channel exceeds the mean of the other two."""
-    others = [c for c in range(3) if c != channel]
-    return (img[:, channel] - img[:, others].mean(1)).mean().item()
-
-
-def test_train_cli_end_to_end_then_sample(tmp_path, colour_clip, tiny_ckpt):
-    out = tmp_path / "run"
-    rc, stdout, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--src", "photo", "--tgt",
-                              "red photo", "--iters", 40, "--layers", "all", "--out", out, "--sample-every", 20)
-    assert rc == 0, err
-    assert "ops ref (cpu)" in stdout and "layers" in stdout and str(out) in stdout
-    log = [json.loads(ln) for ln in open(out / "log.jsonl")]
-    assert [r["iter"] for r in log] == list(range(40))
-    assert {"loss", "losses", "layers", "seconds"} <= set(log[0])
-    assert log[0]["loss"] == 1.0                          # step 0: the generators agree, the direction is 0
-    assert np.mean([r["loss"] for r in log[-10:]]) < 0.6
-    assert sorted(os.listdir(out / "samples")) == ["000000.png", "000020.png", "000040.png"]
-    from PIL import Image
-    assert Image.open(out / "samples" / "000040.png").size == (4 * 32, 2 * 32)   # frozen row above adapted row
-    meta = torch.load(out / "generator.pt", weights_only=True)["nada"]
-    assert (meta["src"], meta["tgt"], meta["iterations"], meta["base"]) == ("photo", "red photo", 40, tiny_ckpt)
-    assert json.load(open(out / "config.json"))["iters"] == 40
-    rc, stdout, err = run_cli("sample", "--ckpt", out / "generator.pt", "--seeds", "0-3", "--compare", "--out", tmp_path / "s")
-    assert rc == 0, err
-    pair = np.asarray(Image.open(tmp_path / "s" / "seed0001.png")).astype(float)
-    base, adapted = pair[:, :32], pair[:, 32:]            # base | adapted: the adapted one is the redder
-    red = lambda a: (a[..., 0] - a[..., 1:].mean(-1)).mean()
-    assert red(adapted) > red(base) + 5
-
-
-@pytest.mark.parametrize("word,channel", [("red", 0), ("blue", 2)])
-def test_training_moves_images_toward_the_prompt(tmp_path, colour_clip, tiny_ckpt, word, channel):
-    out = nada.train(src="photo", tgt=f"{word} photo", ckpt=tiny_ckpt, out=str(tmp_path / word), iters=40,
-                     layers="all", clip=colour_clip, progress=False, sample_every=1000)
-    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
-    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(123))
-    with torch.no_grad():
-        before, after = G0(z), G1(z)
-    assert redness(after, channel) > redness(before, channel) + 0.1
-    model = nada.load_clip(colour_clip)
-    direction = nada.text_direction(model, "photo", f"{word} photo")
-    with torch.no_grad():
-        loss = nada.directional_loss(nada.encode_images(model, before), nada.encode_images(model, after), direction)
-    assert loss < 0.5
-
-
-def test_step_zero_is_finite_and_small(colour_clip):
-    G0 = tiny_generator().requires_grad_(False)
-    G = tiny_generator()
-    model = nada.load_clip(colour_clip)
-    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
-    before = {k: v.clone() for k, v in G.state_dict().items()}
-    opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=nada.LR, betas=nada.BETAS)
-    layers, loss, _ = nada.train_step(G0, G, opt, targets, layers=nada.parse_layers("all", G), batch=2, mixing=0.0,
-                                      cls=None, rng=torch.Generator().manual_seed(0), device="cpu")
-    assert loss == 1.0
-    assert all(p.grad is None and not p.requires_grad for p in model.parameters())   # CLIP never trains
-    assert all(p.grad is None for p in G0.parameters())
-    grads = [p.grad for p in G.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    change = max((G.state_dict()[k] - v).abs().max().item() for k, v in before.items())
-    assert 0 < change <= nada.LR * 1.01                   # Adam's first step: at most lr per element
-
-
-def test_frozen_tensors_bitwise_unchanged(tmp_path, colour_clip, tiny_ckpt):
-    out = nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=6, layers="last:1",
-                     clip=colour_clip, progress=False)
-    a = torch.load(tiny_ckpt, weights_only=True)["g_ema"]
-    b = torch.load(os.path.join(out, "generator.pt"), weights_only=True)["g_ema"]
-    trained = ("convs.4.", "convs.5.", "to_rgbs.2.")
-    for k in a:
-        if k.startswith(trained) and not k.endswith("kernel"):
-            continue
-        assert torch.equal(a[k], b[k]), k                 # mapping, other blocks, buffers
-    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith(trained))
-
-
-def test_auto_layers_select_k_entries_each_step(tmp_path, colour_clip, tiny_ckpt):
-    out = nada.train(src="photo", tgt="blue photo", ckpt=tiny_ckpt, out=str(tmp_path / "a"), iters=3, layers="auto",
-                     auto_k=2, clip=colour_clip, progress=False)
-    G = nada.load_generator(tiny_ckpt)
-    for row in map(json.loads, open(os.path.join(out, "log.jsonl"))):
-        possible = [set(nada.layers_driven_by(G, j)) for j in range(G.num_ws)]
-        covered = set(row["layers"])
-        # exactly the union of the layers of 2 W+ entries
-        assert any(covered == possible[i] | possible[j] for i in range(G.num_ws) for j in range(i + 1, G.num_ws))
+@pytest.mark.parametrize("bad", ["3-1", "a", "1,,2"])
+def test_parse_seeds_refuses(bad):
+    with pytest.raises(nada.NadaError, match="--seeds"):
+        nada.parse_seeds(bad)
 
 
 def test_resume_equals_uninterrupted(tmp_path, colour_clip, tiny_ckpt):
@@ -907,86 +1020,281 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, colour_
     assert torch.load(tmp_path / "n" / "generator.pt", weights_only=True)["nada"]["iterations"] == 4
 
 
-def test_image_targets(tmp_path, colour_clip, tiny_ckpt):
-    from PIL import Image
-    paths = []
-    for i, rgb in enumerate([(250, 10, 10), (200, 30, 40)]):
-        paths.append(str(tmp_path / f"t{i}.png"))
-        Image.new("RGB", (40, 48), rgb).save(paths[-1])
-    out = nada.train(src="", tgt="", tgt_img=paths, ckpt=tiny_ckpt, out=str(tmp_path / "img"), iters=30, layers="auto",
-                     auto_k=4, clip=colour_clip, progress=False)
-    G0, G1 = nada.load_generator(tiny_ckpt), nada.load_generator(os.path.join(out, "generator.pt"))
-    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        assert redness(G1(z), 0) > redness(G0(z), 0) + 0.1
-
-
-def test_train_conditional_generator_with_class(tmp_path, colour_clip):
-    out = nada.train(tgt="blue photo", ckpt=os.path.join(FIXTURES, "nvidia_32_cond.pkl"), cls="all", iters=2,
-                     layers="last:2", out=str(tmp_path / "c"), clip=colour_clip, progress=False)
-    G = nada.load_generator(os.path.join(out, "generator.pt"))
-    assert G.c_dim == 10 and G.conv_clamp == 256
-
-
-def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt):
-    base = ["train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--iters", 2, "--out", tmp_path / "ok"]
-    cases = [
-        (["--src", "", "--tgt", "x"], "non-empty"),
-        (["--src", "Photo", "--tgt", "photo"], "the same"),
-        (["--clip", "ViT-Z/99"], "unknown CLIP model"),
-        (["--clip-weights", "1,2"], "2 values for 1 CLIP models"),
-        (["--ckpt", tmp_path / "nope.pt"], "neither a file nor a known model"),
-        (["--ckpt", colour_clip], "no generator found"),
-        (["--class", "cat"], "unconditional"),
-        (["--out", "/proc/nada_cannot_write"], "cannot write the output folder"),
-        (["--layers", "last:0"], "--layers"),
-        (["--tgt-img", tmp_path / "missing.png"], "no such file"),
-        (["--sample-every", 0], "--sample-every 0: must be at least 1"),
-        (["--mixing", 1.5], "--mixing 1.5: must be between 0 and 1"),
-    ]
-    for extra, words in cases:
-        rc, _, err = run_cli(*base, *extra, cwd=tmp_path)
-        assert_clean_error(rc, err, words)
-    rc, _, err = run_cli(*base, "--tgt", "red photo")
+def test_train_refuses_to_resume_with_other_settings_or_to_reuse_a_run_folder(tmp_path, colour_clip, tiny_ckpt):
+    base = train_args(tmp_path, colour_clip, tiny_ckpt)
+    rc, _, err = run_cli(*base, "--tgt", "red photo", cwd=tmp_path)
     assert rc == 0, err
-    rc, _, err = run_cli(*base, "--tgt", "red photo", "--resume", tmp_path / "ok", "--lr", "0.1")
+    rc, _, err = run_cli(*base, "--tgt", "red photo", "--resume", tmp_path / "ok", "--lr", "0.1", cwd=tmp_path)
     assert_clean_error(rc, err, "--lr")
-    rc, _, err = run_cli(*base, "--tgt", "red photo")
+    rc, _, err = run_cli(*base, "--tgt", "red photo", cwd=tmp_path)
     assert_clean_error(rc, err, "holds a run already")
 
 
-# ---- sample ---------------------------------------------------------------------------------------------------
+# ---- run folders and flags: bad input, one clear error, nothing left behind; locks; signals -------------
 
-def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
-    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
-    outs = []
-    for run in ("a", "b"):
-        rc, out, err = run_cli("sample", "--ckpt", ckpt, "--class", "bird", "--n", 8, "--out", tmp_path / run)
-        assert rc == 0, err
-        assert str(tmp_path / run) in out
-        outs.append({f: (tmp_path / run / f).read_bytes() for f in sorted(os.listdir(tmp_path / run))})
-    assert sorted(outs[0]) == ["grid.png"] + [f"seed{i:04d}.png" for i in range(8)]
-    assert outs[0] == outs[1]
+def main_in_process(capsys, *args):
+    """nada.main in this process (faster than a subprocess) -> (exit code, stdout, stderr)."""
+    rc = nada.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+LONG_PROMPT = "a very long prompt " * 30
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--mixing", "nan"], "--mixing nan: must be a finite number"),
+    (["--seed", "1180591620717411303424"], "--seed 1180591620717411303424: must be between 0 and"),
+    (["--device", "cuda:3"], "--device cuda:3, but torch sees"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--impl", "cuda", "--device", "cpu"], "--impl cuda runs the CUDA kernels, which need --device cuda"),
+    (["--n-sample", "100000"], "--n-sample 100000: must be between 1 and 64"),
+    (["--auto-k", "0"], "--auto-k 0: must be 1..8"),
+    (["--tgt", LONG_PROMPT], "does not fit CLIP's 77 tokens"),
+    (["--iters", "0"], "--iters 0: must be at least 1"),
+])
+def test_train_flags_are_checked_before_anything_is_written(tmp_path, capsys, colour_clip, tiny_ckpt, extra, words):
+    if "--device" in extra and extra[extra.index("--device") + 1] == "cuda:3" and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a fourth GPU")
+    out = tmp_path / "run"
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo",
+                                 "--iters", 2, "--out", out, *extra)
+    assert_clean_error(rc, err, words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda p: None, "no interrupted run there"),
+    (lambda p: p.write_text("x"), "no interrupted run there"),
+    (lambda p: (p.mkdir(), (p / "state.pt").write_bytes(b"x"), (p / "config.json").write_text("{not json")),
+     "config.json is unreadable"),
+])
+def test_resume_of_something_that_is_not_a_run_fails_first(tmp_path, capsys, make, words):
+    """Checked before any model is loaded: with no file and no network, a late check would fail on a download."""
+    make(tmp_path / "r")
+    rc, _, err = main_in_process(capsys, "train", "--resume", tmp_path / "r", "--weights-dir", tmp_path / "w", "--offline")
+    assert_clean_error(rc, err, words)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--trunc", "nan"], "--trunc nan: must be a finite number"),
+    (["--n", "1000000000"], "--n 1000000000: must be between 1 and 100000"),
+    (["--seeds", "0-100000000000"], "seeds go up to 4294967295, and one call renders at most 100000 images"),
+    (["--seeds", "4294967296"], "seeds go up to"),
+    (["--device", "cuda:3"], "--device cuda:3, but torch sees"),
+])
+def test_sample_flags_are_checked_before_anything_is_written(tmp_path, capsys, tiny_ckpt, extra, words):
+    if "cuda:3" in extra and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a fourth GPU")
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", tiny_ckpt, "--out", tmp_path / "s", *extra)
+    assert_clean_error(rc, err, words)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_sample_out_that_cannot_be_written(tmp_path, capsys, tiny_ckpt, where):
+    out = tmp_path / "taken.png" if where == "file" else "/proc/nada_cannot_write"
+    if where == "file":
+        out.write_bytes(b"keep me")
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", tiny_ckpt, "--n", 1, "--out", out)
+    assert_clean_error(rc, err, "cannot write the output folder")
+    if where == "file":
+        assert out.read_bytes() == b"keep me"
+
+
+def test_train_out_that_is_a_file(tmp_path, capsys, colour_clip, tiny_ckpt):
+    (tmp_path / "f").write_text("keep me")
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo",
+                                 "--out", tmp_path / "f")
+    assert_clean_error(rc, err, "is a file, not a folder")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_out_of_memory_is_one_clear_error_and_leaves_no_run_behind(tmp_path, capsys, colour_clip, tiny_ckpt, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 400000000000 bytes.")
+    monkeypatch.setattr(nada, "train_step", oom)
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo",
+                                 "--batch", 20000, "--out", tmp_path / "run")
+    assert_clean_error(rc, err, "out of memory", "lower --batch")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_huge_lr_says_nothing_was_saved(tmp_path, colour_clip, tiny_ckpt):
+    with pytest.raises(nada.NadaError, match=r"became nan at step \d+; stopped\. Nothing was saved yet"):
+        nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=5, lr=1e30, layers="all",
+                   clip=colour_clip, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_bookkeeping(tmp_path, capsys, colour_clip, tiny_ckpt, monkeypatch):
+    """--iters grows a run and config.json follows; a finished run does nothing; fewer steps is refused; a
+    relative --ckpt is stored absolute, so the run resumes from another folder."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    os.link(tiny_ckpt, tmp_path / "a" / "g.pt")
+    monkeypatch.chdir(tmp_path / "a")
+    base = ["--clip", colour_clip, "--layers", "all", "--save-every", 1000]
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", "g.pt", "--tgt", "red photo", "--iters", 2, "--out",
+                                 tmp_path / "run", *base)
+    assert rc == 0, err
+    cfg = json.load(open(tmp_path / "run" / "config.json"))
+    assert cfg["ckpt"] == str(tmp_path / "a" / "g.pt") and cfg["iters"] == 2
+    monkeypatch.chdir(tmp_path / "b")
+    rc, out, err = main_in_process(capsys, "train", "--resume", tmp_path / "run", "--iters", 3)
+    assert rc == 0 and "done: 1 steps" in out and "3 in all" in out, err
+    assert json.load(open(tmp_path / "run" / "config.json"))["iters"] == 3
+    rc, out, err = main_in_process(capsys, "train", "--resume", tmp_path / "run")
+    assert rc == 0 and "done: 0 steps" in out and "3 in all" in out, err
+    rc, _, err = main_in_process(capsys, "train", "--resume", tmp_path / "run", "--iters", 1)
+    assert_clean_error(rc, err, "the run is at step 3; --iters 1 would go back")
+    assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 3
+
+
+def test_resume_drops_a_torn_log_line_and_a_killed_save(tmp_path, colour_clip, tiny_ckpt):
+    kw = dict(tgt="red photo", ckpt=tiny_ckpt, layers="all", clip=colour_clip, progress=False, save_every=2)
+    run = nada.train(out=str(tmp_path / "r"), iters=2, **kw)
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"iter": 2, "lo')                        # a kill in the middle of a write
+    for leftover in (os.path.join(run, ".tmp-x1.pt"), os.path.join(run, "samples", ".tmp-x2.png")):
+        open(leftover, "wb").close()
+    nada.train(out=None, iters=3, resume=run, **kw)
+    assert [json.loads(ln)["iter"] for ln in open(os.path.join(run, "log.jsonl"))] == [0, 1, 2]
+    assert not [n for d in (run, os.path.join(run, "samples")) for n in os.listdir(d) if n.startswith(".tmp-")]
+
+
+def test_resume_with_a_garbage_state_is_a_clear_error(tmp_path, capsys, colour_clip, tiny_ckpt):
+    run = nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=1, layers="all",
+                     clip=colour_clip, progress=False)
+    open(os.path.join(run, "state.pt"), "wb").write(b"garbage" * 100)
+    rc, _, err = main_in_process(capsys, "train", "--resume", run, "--iters", 2)
+    assert_clean_error(rc, err, "state.pt is unreadable")
+
+
+def test_two_processes_cannot_share_a_run_folder(tmp_path, colour_clip, tiny_ckpt):
+    run = tmp_path / "r"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(nada.NadaError, match=rf"in use by another nada process \(pid {holder.pid}\)"):
+            nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(run), iters=1, clip=colour_clip, progress=False)
+        assert sorted(os.listdir(run)) == [".lock"]        # nothing of ours was written, and the folder stays
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        nada.atomic_write_text(str(tmp_path / "a.txt"), "x")
+        nada.save_image(torch.zeros(1, 3, 4, 4), str(tmp_path / "a.png"))
+    finally:
+        os.umask(old)
+    assert all(os.stat(tmp_path / f).st_mode & 0o777 == mode for f in ("a.txt", "a.png"))
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path, colour_clip, tiny_ckpt):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "nada.py"), "train", "--ckpt", tiny_ckpt, "--clip",
+                          colour_clip, "--tgt", "red photo", "--iters", "100000", "--layers", "all", "--out", str(out),
+                          "--save-every", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (
+            (out / "log.jsonl").exists() and len(open(out / "log.jsonl").readlines()) >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "interrupted: saved at step" in stdout
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    rc, _, err = run_cli("train", "--resume", out, "--iters", step + 1)
+    assert rc == 0, err
+
+
+def test_sample_grid_shows_the_first_seeds(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(nada, "GRID_MAX", 2)
+    out = nada.sample(ckpt=tiny_ckpt, n=3, out=str(tmp_path / "s"))
     from PIL import Image
-    assert Image.open(tmp_path / "a" / "seed0003.png").size == (32, 32)
-    # the PNG holds the generator's image for that seed: seed 3, class bird (2)
-    G = nada.load_generator(ckpt)
-    with torch.no_grad():
-        img = G(nada.seed_latents(G, [3]), F.one_hot(torch.tensor([2]), 10).float())
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
+    assert sorted(os.listdir(out)) == ["grid.png", "seed0000.png", "seed0001.png", "seed0002.png"]
+    assert Image.open(os.path.join(out, "grid.png")).size == (2 * 32, 32)
 
 
-def test_parse_seeds():
-    assert nada.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
-    for bad in ("3-1", "a", "1,,2"):
-        with pytest.raises(nada.NadaError):
-            nada.parse_seeds(bad)
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def test_train_cli_end_to_end_then_sample(tmp_path, colour_clip, tiny_ckpt):
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--src", "photo", "--tgt",
+                              "red photo", "--iters", 40, "--layers", "all", "--out", out, "--sample-every", 20,
+                              "--device", "cpu")
+    assert rc == 0, err
+    # the startup line, part by part: what runs, on which layers (all 12; every parameter outside the mapping)
+    n_params = sum(p.numel() for k, p in tiny_generator().named_parameters() if not k.startswith("style."))
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("nada train |")]
+    assert line.split(" | ") == ["nada train", "device cpu", "ops ref (cpu)", f"CLIP {colour_clip} x1",
+                                 f"layers all (12 layers, {n_params / 1e6:.2f}M params)",
+                                 "32 px, 'photo' -> 'red photo'", f"out {out}"], line
+    log = [json.loads(ln) for ln in open(out / "log.jsonl")]
+    assert [r["iter"] for r in log] == list(range(40))
+    assert {"loss", "losses", "layers", "seconds"} <= set(log[0])
+    assert log[0]["loss"] == 1.0                          # step 0: the generators agree, the direction is 0
+    assert np.mean([r["loss"] for r in log[-10:]]) < 0.6
+    assert sorted(os.listdir(out / "samples")) == ["000000.png", "000020.png", "000040.png"]
+    from PIL import Image
+    assert Image.open(out / "samples" / "000040.png").size == (4 * 32, 2 * 32)   # frozen row above adapted row
+    meta = torch.load(out / "generator.pt", weights_only=True)["nada"]
+    assert (meta["src"], meta["tgt"], meta["iterations"], meta["base"]) == ("photo", "red photo", 40, tiny_ckpt)
+    assert json.load(open(out / "config.json"))["iters"] == 40
+    rc, stdout, err = run_cli("sample", "--ckpt", out / "generator.pt", "--seeds", "0-3", "--compare", "--out", tmp_path / "s")
+    assert rc == 0, err
+    pair = np.asarray(Image.open(tmp_path / "s" / "seed0001.png")).astype(float)
+    base, adapted = pair[:, :32], pair[:, 32:]            # base | adapted: the adapted one is the redder
+    red = lambda a: (a[..., 0] - a[..., 1:].mean(-1)).mean()
+    assert red(adapted) > red(base) + 5
 
 
-def test_sample_bad_input(tmp_path):
-    cond, plain = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
-    assert_clean_error(*run_cli("sample", cwd=tmp_path)[::2], "runs/*/generator.pt")
-    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--class", "cat", cwd=tmp_path)[::2], "unconditional")
-    assert_clean_error(*run_cli("sample", "--ckpt", cond, "--class", "dragon", cwd=tmp_path)[::2], "unknown class")
-    assert_clean_error(*run_cli("sample", "--ckpt", cond, cwd=tmp_path)[::2], "class-conditional")
-    assert_clean_error(*run_cli("sample", "--ckpt", plain, "--seeds", "9-1", cwd=tmp_path)[::2], "--seeds")
+@pytest.mark.parametrize("extra,words", [
+    pytest.param(["--src", "", "--tgt", "x"], "non-empty", id="empty-src"),
+    pytest.param(["--src", "Photo", "--tgt", "photo"], "the same", id="same-prompts"),
+    pytest.param(["--clip", "ViT-Z/99"], "unknown CLIP model", id="clip-name"),
+    pytest.param(["--clip-weights", "1,2"], "2 values for 1 CLIP models", id="clip-weights"),
+    pytest.param(["--ckpt", "nope.pt"], "neither a file nor a known model", id="ckpt-missing"),
+    pytest.param(["--ckpt", "{clip}"], "no generator found", id="ckpt-not-a-generator"),
+    pytest.param(["--class", "cat"], "unconditional", id="class-unconditional"),
+    pytest.param(["--out", "/proc/nada_cannot_write"], "cannot write the output folder", id="out-unwritable"),
+    pytest.param(["--layers", "last:0"], "--layers", id="layers"),
+    pytest.param(["--tgt-img", "missing.png"], "no such file", id="tgt-img-missing"),
+    pytest.param(["--sample-every", "0"], ("--sample-every 0: must be", "at least 1"), id="sample-every"),
+    pytest.param(["--mixing", "1.5"], ("--mixing 1.5: must be", "between 0 and 1"), id="mixing"),
+])
+def test_train_bad_input(tmp_path, colour_clip, tiny_ckpt, extra, words):
+    """One clean error line, before anything is written (relative paths are in tmp_path, the working folder)."""
+    rc, _, err = run_cli(*train_args(tmp_path, colour_clip, tiny_ckpt), *[a.format(clip=colour_clip) for a in extra],
+                         cwd=tmp_path)
+    assert_clean_error(rc, err, *(words if isinstance(words, tuple) else [words]))
+    assert os.listdir(tmp_path) == []
+
+
+COND, PLAIN = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURES, "nvidia_32.pkl")
+
+
+@pytest.mark.parametrize("args,words", [
+    pytest.param([], "runs/*/generator.pt", id="no-ckpt-no-runs"),
+    pytest.param(["--ckpt", PLAIN, "--class", "cat"], "unconditional", id="class-unconditional"),
+    pytest.param(["--ckpt", COND, "--class", "dragon"], "unknown class", id="class-unknown"),
+    pytest.param(["--ckpt", COND], "class-conditional", id="class-missing"),
+    pytest.param(["--ckpt", PLAIN, "--seeds", "9-1"], "--seeds", id="seeds"),
+])
+def test_sample_bad_input(tmp_path, args, words):
+    assert_clean_error(*run_cli("sample", *args, cwd=tmp_path)[::2], words)
+    assert os.listdir(tmp_path) == []
+
