@@ -23,6 +23,7 @@ import copy
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 import zipfile
 from collections import OrderedDict, namedtuple
 
@@ -41,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils.checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SQRT2 = math.sqrt(2.0)
@@ -382,6 +386,7 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(channels[r], style_dim, clamp=conv_clamp))
         self.register_buffer("latent_avg", torch.zeros(style_dim), persistent=False)   # saved beside g_ema
         self.meta = {}                                  # load_generator: the metadata our checkpoints carry
+        self.checkpointing = False                      # recompute layers in backward instead of keeping them
         self.set_impl(impl)
         self.eval()
 
@@ -423,8 +428,11 @@ class Generator(nn.Module):
         return [torch.randn(n, 1, b.shape[2], b.shape[3], generator=generator, device=device or b.device)
                 for b in self.noises.buffers()]
 
-    def synthesis(self, ws, noise_mode="const", noise=None):
-        """ws [N, num_ws, w_dim] -> images [N, 3, size, size]. noise_mode: const | random | none, or explicit noise."""
+    def synthesis(self, ws, noise_mode="const", noise=None, stop=None, start=None):
+        """ws [N, num_ws, w_dim] -> images [N, 3, size, size]. noise_mode: const | random | none, or explicit noise.
+
+        stop=n: run blocks 0..n-1 only (block 0 is 4 px) -> (n, x, img), which start= continues from.
+        """
         if noise is None:
             if noise_mode == "const":
                 noise = list(self.noises.buffers())
@@ -434,15 +442,28 @@ class Generator(nn.Module):
                 noise = [None] * (self.num_ws - 1)
             else:
                 raise ValueError(f"noise_mode must be const, random or none, got {noise_mode!r}")
-        ws = ws.float()
-        x = self.conv1(self.input(ws.shape[0]), ws[:, 0], noise[0])                  # [N, C4, 4, 4]
-        img = self.to_rgb1(x, ws[:, 1])                                               # [N, 3, 4, 4]
+        ws, run = ws.float(), self._run_layer
+        done, x, img = start or (0, None, None)         # blocks already run, their features and skip image
+        if done == 0:
+            x = run(self.conv1, self.input(ws.shape[0]), ws[:, 0], noise[0])         # [N, C4, 4, 4]
+            img = run(self.to_rgb1, x, ws[:, 1])                                      # [N, 3, 4, 4]
         for i, (up, conv, to_rgb) in enumerate(zip(self.convs[::2], self.convs[1::2], self.to_rgbs)):
-            # block i (resolution r = 8 * 2^i) reads ws[2i+1], ws[2i+2] for its convs, ws[2i+3] for toRGB
-            x = up(x, ws[:, 2 * i + 1], noise[2 * i + 1])                             # [N, Cr, r, r]
-            x = conv(x, ws[:, 2 * i + 2], noise[2 * i + 2])
-            img = to_rgb(x, ws[:, 2 * i + 3], img)      # the skip image: upsampled and summed over blocks
+            if i + 1 == stop:
+                return stop, x, img
+            if i + 1 < done:
+                continue
+            # block i+1 (resolution r = 8 * 2^i) reads ws[2i+1], ws[2i+2] for its convs, ws[2i+3] for toRGB
+            x = run(up, x, ws[:, 2 * i + 1], noise[2 * i + 1])                        # [N, Cr, r, r]
+            x = run(conv, x, ws[:, 2 * i + 2], noise[2 * i + 2])
+            img = run(to_rgb, x, ws[:, 2 * i + 3], img)  # the skip image: upsampled and summed over blocks
         return img
+
+    def _run_layer(self, layer, *inputs):
+        """layer(*inputs); with `checkpointing` (--memory low) only the inputs are kept for backward, and the
+        layer runs again then: each layer's intermediates (5 full-size maps) never pile up over the network."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
 
     def forward(self, z, c=None, truncation=1.0, noise_mode="const"):
         return self.synthesis(self.mapping(z, c, truncation), noise_mode)
@@ -529,6 +550,13 @@ def image_direction(model, target_images, generated):
     return F.normalize(target - encode_images(model, generated).mean(0), dim=0), F.normalize(target, dim=0)
 
 
+def drop_text_tower(model):
+    """Free CLIP's text encoder once the directions are computed (about 250 MB for ViT-B): training reads images."""
+    model.transformer = model.token_embedding = model.ln_final = None
+    model.positional_embedding = model.text_projection = None
+    return model
+
+
 def directional_loss(emb_frozen, emb_adapted, direction, eps=DIRECTION_EPS):
     """NADA's directional CLIP loss: mean over the batch of 1 - cos(image change, direction).
 
@@ -607,6 +635,11 @@ def parse_layers(spec, G, auto_k=None):
     return [name for r in resolutions for name in known[r]]
 
 
+def first_trained_block(G, layers):
+    """The index of the first synthesis block (0 is 4 px) that holds one of `layers`."""
+    return min(i for i, (_, names) in enumerate(synthesis_blocks(G)) if set(names) & set(layers))
+
+
 def set_trainable(G, layers):
     """requires_grad on the parameters of `layers` only (the mapping network never trains). -> their count."""
     prefixes = tuple(name + "." for name in layers)
@@ -617,16 +650,20 @@ def set_trainable(G, layers):
     return count
 
 
-def select_layers_auto(G, ws, targets, k, lr=0.01):
+def select_layers_auto(G, ws, targets, k, chunk=None, lr=0.01):
     """NADA's adaptive layer selection: one SGD step on W+ codes against the global CLIP loss toward the target;
     the k W+ entries that moved most name the layers to train (through `layers_driven_by`).
 
     ws: [B, num_ws, w_dim] from the frozen mapping. targets: ClipTargets (their `target` embeddings are used).
+    chunk: render at most this many latents at once. Each latent's gradient depends on it alone, so chunks
+    weighted by their share of B give the gradient of the whole batch, at the memory of one chunk.
     """
-    ws = ws.detach().clone().requires_grad_(True)
-    img = G.synthesis(ws, noise_mode="const")
-    loss = sum(t.weight * global_loss(encode_images(t.model, img), t.target) for t in targets)
-    (grad,) = torch.autograd.grad(loss, ws)             # the generator's own weights get no gradient here
+    grad = torch.zeros_like(ws)
+    for i in range(0, len(ws), chunk or len(ws)):
+        part = ws[i:i + (chunk or len(ws))].detach().clone().requires_grad_(True)
+        img = G.synthesis(part, noise_mode="const")
+        loss = sum(t.weight * global_loss(encode_images(t.model, img), t.target) for t in targets)
+        (grad[i:i + len(part)],) = torch.autograd.grad(loss * len(part) / len(ws), part)   # G gets no gradient
     moved = (lr * grad).abs().mean(dim=(0, 2))          # [num_ws]: |w_new - w_old| after one SGD step
     chosen = list(range(k)) if moved.is_meta else torch.topk(moved, k).indices.tolist()   # meta: any k cost the same
     return in_block_order(G, [name for j in chosen for name in layers_driven_by(G, j)])
@@ -694,22 +731,32 @@ def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
     return targets
 
 
-def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device):
+def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device, precision="fp32"):
     """One step of NADA on a fresh batch. layers: names to train, or k to choose them adaptively this step.
+    precision: fp32, or bf16 for the generators' convolutions (autocast; weights and Adam stay float32).
 
     -> (trained layer names, loss, per-CLIP-model losses)
     """
+    kind = torch.device(device).type
+    autocast = functools.partial(torch.autocast, kind if kind in ("cuda", "cpu") else "cpu", torch.bfloat16,
+                                 enabled=precision == "bf16" and kind in ("cuda", "cpu"))
     ws, c = draw_ws(G_frozen, batch, cls, rng, device)                                # [B, num_ws, w_dim]
     noise = [n.to(device) for n in G.make_noise(batch, generator=rng, device="cpu")]   # the same noise in both
     if mixing > 0 and torch.rand((), generator=rng).item() < mixing:                   # style mixing: later
         cut = int(torch.randint(1, G.num_ws, (), generator=rng))                       # layers from other z
         ws = torch.cat([ws[:, :cut], draw_ws(G_frozen, batch, cls, rng, device, c)[0][:, cut:]], dim=1)
-    if isinstance(layers, int):                        # adaptive: the k W+ entries that matter most right now
-        layers = select_layers_auto(G, draw_ws(G_frozen, SELECTION_BATCH, cls, rng, device)[0], targets, layers)
+    adaptive = isinstance(layers, int)
+    if adaptive:                                        # the k W+ entries that matter most right now
+        with autocast():
+            layers = select_layers_auto(G, draw_ws(G_frozen, SELECTION_BATCH, cls, rng, device)[0], targets, layers,
+                                        chunk=batch)   # never more memory than the step itself
     set_trainable(G, layers)
-    with torch.no_grad():
-        img_frozen = G_frozen.synthesis(ws, noise=noise)                              # [B, 3, H, W]
-    img = G.synthesis(ws, noise=noise)                                                # same latents, adapted
+    shared = 0 if adaptive else first_trained_block(G, layers)   # blocks before it never train: render them once
+    with torch.no_grad(), autocast():
+        start = G_frozen.synthesis(ws, noise=noise, stop=shared) if shared else None
+        img_frozen = G_frozen.synthesis(ws, noise=noise, start=start)                # [B, 3, H, W]
+    with autocast():
+        img = G.synthesis(ws, noise=noise, start=start)                              # same latents, adapted
     losses = []
     for t in targets:
         with torch.no_grad():
@@ -727,39 +774,57 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
 def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, lr=LR, mixing=0.0, layers="auto",
           auto_k=None, clip="ViT-B/32", clip_weights=None, tgt_img=None, cls=None, seed=0, device="auto",
           impl="auto", sample_every=50, save_every=50, n_sample=4, resume=None, wdir=None, offline=False,
-          progress=True, clip_models=None):
+          progress=True, clip_models=None, memory="auto", precision="fp32", dry_run=False):
     """Adapt a generator from `src` to `tgt` (or toward the images `tgt_img`); returns the run folder.
 
     The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
     (optimizer and RNG state for --resume). `clip_models` may pass CLIP modules already loaded (for tests).
+    memory: fast; low (each synthesis layer recomputed in backward, CLIP in float16 on CUDA); auto (low only when
+    fast would not fit the GPU's free memory). precision: bf16 runs the generators under autocast.
+    dry_run: the same setup and two steps on the meta device, nothing read, downloaded or written -> the memory
+    estimate for `device` (a dict, see estimate_memory), instead of the run folder.
     """
+    args = dict(locals())
     settings = train_settings(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights,
                               layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls,
-                              iters=iters, sample_every=sample_every, save_every=save_every, n_sample=n_sample)
-    run = RunFolder(out, resume, settings)              # checked now; written only once everything has loaded
+                              iters=iters, sample_every=sample_every, save_every=save_every, n_sample=n_sample,
+                              memory=memory, precision=precision)
+    run = None if dry_run else RunFolder(out, resume, settings)   # checked now; written once everything has loaded
     images = [load_image(p) for p in settings["tgt_img"]]
-    device = check_device(device, impl)
-    G_frozen = load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl).requires_grad_(False)
+    target = estimated_device(device) if dry_run else check_device(device, impl)
+    memory, why = choose_memory(memory, target, lambda: train(**{**args, "memory": "fast", "dry_run": True}))
+    device = "meta" if dry_run else target             # meta: tensors with shapes and no data
+    G_frozen = (meta_generator(settings["ckpt"], wdir) if dry_run else
+                load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl)).requires_grad_(False)
     class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
     layers = parse_layers(layers, G_frozen, auto_k)
-    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline, clip_models)
+    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline, clip_models,
+                                              load=meta_clip if dry_run else load_clip)
+    for m in models if memory == "low" and target.startswith("cuda") else ():
+        _import_clip().model.convert_weights(m)         # as clip.load on CUDA: half, LayerNorms stay float32
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base
+    G.checkpointing = memory == "low"
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
                            lr=lr, betas=BETAS)          # the mapping network never trains
     rng = torch.Generator().manual_seed(seed)           # every random draw of the run, so resume replays exactly
     targets = clip_targets(models, weights, G_frozen, src, tgt, images, cls, torch.Generator().manual_seed(seed + 1), device)
+    for m in models if clip_models is None else ():     # the directions are computed: training reads images only
+        drop_text_tower(m)
     n_params = None if isinstance(layers, int) else set_trainable(G, layers)
+    step = functools.partial(train_step, G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
+                             cls=cls, rng=rng, device=device, precision=precision)
+    if dry_run:
+        return dict(estimate_memory(step, [G_frozen, G, *models], opt), device=target, memory=memory, why=why)
     print(startup_line("train", device, impl, "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)),
-                       describe_layers(settings["layers"], layers, G, n_params),
+                       describe_layers(settings["layers"], layers, G, n_params), f"memory {memory} ({why})",
                        f"{G.size} px, {'images' if images else repr(src)} -> {settings['tgt_img'] or repr(tgt)}",
                        f"out {run.path}"), flush=True)
     meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=settings["ckpt"], layers=settings["layers"],
                 clip=names, clip_weights=weights, seed=seed, cls=cls)
     with run:                                           # its lock; a new run that fails before a save leaves nothing
-        for step in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
-            trained, loss, losses = train_step(G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
-                                               cls=cls, rng=rng, device=device)
-            run.log(step, loss, dict(zip(names, losses)), trained)                   # stops on a NaN loss
+        for i in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
+            trained, loss, losses = step()
+            run.log(i, loss, dict(zip(names, losses)), trained)                      # stops on a NaN loss
     return run.path
 
 
@@ -1159,7 +1224,7 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
     return model.float().eval().requires_grad_(False).to(device)
 
 
-def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
+def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None):
     """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
     names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
     if isinstance(weights, str):
@@ -1170,7 +1235,7 @@ def load_clip_models(names, weights, device, wdir, offline, preloaded=None):
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if not names or len(weights) != len(names):
         raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
-    return names, weights, preloaded or [load_clip(n, device, wdir, offline) for n in names]
+    return names, weights, preloaded or [(load or load_clip)(n, device, wdir, offline) for n in names]
 
 
 def _manifest(folder):
@@ -1308,6 +1373,9 @@ def train_settings(**s):
     """Check the settings before anything is loaded or written -> the run's settings, files as absolute paths
     (a run then resumes from any folder)."""
     absolute = lambda p: os.path.abspath(p) if os.path.isfile(p) else p
+    for flag, value, choices in (("memory", s.pop("memory"), MEMORY_MODES), ("precision", s.pop("precision"), PRECISIONS)):
+        if value not in choices:
+            raise NadaError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
     s["tgt_img"] = [os.path.abspath(p) for p in s["tgt_img"] or []]
     s["ckpt"], s["clip"] = absolute(s["ckpt"]), ",".join(absolute(n.strip()) for n in str(s["clip"]).split(","))
     if s["tgt_img"]:
@@ -1566,6 +1634,132 @@ def load_image(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dry run: the memory a run needs, counted on the meta device (shapes, no data) over the real setup and steps
+
+MEMORY_MODES, PRECISIONS = ("auto", "fast", "low"), ("fp32", "bf16")
+CUDA_CONTEXT = 2 ** 29                 # ~0.5 GiB that the CUDA context and kernels take on top, a stated constant
+CLIP_ARCHITECTURES = {  # embed, resolution, vision layers, vision width, patch, text width, heads, text layers
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12), "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12, 12), "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12, 12),
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 512, 8, 12), "RN101": (512, 224, (3, 4, 23, 3), 64, None, 512, 8, 12),
+}
+
+
+def estimated_device(device):
+    """The device a dry run estimates for: as asked (a GPU need not be here), auto meaning this machine's."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def free_gpu_bytes(device):
+    """Free memory on the GPU, or None where there is no GPU to ask."""
+    return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+
+
+def choose_memory(memory, device, estimate_fast):
+    """--memory auto -> low exactly when fast's estimated peak (plus the CUDA context) exceeds the free GPU memory.
+    -> (mode, why), why for the startup line."""
+    if memory != "auto":
+        return memory, "as asked"
+    if not device.startswith("cuda"):
+        return "fast", "on the CPU"
+    need, free = estimate_fast()["peak_bytes"] + CUDA_CONTEXT, free_gpu_bytes(device)
+    if free is None:
+        return "fast", f"needs {need / 2 ** 30:.1f} GiB; no GPU here to compare"
+    return ("low" if need > free else "fast"), f"fast needs {need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free"
+
+
+def named_architecture(name):
+    """Generator kwargs of a named model, without its file: NVIDIA's configs (formats.md): channel_base 32768
+    (16384 for the 256 px paper256 models), channel_max 512, 8 mapping layers (2 for cifar10)."""
+    _, res, _, classes = GENERATORS[name]
+    base = 16384 if res == 256 else 32768
+    return dict(size=res, n_mlp=2 if name == "cifar10" else 8, c_dim=len(classes or ()),
+                channels={2 ** k: min(base // 2 ** k, 512) for k in range(2, int(math.log2(res)) + 1)})
+
+
+def meta_generator(ckpt, wdir=None):
+    """The generator on the meta device: a named model's known architecture, or a file's own tensor shapes."""
+    if ckpt in GENERATORS and not os.path.isfile(ckpt):
+        with torch.device("meta"):
+            return Generator(**named_architecture(ckpt))
+    return load_generator(resolve_ckpt(ckpt, wdir, offline=True), "meta")
+
+
+def meta_clip(name, device="meta", wdir=None, offline=True):
+    """A CLIP model on the meta device: a named model's known architecture, or a file's own tensors."""
+    if os.path.isfile(name):
+        return load_clip(name, "meta")
+    if name not in CLIP_ARCHITECTURES:
+        raise NadaError(f"--dry-run knows the CLIP models {', '.join(CLIP_ARCHITECTURES)}; for {name!r} give its file")
+    embed, res, layers, width, patch, text_width, heads, text_layers = CLIP_ARCHITECTURES[name]
+    with torch.device("meta"):
+        model = _import_clip().model.CLIP(embed, res, layers, width, patch, 77, 49408, text_width, heads, text_layers)
+    return model.float().eval().requires_grad_(False)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of live tensor storage after every op, and their peak. A storage is live while a tensor
+    that uses it is (autograd keeps what it saves alive), so this is what an exact allocator would hold."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.storages, self.now, self.peak = {}, 0, 0  # storage key -> [bytes, live tensors using it]
+        for t in tensors:
+            self.track(t)
+
+    def track(self, t):
+        storage = t.untyped_storage()
+        entry = self.storages.setdefault(storage._cdata, [storage.nbytes(), 0])
+        self.now += entry[0] if entry[1] == 0 else 0
+        entry[1] += 1
+        weakref.finalize(t, self.release, storage._cdata)
+
+    def release(self, key):
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= self.storages.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def estimate_memory(step, modules, opt, steps=2):
+    """Run `steps` training steps on meta tensors and count: weights (both generators and the CLIP models),
+    Adam's state, and the peak. Two steps, as Adam's state appears in the first. -> dict of bytes, seconds"""
+    t0 = time.time()
+    with LiveBytes(t for m in modules for t in itertools.chain(m.parameters(), m.buffers())) as live:
+        weights = live.now
+        for _ in range(steps):
+            step()
+    optimizer = sum(v.untyped_storage().nbytes() for state in opt.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.ndim)
+    return dict(peak_bytes=live.peak, weights_bytes=weights, optimizer_bytes=optimizer,
+                activation_bytes=live.peak - weights - optimizer, cuda_context_bytes=CUDA_CONTEXT,
+                seconds=time.time() - t0)
+
+
+def print_estimate(e):
+    gib = lambda b: f"{b / 2 ** 30:6.2f} GiB"
+    print(f"nada train --dry-run | device {e['device']} | memory {e['memory']} ({e['why']}) | "
+          f"estimated on the meta device in {e['seconds']:.1f} s")
+    print(f"  weights      {gib(e['weights_bytes'])}   both generators and the CLIP models' image towers")
+    print(f"  optimizer    {gib(e['optimizer_bytes'])}   Adam's two moments of the trained weights")
+    print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
+    print(f"  peak         {gib(e['peak_bytes'])}" + (f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: "
+          f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU" if e["device"].startswith("cuda") else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # models and doctor: the named generators, and what this machine has
 
 def list_models(wdir=None):
@@ -1653,6 +1847,11 @@ def build_parser(run_defaults=None):
     t.add_argument("--sample-every", type=int, default=50, help="write a preview grid every N steps")
     t.add_argument("--save-every", type=int, default=50, help="write generator.pt and state.pt every N steps")
     t.add_argument("--n-sample", type=int, default=4, help="preview columns (fixed seeds)")
+    t.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="low: recompute layers in backward, CLIP in "
+                   "float16 on CUDA; auto: low only when fast would not fit the GPU")
+    t.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the generators' arithmetic (bf16: autocast)")
+    t.add_argument("--dry-run", action="store_true", help="estimate the GPU memory (meta device: nothing read, "
+                   "downloaded or written) and stop")
     t.set_defaults(**(run_defaults or {}))
 
     s = sub.add_parser("sample", parents=[common], formatter_class=fmt, help="render images from a generator")
@@ -1680,7 +1879,9 @@ def main(argv=None):
         run = resume.parse_known_args(argv)[0].resume if argv[:1] == ["train"] else None
         args = build_parser(run_settings(run) if run else None).parse_args(argv)   # a run's settings, unless typed
         opts = {k: v for k, v in vars(args).items() if k != "cmd"}
-        if args.cmd == "train":
+        if args.cmd == "train" and args.dry_run:
+            print_estimate(train(**opts))
+        elif args.cmd == "train":
             train(**opts)
         elif args.cmd == "sample":
             sample(**opts)

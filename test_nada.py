@@ -679,6 +679,132 @@ def test_train_conditional_generator_with_class(tmp_path, colour_clip):
     assert saved["nada"]["cls"] == "all" and json.load(open(os.path.join(out, "config.json")))["cls"] == "all"
 
 
+# ---- memory: the lean step and the dry run ------------------------------------------------------------------
+
+def _step_pair(colour_clip, layers_spec, **step_kw):
+    """Two identical (frozen, trainable, optimiser) setups and CLIP targets for comparing steps."""
+    model = nada.load_clip(colour_clip)
+    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"),
+                               F.normalize(nada.encode_prompts(model, "red photo").mean(0), dim=0))]
+    setups = []
+    for _ in range(2):
+        G0, G = tiny_generator().requires_grad_(False), tiny_generator()
+        opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=0.01,
+                               betas=nada.BETAS)
+        setups.append((G0, G, opt))
+    layers = nada.parse_layers(layers_spec, setups[0][1], step_kw.pop("auto_k", None))
+    run = lambda G0, G, opt: nada.train_step(G0, G, opt, targets, layers=layers, batch=2, mixing=0.5, cls=None,
+                                             rng=torch.Generator().manual_seed(3), device="cpu", **step_kw)
+    return setups, run
+
+
+@pytest.mark.parametrize("layers", ["all", "last:2", "16,32"])
+def test_lean_step_equals_the_plain_step(colour_clip, monkeypatch, layers):
+    """--memory low (every synthesis layer recomputed in backward) and the shared frozen prefix of late layers
+    give the plain step's loss and gradients: three steps, then the weights agree."""
+    (plain, lean), run = _step_pair(colour_clip, layers)
+    lean[1].checkpointing = True
+    results = {}
+    for name, setup in (("lean", lean), ("plain", plain)):
+        with monkeypatch.context() as m:
+            if name == "plain":                          # no shared prefix: every block rendered by both
+                m.setattr(nada, "first_trained_block", lambda G, layers: 0)
+            results[name] = [run(*setup) for _ in range(3)]
+    assert [r[1] for r in results["lean"]] == pytest.approx([r[1] for r in results["plain"]], abs=1e-6)
+    for k, v in plain[1].state_dict().items():
+        assert torch.allclose(v, lean[1].state_dict()[k], atol=1e-6), k
+    assert any(not torch.equal(v, plain[0].state_dict()[k]) for k, v in plain[1].state_dict().items())
+
+
+def test_shared_prefix_renders_what_the_whole_network_renders():
+    G = tiny_generator(size=64)
+    ws = G.mapping(torch.randn(2, 32)).detach()
+    with torch.no_grad():
+        full = G.synthesis(ws)
+        for n in range(1, len(nada.synthesis_blocks(G))):
+            assert torch.equal(G.synthesis(ws, start=G.synthesis(ws, stop=n)), full), n
+    assert nada.first_trained_block(G, nada.parse_layers("last:2", G)) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_selection_picks_what_unchunked_selection_picks(colour_clip, seed):
+    model = nada.load_clip(colour_clip)
+    targets = [nada.ClipTarget(model, 1.0, None, F.normalize(nada.encode_prompts(model, "blue photo").mean(0), dim=0))]
+    G = tiny_generator()
+    ws = G.mapping(torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))).detach()
+    for k in (1, 3, 5):
+        whole = nada.select_layers_auto(G, ws, targets, k)
+        assert nada.select_layers_auto(G, ws, targets, k, chunk=2) == whole
+        assert nada.select_layers_auto(G, ws, targets, k, chunk=3) == whole   # a last chunk of 2
+    assert all(p.grad is None for p in G.parameters())
+
+
+def test_memory_auto_takes_low_only_when_fast_does_not_fit(colour_clip, tiny_ckpt, monkeypatch):
+    kw = dict(tgt="red photo", ckpt=tiny_ckpt, clip=colour_clip, layers="all", device="cuda", dry_run=True,
+              memory="auto")
+    fast = nada.train(**{**kw, "memory": "fast"})["peak_bytes"] + nada.CUDA_CONTEXT
+    monkeypatch.setattr(nada, "free_gpu_bytes", lambda device: fast - 1)
+    e = nada.train(**kw)
+    assert e["memory"] == "low" and f"fast needs {fast / 2 ** 30:.1f} GiB" in e["why"]
+    assert e["peak_bytes"] < fast - nada.CUDA_CONTEXT
+    monkeypatch.setattr(nada, "free_gpu_bytes", lambda device: fast)
+    assert nada.train(**kw)["memory"] == "fast"
+    assert nada.train(**{**kw, "device": "cpu"})["memory"] == "fast"
+
+
+def test_dry_run_of_a_named_model_reads_downloads_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NADA_MIRROR", "http://127.0.0.1:9")           # any download would fail loudly
+    rc, out, err = main_in_process(capsys, "train", "--ckpt", "ffhq256", "--clip", "ViT-B/32", "--device", "cuda",
+                                   "--layers", "all", "--memory", "low", "--dry-run", "--weights-dir", tmp_path / "w")
+    assert rc == 0, err
+    assert "device cuda | memory low (as asked)" in out
+    for part in ("weights", "optimizer", "activations", "peak", "CUDA context"):
+        assert part in out
+    assert os.listdir(tmp_path) == []
+
+
+class _Recount(torch.utils._python_dispatch.TorchDispatchMode):
+    """An independent count of live storage: after every op, every tensor seen so far that is still alive,
+    summed by storage from scratch (weak references, not LiveBytes' reference counts)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.seen, self.peak = {}, 0                      # id -> weak reference (tensors compare elementwise)
+        self.add(tensors)
+
+    def add(self, tensors):
+        import weakref
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.seen[id(t)] = weakref.ref(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(torch.utils._pytree.tree_leaves((args, kwargs, out)))
+        alive = [t for t in (r() for r in self.seen.values()) if t is not None]
+        live = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in alive}
+        self.peak = max(self.peak, sum(live.values()))
+        return out
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_dry_run_agrees_with_an_independent_count(colour_clip, tiny_ckpt, monkeypatch, memory):
+    real, recounts = nada.estimate_memory, []
+
+    def recounted(step, modules, opt, steps=2):          # the same steps, watched by a second counter
+        with _Recount(t for m in modules for t in list(m.parameters()) + list(m.buffers())) as recount:
+            result = real(step, modules, opt, steps)
+        recounts.append(recount.peak)
+        return result
+    monkeypatch.setattr(nada, "estimate_memory", recounted)
+    e = nada.train(tgt="red photo", ckpt=tiny_ckpt, clip=colour_clip, layers="auto", auto_k=3, device="cuda",
+                   dry_run=True, memory=memory)
+    assert abs(e["peak_bytes"] - recounts[0]) <= 0.15 * recounts[0], (e["peak_bytes"], recounts)
+    assert e["weights_bytes"] + e["optimizer_bytes"] + e["activation_bytes"] == e["peak_bytes"]
+    assert e["optimizer_bytes"] > 0 and e["activation_bytes"] > 0
+
+
 # ---- sample ---------------------------------------------------------------------------------------------------
 
 def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
@@ -1241,7 +1367,7 @@ def test_train_cli_end_to_end_then_sample(tmp_path, colour_clip, tiny_ckpt):
     n_params = sum(p.numel() for k, p in tiny_generator().named_parameters() if not k.startswith("style."))
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith("nada train |")]
     assert line.split(" | ") == ["nada train", "device cpu", "ops ref (cpu)", f"CLIP {colour_clip} x1",
-                                 f"layers all (12 layers, {n_params / 1e6:.2f}M params)",
+                                 f"layers all (12 layers, {n_params / 1e6:.2f}M params)", "memory fast (on the CPU)",
                                  "32 px, 'photo' -> 'red photo'", f"out {out}"], line
     log = [json.loads(ln) for ln in open(out / "log.jsonl")]
     assert [r["iter"] for r in log] == list(range(40))

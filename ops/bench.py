@@ -8,6 +8,7 @@ It imports nada from the folder above; nada never imports it.
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -93,22 +94,43 @@ def bench_generator(device, res, batch):
     return out
 
 
-def bench_train_step(device, res, batch, impl):
-    """One training step (both generators, a random CLIP of ViT-B/32's shape): time and peak GPU memory."""
-    clip = nada._import_clip()
-    model = clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12).to(device).eval().requires_grad_(False)
-    G0 = Generator(res, impl=impl).to(device).requires_grad_(False)
+def _random_clip(name, device):
+    """A CLIP with `name`'s architecture and random weights (the benchmark needs its shape, not its knowledge)."""
+    embed, res, layers, width, patch, text_width, heads, text_layers = nada.CLIP_ARCHITECTURES[name]
+    model = nada._import_clip().model.CLIP(embed, res, layers, width, patch, 77, 49408, text_width, heads, text_layers)
+    return nada.drop_text_tower(model.to(device).eval().requires_grad_(False))
+
+
+def _step_setup(device, res, batch, impl, memory, clips, layers):
+    """The training step of `nada.train` at this size, on random weights: -> (step function, modules, optimiser)."""
+    with torch.device(device):
+        G0 = Generator(res, impl=impl).requires_grad_(False)
     G = copy.deepcopy(G0)
+    G.checkpointing = memory == "low"
+    models = [_random_clip(n, device) for n in clips]
+    for m in models if memory == "low" and device == "cuda" else ():
+        nada._import_clip().model.convert_weights(m)     # as nada.train: half, LayerNorms stay float32
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith("style.")], lr=LR, betas=BETAS)
-    targets = [nada.ClipTarget(model, 1.0, F.normalize(torch.randn(512, device=device), dim=0), None)]
-    layers = nada.parse_layers("all", G)
+    targets = [nada.ClipTarget(m, 1.0, F.normalize(torch.randn(m.visual.output_dim, device=device), dim=0),
+                               F.normalize(torch.randn(m.visual.output_dim, device=device), dim=0)) for m in models]
+    step = functools.partial(nada.train_step, G0, G, opt, targets, layers=nada.parse_layers(layers, G, min(9, G.num_ws - 1)), batch=batch,
+                             mixing=0.0, cls=None, rng=torch.Generator().manual_seed(0), device=device)
+    return step, [G0, G, *models], opt
+
+
+def bench_train_step(device, res, batch, impl, memory, clips=("ViT-B/32", "ViT-B/16"), layers="all"):
+    """One training step as `nada.train` runs it: time, peak GPU memory and the dry run's estimate of it."""
+    estimate = nada.estimate_memory(*_step_setup("meta", res, batch, impl, memory, clips, layers))["peak_bytes"]
+    if device == "meta":
+        return dict(res=res, batch=batch, impl=impl, memory=memory, estimate_gb=estimate / 2 ** 30)
+    step, modules, opt = _step_setup(device, res, batch, impl, memory, clips, layers)
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rng = torch.Generator().manual_seed(0)
-    ms = _time_ms(lambda: nada.train_step(G0, G, opt, targets, layers=layers, batch=batch, mixing=0.0, cls=None,
-                                          rng=rng, device=device), reps=5)
+    ms = _time_ms(step, reps=5)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-    return dict(res=res, batch=batch, impl=impl, step_ms=ms, peak_gb=peak)
+    return dict(res=res, batch=batch, impl=impl, memory=memory, layers=layers, clips=list(clips), step_ms=ms,
+                peak_gb=peak, estimate_gb=estimate / 2 ** 30, steps300_s=ms * 300 / 1e3)
 
 
 def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json"):
@@ -130,11 +152,13 @@ def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="ben
     result["generator"] = dict(res=gen_res, batch=2, **bench_generator(device, gen_res, 2))
     print(f"generator {gen_res} px, batch 2: " + ", ".join(f"{k} {v:.2f}" for k, v in result["generator"].items()
                                                          if k not in ("res", "batch")), flush=True)
-    result["train_step"] = [bench_train_step(device, min(resolutions[-1], 1024), 2, i)
-                            for i in (("ref", "cuda") if device == "cuda" else ("ref",))]
+    result["train_step"] = [bench_train_step(device, gen_res, 2, i, m, layers=layers)
+                            for i in (("ref", "cuda") if device == "cuda" else ("ref",))
+                            for m in ("fast", "low") for layers in ("all", "auto")]
     for t in result["train_step"]:
-        print(f"train step {t['res']} px, batch {t['batch']}, impl {t['impl']}: {t['step_ms']:.1f} ms, "
-              f"peak {t['peak_gb']:.2f} GB", flush=True)
+        print(f"train step {t['res']} px, batch {t['batch']}, {'+'.join(t['clips'])}, layers {t['layers']}, impl "
+              f"{t['impl']}, memory {t['memory']}: {t['step_ms']:.1f} ms (300 steps {t['steps300_s']:.0f} s), peak "
+              f"{t['peak_gb']:.2f} GiB, dry-run estimate {t['estimate_gb']:.2f} GiB", flush=True)
     nada.atomic_write_text(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
