@@ -1,13 +1,14 @@
 """Count the SASS instructions of nada's kernels (no GPU needed): compile each .cu to a cubin for one
 architecture with `-Xptxas -v`, disassemble it with cuobjdump, and print per kernel the registers, shared memory
-and the static instruction count of its hot loop.
+and for each loop the instructions per output element.
 
     python ops/sass_count.py              # sm_90
     python ops/sass_count.py --arch 80 --dump sass/   # also write the disassembly
 
-How the hot loop is found: the loop body is the instruction range from a backward branch's target up to that
-branch; the outermost such range (the longest) is reported, with no NOP and no EXIT counted. Divide it by the
-outputs one turn of that loop produces (the table says how many) to get instructions per output.
+How loops are counted: a loop body is the instruction range from a backward branch's target up to that branch
+(NOPs not counted). For each loop the script prints its instruction count and the output elements its global
+stores write per turn (an STG.128 of floats writes 4), and their ratio: instructions per output. Branches inside
+a body are counted as if every instruction ran (an upper bound for the tile loops, exact for straight-line ones).
 """
 
 import argparse
@@ -74,18 +75,18 @@ def kernels(sass):
     return out
 
 
-def hot_loop(ins):
-    """(static count without NOPs, longest backward-branch loop body count)."""
+def loops(ins):
+    """Every loop (a backward branch and its target), innermost first: (instructions, outputs written), where the
+    outputs are the elements its global stores write (STG.128 of floats: 4, STG.64: 2, ... by the element size)."""
     real = [(a, t) for a, t in ins if not re.match(r"(@\S+\s+)?NOP\b", t)]
-    best = 0
+    found = []
     for a, t in real:
-        m = re.search(r"\bBRA\b.*?`?\(?\.L_x_\d+\)?|\bBRA\b\s+(0x[0-9a-f]+)", t)
-        tgt = re.search(r"0x([0-9a-f]+)", t) if "BRA" in t else None
-        if tgt:
-            target = int(tgt.group(1), 16)
-            if target < a:
-                best = max(best, sum(1 for b, u in real if target <= b <= a and not u.startswith("EXIT")))
-    return len(real), best
+        tgt = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)
+        if tgt and int(tgt.group(1), 16) < a:
+            body = [u for b, u in real if int(tgt.group(1), 16) <= b <= a]
+            bits = sum(int(m.group(1) or 32) for u in body for m in [re.search(r"\bSTG\.E(?:\.U?(\d+))?", u)] if m)
+            found.append((len(body), bits))
+    return sorted(set(found))
 
 
 def main(argv=None):
@@ -108,9 +109,12 @@ def main(argv=None):
             for (name, ins), d in zip(names, dem):
                 if args.filter and args.filter not in d:
                     continue
-                total, loop = hot_loop(ins)
-                print(f"{d[:150]}\n    {usage.get(name, '?')}; {total} instructions, hot loop {loop}")
-
+                bits = {"double": 64, "float": 32, "c10::Half": 16, "c10::BFloat16": 16}
+                elem = next((v for k, v in bits.items() if re.search(rf"<[^>]*\b{re.escape(k)}\b", d)), 32)
+                total = sum(1 for _, t in ins if not re.match(r"(@\S+\s+)?NOP\b", t))
+                desc = ", ".join(f"{n} instr/{b // elem} out = {n / (b // elem):.0f}" if b else f"{n} instr"
+                                 for n, b in loops(ins))
+                print(f"{d[:140]}\n    {usage.get(name, '?')}; {total} instructions; loops: {desc}")
 
 if __name__ == "__main__":
     main()

@@ -42,8 +42,9 @@ static UpFirDnParams prepare(const at::Tensor& x, const at::Tensor& f, int64_t u
                   x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
     // Strides of size-1 dims are never multiplied by a non-zero coordinate: drop them.
     auto st = [](const at::Tensor& t, int d) { return t.size(d) > 1 ? t.stride(d) : 0; };
-    TORCH_CHECK((H - 1) * st(x, 2) + (W - 1) * st(x, 3) < INT32_MAX &&
-                (outH - 1) * st(y, 2) + (outW - 1) * st(y, 3) < INT32_MAX,
+    // Tile loads form offsets up to a tile's width and height beyond the image: keep a margin.
+    TORCH_CHECK((H + 256) * st(x, 2) + (W + 512) * st(x, 3) < INT32_MAX &&
+                (outH + 64) * st(y, 2) + (outW + 128) * st(y, 3) < INT32_MAX,
                 "upfirdn2d: one plane spans more than 2^31 elements");
     UpFirDnParams p{};
     p.C = int(x.size(1)); p.H = int(H); p.W = int(W); p.outH = int(outH); p.outW = int(outW);
@@ -68,7 +69,7 @@ static void small_cpu(const T* x, const float* f, T* y, const UpFirDnParams& p, 
     using A = at::opmath_type<T>;
     using K = SmallTile<UP, DOWN, 4, 4>;
     for_each_block<T>(p, planes, [&](int plane, int btx, int btz) {
-        auto ex = std::make_unique<CpuBlock<Taps<A, 16>>>();
+        auto ex = std::make_unique<CpuBlock<SmallStateFor<UP, DOWN, 4, 4, A>>>();
         std::vector<A> tile(K::TIH * K::TIW);
         upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(*ex, p, x, f, y, tile.data(), plane, btx, btz);
     });

@@ -14,7 +14,7 @@ upfirdn2d_small_kernel(const T* __restrict__ x, const float* __restrict__ f, T* 
     using A = at::opmath_type<T>;
     using K = SmallTile<UP, DOWN, 4, 4>;
     __shared__ __align__(16) A tile[K::TIH * K::TIW];
-    GpuBlock<Taps<A, 16>> ex;
+    GpuBlock<SmallStateFor<UP, DOWN, 4, 4, A>> ex;
     upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(ex, p, x, f, y, tile, int(blockIdx.x), int(blockIdx.y),
                                                 int(blockIdx.z));
 }

@@ -54,10 +54,16 @@ struct SmallTile {
     static_assert((QX * DOWN) % UP == 0 && (QY * DOWN) % UP == 0, "every quad must start on up-phase 0");
 };
 
-template <typename A, int NT>
-struct Taps {
+// A thread's registers in the small kernels: the taps, and where its tile columns sit in the plane.
+template <typename A, int NT, int NK>
+struct SmallState {
     A t[NT];
+    int c0;         // offset of tile column `lane` in a row of x; column lane + 32k is k * 32 * xs_w further
+    unsigned cok;   // bit k: tile column lane + 32k is inside the image (and inside the tile)
 };
+
+template <int UP, int DOWN, int FH, int FW, typename A>
+using SmallStateFor = SmallState<A, FH * FW, (SmallTile<UP, DOWN, FH, FW>::TIW + 31) / 32>;
 
 template <int UP, int DOWN, int FH, int FW, typename T, typename A, class Ex>
 NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x, const float* f, T* y, A* tile,
@@ -66,29 +72,39 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
     const int n = plane / p.C, c = plane - n * p.C;
     const T* xp = x + n * p.xs_n + c * p.xs_c;
     T* yp = y + n * p.ys_n + c * p.ys_c;
+    constexpr int NK = (K::TIW + K::TX - 1) / K::TX, NJ = (K::TIH + K::TY - 1) / K::TY;
     const int o0x = btx * K::TOW - p.shiftx;
     const int in0x = floor_div(o0x * DOWN - p.px0, UP);           // exact: the host aligned the phase
+    ex.phase([&](int tid, typename Ex::State& s) {                // once per block: taps, tile columns
+#pragma unroll
+        for (int i = 0; i < FH * FW; i++) s.t[i] = load_tap<A>(f, p, i);
+        s.c0 = (in0x + tid % K::TX) * p.xs_w;
+        s.cok = 0;
+#pragma unroll
+        for (int k = 0; k < NK; k++) {
+            const int cc = tid % K::TX + k * K::TX, ix = in0x + cc;
+            s.cok |= unsigned(cc < K::TIW && unsigned(ix) < unsigned(p.W)) << k;
+        }
+    });
     for (int l = 0; l < p.loop; l++) {
         const int bty = btz * p.loop + l;
         if (bty >= p.tilesY) break;                               // the same for every thread of the block
         const int o0y = bty * K::TOH - p.shifty;
         const int in0y = floor_div(o0y * DOWN - p.py0, UP);
-        ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: taps (once) and the input tile
-            if (l == 0) {
-#pragma unroll
-                for (int i = 0; i < FH * FW; i++) s.t[i] = load_tap<A>(f, p, i);
-            }
+        ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: the input tile, zeros outside x
             const int lane = tid % K::TX, row0 = tid / K::TX;
 #pragma unroll
-            for (int j = 0; j < (K::TIH + K::TY - 1) / K::TY; j++) {
+            for (int j = 0; j < NJ; j++) {
                 const int r = row0 + j * K::TY, iy = in0y + r;
                 if (r >= K::TIH) break;
-                const bool iny = unsigned(iy) < unsigned(p.H);
+                const unsigned ok = unsigned(iy) < unsigned(p.H) ? s.cok : 0u;
+                const T* row = xp + (iy * p.xs_h + s.c0);
+                const int step = K::TX * p.xs_w;
 #pragma unroll
-                for (int k = 0; k < (K::TIW + K::TX - 1) / K::TX; k++) {
-                    const int cc = lane + k * K::TX, ix = in0x + cc;
-                    if (cc >= K::TIW) break;
-                    tile[r * K::TIW + cc] = iny && unsigned(ix) < unsigned(p.W) ? A(xp[iy * p.xs_h + ix * p.xs_w]) : A(0);
+                for (int k = 0; k < NK; k++) {
+                    const int cc = lane + k * K::TX;
+                    if (k == NK - 1 && cc >= K::TIW) break;
+                    tile[r * K::TIW + cc] = (ok >> k) & 1u ? A(row[k * step]) : A(0);
                 }
             }
         });
