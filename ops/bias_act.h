@@ -132,7 +132,7 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                 for (int e = 0; e < V; e++) {
                     const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
                     out.v[e] = T(g);
-                    acc[e] += g;
+                    acc[e] = add_rn(acc[e], g);
                 }
                 *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
             }

@@ -21,6 +21,24 @@ constexpr int kBlockThreads = 256;     // every kernel here runs blocks of 256 t
 // Floor division and its remainder, for coordinates that may be negative (C++ `/` truncates toward zero).
 NADA_HD int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// a + b rounded as written: nvcc may not fuse it with the multiply that produced b, so the GPU adds exactly as the
+// CPU twin does.
+NADA_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+NADA_HD double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
 #ifdef __CUDACC__
 // One block on the GPU: this thread's state lives in registers; a phase ends with a barrier.
 template <class S>
