@@ -98,13 +98,14 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
                 const int r = row0 + j * K::TY, iy = in0y + r;
                 if (r >= K::TIH) break;
                 const unsigned ok = unsigned(iy) < unsigned(p.H) ? s.cok : 0u;
-                const T* row = xp + (iy * p.xs_h + s.c0);
-                const int step = K::TX * p.xs_w;
+                // A byte pointer stepped by a byte stride: one 64-bit add per element, for any T.
+                const char* src = reinterpret_cast<const char*>(xp + (iy * p.xs_h + s.c0));
+                const int64_t step = int64_t(K::TX) * p.xs_w * int64_t(sizeof(T));
 #pragma unroll
-                for (int k = 0; k < NK; k++) {
+                for (int k = 0; k < NK; k++, src += step) {
                     const int cc = lane + k * K::TX;
                     if (k == NK - 1 && cc >= K::TIW) break;
-                    tile[r * K::TIW + cc] = (ok >> k) & 1u ? A(row[k * step]) : A(0);
+                    tile[r * K::TIW + cc] = (ok >> k) & 1u ? A(*reinterpret_cast<const T*>(src)) : A(0);
                 }
             }
         });
