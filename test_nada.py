@@ -456,11 +456,28 @@ def test_op_loader_refuses_an_arch_list_without_this_gpu(monkeypatch):
         assert ops is None and "sm_90" in reason
     finally:
         build.load_op.cache_clear()
+
+
+def test_op_build_flags_and_environment(monkeypatch, tmp_path):
+    """Defects 3 and 5: the build sees the arch list and toolkit, the process keeps its own environment, and nvcc
+    gets no --use_fast_math (it flushes denormals: the GPU would differ from the CPU twin)."""
+    from torch.utils import cpp_extension
+    build, seen = nada.ops_build(), {}
+
+    def fake_load(name, sources, **kw):
+        seen.update(kw, arch=os.environ.get("TORCH_CUDA_ARCH_LIST"), home=os.environ.get("CUDA_HOME"))
+        raise RuntimeError("compiler stops here")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("NADA_OPS_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     before = dict(os.environ)
-    with build.env(TORCH_CUDA_ARCH_LIST="7.0", CUDA_HOME="/x"):
-        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.0"
+    with pytest.raises(RuntimeError, match="compiler stops here"):
+        build.build_op("bias_act", "/opt/cuda-x")
+    assert seen["arch"] == "8.0;9.0+PTX" and seen["home"] == "/opt/cuda-x"
+    assert "--use_fast_math" not in seen["extra_cuda_cflags"]
     assert dict(os.environ) == before
-    assert "--use_fast_math" not in open(build.__file__).read().split("No --use_fast_math")[1]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
