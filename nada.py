@@ -118,7 +118,7 @@ def bias_act(x, b=None, act="linear", alpha=LRELU_SLOPE, gain=1.0, clamp=None, i
     if act not in ("linear", "lrelu"):
         raise ValueError(f"unknown activation {act!r}")
     if _use_cuda(x, impl, "bias_act"):
-        return _BiasActCuda.apply(x, b, act == "lrelu", float(alpha), float(gain), -1.0 if clamp is None else float(clamp))
+        return _bias_act_cuda(x, b, act == "lrelu", float(alpha), float(gain), -1.0 if clamp is None else float(clamp))
     return _bias_act_ref(x, b, act, alpha, gain, clamp)
 
 
@@ -134,24 +134,11 @@ def _bias_act_ref(x, b, act, alpha, gain, clamp):
     return x
 
 
-class _BiasActCuda(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, b, lrelu, alpha, gain, clamp):
-        dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
-        x = x if dense else x.contiguous()
-        bias = b.to(x.dtype).contiguous() if b is not None else x.new_empty(0)
-        y = torch.ops.nada.bias_act(x, bias, lrelu, alpha, gain, clamp)
-        ctx.save_for_backward(y)                        # lrelu and clamp are monotone: y alone tells the slope
-        ctx.args = (lrelu, alpha, gain, clamp, b is not None)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (y,), (lrelu, alpha, gain, clamp, has_bias) = ctx.saved_tensors, ctx.args
-        dx = torch.ops.nada.bias_act_grad(dy, y, lrelu, alpha, gain, clamp)
-        db = dx.sum([d for d in range(dx.ndim) if d != 1]) if has_bias and ctx.needs_input_grad[1] else None
-        return dx, db, None, None, None, None
+def _bias_act_cuda(x, b, lrelu, alpha, gain, clamp):
+    """The kernel: one torch.library op (ops/register.py gives its first-order gradient and its fake for
+    torch.compile). b keeps its own dtype: its gradient is summed in float32 and returned in that dtype."""
+    dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return torch.ops.nada.bias_act(x if dense else x.contiguous(), b, lrelu, alpha, gain, clamp)
 
 
 def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0, impl="auto"):
@@ -166,7 +153,7 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0,
     if len(pad) == 2:
         pad = (pad[0], pad[1], pad[0], pad[1])
     if _use_cuda(x, impl, "upfirdn2d"):
-        return _UpFirDn2dCuda.apply(x, f, up, down, tuple(int(p) for p in pad), flip_filter, float(gain))
+        return _upfirdn2d_cuda(x, f, up, down, tuple(int(p) for p in pad), flip_filter, float(gain))
     return _upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain)
 
 
@@ -184,24 +171,9 @@ def _upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain):
     return x[:, :, ::down, ::down]
 
 
-class _UpFirDn2dCuda(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, f, up, down, pad, flip, gain):
-        y = torch.ops.nada.upfirdn2d(x, f.float(), up, down, *pad, flip, gain)
-        ctx.save_for_backward(f)
-        ctx.args = (x.shape, up, down, pad, flip, gain)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        # The adjoint of upfirdn2d is another upfirdn2d: swap up/down, flip the filter, pad to land on H x W.
-        (f,), ((_, _, H, W), up, down, (x0, x1, y0, y1), flip, gain) = ctx.saved_tensors, ctx.args
-        fh, fw = f.shape
-        oh, ow = dy.shape[2:]
-        gpad = (fw - x0 - 1, W * up - ow * down + x0 - up + 1, fh - y0 - 1, H * up - oh * down + y0 - up + 1)
-        dx = torch.ops.nada.upfirdn2d(dy, f.float(), down, up, *gpad, not flip, gain)
-        return dx, None, None, None, None, None, None
+def _upfirdn2d_cuda(x, f, up, down, pad, flip, gain):
+    """The kernel: one torch.library op whose gradient (ops/register.py) is another upfirdn2d, to any order."""
+    return torch.ops.nada.upfirdn2d(x, f.to(x.device, torch.float32), up, down, *pad, flip, gain)
 
 
 def make_kernel(k=BLUR):

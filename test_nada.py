@@ -1,6 +1,7 @@
 """Tests for nada.py, CPU first, in the order of nada.py's sections. Run: python -m pytest -q"""
 
 import http.server
+import itertools
 import json
 import os
 import pickle
@@ -311,7 +312,7 @@ def test_upfirdn2d_kernel_backward_formula(compiled_ops):
     f = torch.rand(4, 3, dtype=torch.float32)
     for up, down, pad, _, _ in OP_CASES[:6]:
         x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
-        fn = lambda t: nada._UpFirDn2dCuda.apply(t, f, up, down, pad, False, 2.0)
+        fn = lambda t: nada._upfirdn2d_cuda(t, f, up, down, pad, False, 2.0)
         assert torch.autograd.gradcheck(fn, (x,)), (up, down, pad)
 
 
@@ -337,7 +338,7 @@ def test_bias_act_kernel_math_and_gradient(compiled_ops, dtype):
         assert ((dx.double() - xr.grad).abs() * ok).max() < tol * 10, name
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t, c: nada._BiasActCuda.apply(t, c, True, 0.2, 1.3, -1.0), (x, b))
+    assert torch.autograd.gradcheck(lambda t, c: nada._bias_act_cuda(t, c, True, 0.2, 1.3, -1.0), (x, b))
 
 
 def test_op_loader_remembers_failure_and_never_retries(monkeypatch, tmp_path):
@@ -444,7 +445,7 @@ def test_gpu_bias_act_parity(dtype):
 
 
 @cuda
-def test_gpu_generator_cuda_matches_ref_and_double_backward_is_refused():
+def test_gpu_generator_cuda_matches_ref_and_second_order_gradients():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     G = tiny_generator(size=64).cuda()
     z = torch.randn(3, 32, device="cuda")
@@ -458,11 +459,264 @@ def test_gpu_generator_cuda_matches_ref_and_double_backward_is_refused():
         grads.append(torch.cat([p.grad.flatten() for p in G.parameters() if p.grad is not None]))
     assert (imgs[0] - imgs[1]).abs().max() < 1e-4
     assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
-    x = torch.randn(1, 2, 8, 8, device="cuda", requires_grad=True)
-    y = nada.upfirdn2d(x, nada.make_kernel().cuda(), up=2, pad=(2, 1, 2, 1), impl="cuda")
-    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)   # its dy = 2y carries a graph
-    with pytest.raises(RuntimeError, match="differentiate twice"):             # torch's once_differentiable
+    # upfirdn2d's gradient is another upfirdn2d, so its second order matches the reference; bias_act refuses it.
+    x = torch.randn(1, 2, 8, 8, device="cuda", dtype=torch.float64, requires_grad=True)
+    second = []
+    for impl in ("ref", "cuda"):
+        y = nada.upfirdn2d(x, nada.make_kernel().cuda(), up=2, pad=(2, 1, 2, 1), impl=impl)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(g.square().sum(), x)[0])
+    assert (second[0] - second[1]).abs().max() < 1e-10
+    (g,) = torch.autograd.grad(nada.bias_act(x, None, "lrelu", impl="cuda").square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
         g.sum().backward()
+
+
+# Kernels v2 (issue 10): the CPU twins run the kernels' own block code (ops/*.h), block by block and phase by phase,
+# so these sweeps exercise the tiles, their zero-filled borders, the tile loop and the 2x2 quads on the CPU.
+UFD_FILTERS = [(4, 4), (3, 3), (1, 1), (2, 5), (4, 3), (5, 4)]
+UFD_PADS = [(0, 0, 0, 0), (2, 1, 2, 1), (1, 1, 1, 1), (-1, 2, 0, -2), (3, 0, 1, 2), (1, 2, 1, 2)]
+UFD_SHAPES = [(1, 2, 1, 1), (2, 3, 7, 9), (1, 2, 5, 2), (1, 1, 1, 6), (1, 1, 33, 70)]
+
+
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3), (4, 1), (1, 4), (3, 2)])
+def test_upfirdn2d_kernel_sweep_matches_reference(compiled_ops, up, down):
+    """Every filter, pad, flip and layout, 1-pixel and odd images; 4x4 with up 2/down 2/neither: the small kernels."""
+    torch.manual_seed(0)
+    checked = 0
+    for (fh, fw), pad, shape in itertools.product(UFD_FILTERS, UFD_PADS, UFD_SHAPES):
+        if (shape[2] * up + pad[2] + pad[3] < fh) or (shape[3] * up + pad[0] + pad[1] < fw):
+            continue                                    # no valid output: the op refuses it (tested below)
+        f = torch.rand(fh, fw)
+        for name, x in _layouts(torch.randn(*shape, dtype=torch.float64)).items():
+            for flip in (False, True):
+                y = compiled_ops.upfirdn2d(x, f, up, down, *pad, flip, 1.5)
+                ref = nada._upfirdn2d_ref(x, f.double(), up, down, pad, flip, 1.5)
+                assert y.shape == ref.shape and (y - ref).abs().max() < 1e-12, (fh, fw, pad, shape, name, flip)
+                checked += 1
+    assert checked > 500
+
+
+@pytest.mark.parametrize("up,down,pad,shape", [
+    (1, 1, (2, 1, 2, 1), (1, 2, 150, 140)),     # blur: 3 tile columns, 10 tile rows, 2 per block
+    (1, 1, (1, 2, 1, 2), (1, 1, 260, 20)),      # 17 tile rows, 4 per block, the last block partly empty
+    (2, 1, (2, 1, 2, 1), (1, 2, 70, 70)),       # up 2: 140 x 140 outputs
+    (2, 1, (1, 2, 1, 2), (2, 1, 37, 41)),       # odd pad: the tiles start one output early (phase alignment)
+    (1, 2, (1, 1, 1, 1), (1, 2, 300, 150)),     # down 2: 130 x 34 input tiles
+    (2, 2, (0, 3, 1, 2), (1, 1, 90, 60)),       # the generic kernel: 8-row tiles, several per block
+])
+def test_upfirdn2d_kernel_tiles_and_tile_loop(compiled_ops, up, down, pad, shape):
+    torch.manual_seed(1)
+    f = torch.rand(4, 4)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        for name, x in _layouts(torch.randn(*shape, dtype=dtype)).items():
+            y = compiled_ops.upfirdn2d(x, f, up, down, *pad, False, 2.0)
+            ref = nada._upfirdn2d_ref(x.double(), f.double(), up, down, pad, False, 2.0)
+            assert (y.double() - ref).abs().max() < tol, (name, dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_upfirdn2d_kernel_half_dtypes_accumulate_in_float32(compiled_ops, dtype, tol):
+    torch.manual_seed(0)
+    f = nada.make_kernel()
+    for up, down, pad in ((1, 1, (2, 1, 2, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)), (3, 1, (1, 1, 1, 1))):
+        x = torch.randn(2, 3, 19, 21).to(dtype)
+        y = compiled_ops.upfirdn2d(x, f, up, down, *pad, False, float(up * up))
+        ref = nada._upfirdn2d_ref(x.double(), f.double(), up, down, pad, False, float(up * up))
+        assert y.dtype == dtype and ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol, (up, down)
+
+
+def test_upfirdn2d_kernel_gradients_of_every_order(compiled_ops):
+    """The registered gradient is another upfirdn2d, so gradcheck and gradgradcheck hold; the filter has none."""
+    f = torch.rand(4, 3)
+    for up, down, pad, _, _ in OP_CASES[:6]:
+        x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+        fn = lambda t: nada._upfirdn2d_cuda(t, f, up, down, pad, True, 2.0)
+        assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,)), (up, down, pad)
+    with pytest.raises(RuntimeError, match="filter has no gradient"):
+        nada._upfirdn2d_cuda(x, f.double().requires_grad_(True), 1, 1, (1, 1, 1, 1), False, 1.0).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 7), (2, 1, 3, 3), (4, 64, 16, 16), (2, 16, 9), (2, 3, 4, 5, 6)])
+def test_bias_act_kernel_layouts_dy_strides_and_bias_gradient(compiled_ops, dtype, shape):
+    """Vector and scalar paths, every dense layout, dy in another layout or expanded, db summed per channel."""
+    torch.manual_seed(0)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
+    x0 = torch.randn(*shape) * 2
+    layouts = {"nchw": x0, "last": x0.movedim(1, -1).contiguous().movedim(-1, 1)}
+    b = torch.randn(shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for (name, x), act in itertools.product(layouts.items(), ("lrelu", "linear")):
+        x = x.to(dtype)
+        y = compiled_ops.bias_act(x, b, act == "lrelu", 0.2, 1.4, 1.5)
+        assert y.stride() == x.stride(), name
+        xr, br = x.double().requires_grad_(True), b.double().requires_grad_(True)
+        ref = nada._bias_act_ref(xr, br, act, 0.2, 1.4, 1.5)
+        assert (y.double() - ref).abs().max() < tol * 2, (name, act)
+        for dy in (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype).movedim(0, -1).contiguous().movedim(-1, 0),
+                   torch.full((), 0.5, dtype=dtype).expand(shape)):
+            dx, db = compiled_ops.bias_act_backward(dy, y, act == "lrelu", 0.2, 1.4, 1.5, b.dtype)
+            gx, gb = torch.autograd.grad(ref, (xr, br), dy.double(), retain_graph=True)
+            ok = (ref.detach().abs() - 1.5).abs() > 1e-2           # y rounded onto the clamp: either side is right
+            assert ((dx.double() - gx).abs() * ok).max() < tol * 10, (name, act, dy.stride())
+            if ok.all():
+                assert db.dtype == b.dtype and (db.double() - gb).abs().max() < tol * 10 * gx[:, 0].numel()
+
+
+def test_bias_act_kernel_channel_of_size_one_with_stride_zero(compiled_ops):
+    """Defect 2: such a tensor is dense, and its channel stride 0 used to divide by zero (SIGFPE)."""
+    x = torch.randn(2, 1, 3, 5).as_strided((2, 1, 3, 5), (15, 0, 5, 1))
+    b = torch.tensor([0.25])
+    y = compiled_ops.bias_act(x, b, True, 0.2, 2.0, -1.0)
+    assert torch.equal(y, nada._bias_act_ref(x, b, "lrelu", 0.2, 2.0, None))
+    dx, db = compiled_ops.bias_act_backward(torch.ones_like(y), y, True, 0.2, 2.0, -1.0, torch.float32)
+    assert torch.equal(db, dx.sum().reshape(1))
+
+
+def test_bias_act_kernel_bias_gradient_sums_in_float32(compiled_ops):
+    """Defect 4: 92,682 float16 ones summed in float16 overflow to inf; the kernel sums in float32 and returns
+    the bias gradient in the bias's dtype (nada's biases are float32 parameters)."""
+    x = torch.ones(2, 3, 46341, dtype=torch.float16, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    nada._bias_act_cuda(x, b, False, 0.2, 1.0, -1.0).sum().backward()
+    assert b.grad.dtype == torch.float32 and b.grad.tolist() == [92682.0] * 3
+    assert x.grad.dtype == torch.float16 and bool((x.grad == 1).all())
+
+
+def test_bias_act_kernel_argument_checks(compiled_ops):
+    """Defect 5: alpha is only checked for lrelu; gain must stay positive; dy must match y."""
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(compiled_ops.bias_act(x, None, False, -1.0, 2.0, -1.0), x * 2)
+    assert torch.equal(compiled_ops.bias_act(x, None, True, 0.0, 1.0, -1.0), x.clamp(min=0))
+    with pytest.raises(RuntimeError, match="alpha >= 0"):
+        compiled_ops.bias_act(x, None, True, -0.1, 1.0, -1.0)
+    with pytest.raises(RuntimeError, match="gain must be positive"):
+        compiled_ops.bias_act(x, None, False, 0.2, 0.0, -1.0)
+    with pytest.raises(RuntimeError, match="shape and dtype"):
+        compiled_ops.bias_act_backward(x.double(), x, False, 0.2, 1.0, -1.0, None)
+
+
+@pytest.mark.parametrize("pad", [(0, 0, 0, 2 ** 31 + 4), (0, 2 ** 31 + 4, 0, 0), (-(2 ** 31) - 4, 0, 0, 0)])
+def test_upfirdn2d_kernel_rejects_sizes_past_int32(compiled_ops, pad):
+    """Defect 1: a pad past INT32_MAX used to wrap the output size negative and read before x."""
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled_ops.upfirdn2d(torch.ones(1, 1, 1, 1), torch.ones(1, 1), 1, 1, *pad, False, 1.0)
+    with pytest.raises(RuntimeError, match="smaller than the filter"):
+        compiled_ops.upfirdn2d(torch.ones(1, 1, 2, 2), torch.ones(4, 4), 1, 1, 0, 0, 0, 0, False, 1.0)
+
+
+@pytest.mark.parametrize("arch_list,cap,runs", [
+    ("8.0+PTX", (9, 0), True), ("8.0", (9, 0), False), ("8.0", (8, 6), True), ("8.6", (8, 0), False),
+    ("8.0;9.0+PTX", (12, 0), True), ("9.0a", (9, 0), True), ("9.0a+PTX", (10, 0), False), ("7.5 8.0", (8, 9), True),
+    ("", (9, 0), False),
+])
+def test_op_loader_arch_list_covers_gpu(arch_list, cap, runs):
+    assert nada.ops_build().arch_runs_on(arch_list, cap) is runs
+
+
+def test_op_loader_refuses_an_arch_list_without_this_gpu(monkeypatch):
+    """Defect 3: fall back with a reason before building, instead of "no kernel image" at the first call; and the
+    loader leaves TORCH_CUDA_ARCH_LIST and CUDA_HOME as it found them."""
+    build = nada.ops_build()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(build, "cuda_home", lambda: "/nonexistent")
+    monkeypatch.setattr(build, "build_op", lambda *a: pytest.fail("must not build"))
+    build.load_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no code for this GPU"):
+            ops, reason = build.load_op("bias_act")
+        assert ops is None and "sm_90" in reason
+    finally:
+        build.load_op.cache_clear()
+
+
+def test_op_build_flags_and_environment(monkeypatch, tmp_path):
+    """Defects 3 and 5: the build sees the arch list and toolkit, the process keeps its own environment, and nvcc
+    gets no --use_fast_math (it flushes denormals: the GPU would differ from the CPU twin)."""
+    from torch.utils import cpp_extension
+    build, seen = nada.ops_build(), {}
+
+    def fake_load(name, sources, **kw):
+        seen.update(kw, arch=os.environ.get("TORCH_CUDA_ARCH_LIST"), home=os.environ.get("CUDA_HOME"))
+        raise RuntimeError("compiler stops here")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("NADA_OPS_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    before = dict(os.environ)
+    with pytest.raises(RuntimeError, match="compiler stops here"):
+        build.build_op("bias_act", "/opt/cuda-x")
+    assert seen["arch"] == "8.0;9.0+PTX" and seen["home"] == "/opt/cuda-x"
+    assert "--use_fast_math" not in seen["extra_cuda_cflags"]
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_ops_pass_opcheck(compiled_ops, layout):
+    x = torch.randn(2, 3, 6, 7, requires_grad=True)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    for op, args in ((compiled_ops.upfirdn2d.default, (x, nada.make_kernel(), 2, 1, 2, 1, 2, 1, False, 4.0)),
+                     (compiled_ops.upfirdn2d.default, (x, torch.rand(3, 2), 1, 2, 0, 1, 1, 0, True, 1.0)),
+                     (compiled_ops.bias_act.default, (x, torch.randn(3, requires_grad=True), True, 0.2, 1.4, 1.0)),
+                     (compiled_ops.bias_act.default, (x, None, False, 0.2, 1.0, -1.0))):
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+def test_kernel_ops_compile_fullgraph_forward_and_backward(compiled_ops):
+    """torch.compile(fullgraph=True) over both custom ops (here their CPU twins): no graph break, same numbers."""
+    f = nada.make_kernel()
+
+    def fn(x, b):
+        y = nada._upfirdn2d_cuda(x, f, 2, 1, (2, 1, 2, 1), False, 4.0)
+        y = nada._bias_act_cuda(y, b, True, 0.2, nada.SQRT2, 256.0)
+        return nada._upfirdn2d_cuda(y, f, 1, 2, (1, 1, 1, 1), False, 1.0)
+
+    torch._dynamo.reset()
+    x, b = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(3, requires_grad=True)
+    eager = fn(x, b)
+    grads = torch.autograd.grad(eager.square().sum(), (x, b))
+    compiled = torch.compile(fn, fullgraph=True)(x, b)
+    assert torch.equal(compiled, eager)
+    for g, h in zip(torch.autograd.grad(compiled.square().sum(), (x, b)), grads):
+        assert torch.allclose(g, h, rtol=1e-6, atol=1e-6)
+
+
+def test_bias_act_kernel_double_backward_is_refused(compiled_ops):
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(nada._bias_act_cuda(x, None, True, 0.2, 1.4, -1.0).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        g.sum().backward()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_kernels_match_their_cpu_twins_bit_for_bit(dtype):
+    """The CPU twin runs the kernel's block code with the same fused multiply-adds: identical results."""
+    ops = nada.load_op("upfirdn2d")[0] and nada.load_op("bias_act")[0]
+    assert ops is not None
+    torch.manual_seed(0)
+    for up, down, pad, fh, fw in OP_CASES:
+        f = torch.rand(fh, fw)
+        for name, x in _layouts(torch.randn(2, 3, 37, 45)).items():
+            x = x.to(dtype)
+            y = ops.upfirdn2d(x.cuda(), f.cuda(), up, down, *pad, False, 2.0)
+            assert torch.equal(y.cpu(), ops.upfirdn2d(x, f, up, down, *pad, False, 2.0)), (up, down, pad, name)
+    x, b = torch.randn(4, 64, 16, 16).to(dtype), torch.randn(64)
+    y = ops.bias_act(x.cuda(), b.cuda(), True, 0.2, nada.SQRT2, 0.5)
+    assert torch.equal(y.cpu(), ops.bias_act(x, b, True, 0.2, nada.SQRT2, 0.5))
+    dx, db = ops.bias_act_backward(torch.ones_like(y), y, True, 0.2, nada.SQRT2, 0.5, torch.float32)
+    dxc, dbc = ops.bias_act_backward(torch.ones_like(y.cpu()), y.cpu(), True, 0.2, nada.SQRT2, 0.5, torch.float32)
+    assert torch.equal(dx.cpu(), dxc) and torch.equal(db.cpu(), dbc)
+    with pytest.raises(RuntimeError, match="y's device"):
+        ops.bias_act_backward(torch.ones_like(y.cpu()), y, True, 0.2, 1.0, -1.0, None)
+    tiny = torch.full((1, 2, 8, 8), 1e-40)                 # denormals survive: no --use_fast_math
+    assert torch.equal(ops.bias_act(tiny.cuda(), None, False, 0.2, 1.0, -1.0).cpu(), tiny)
 
 
 # ---- generator ----------------------------------------------------------------------------------------------

@@ -1,94 +1,167 @@
-// Fused bias + activation + gain + clamp (reference: _bias_act_ref in nada.py): operator definitions,
-// argument checks, the CPU twin of the kernel, and dispatch. The CUDA kernel is in bias_act.cu.
+// Fused bias + activation + gain + clamp (reference: _bias_act_ref in nada.py): operator definitions, argument
+// checks, the launch plan, the CPU twin of the kernels, and dispatch. The block code both run is in bias_act.h; the
+// CUDA launch in bias_act.cu.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include "common.h"
+#include <memory>
+#include <vector>
+#include "bias_act.h"
 
-at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& b, const BiasActParams& p, int64_t s1);
-at::Tensor bias_act_grad_cuda(const at::Tensor& dy, const at::Tensor& y, const BiasActParams& p);
+void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, const BiasActShape& s, bool lrelu,
+                   double alpha, double gain, double clamp);
+void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, const at::Tensor& y, at::Tensor& dx,
+                        at::Tensor& part, at::Tensor& db, const BiasActShape& s, bool lrelu, double alpha, double gain,
+                        double clamp);
 
-static BiasActParams make_params(bool lrelu, double alpha, double gain, double clamp) {
-    TORCH_CHECK(gain > 0 && alpha > 0, "bias_act: gain and alpha must be positive (the gradient is rebuilt from y)");
-    return BiasActParams{lrelu, alpha, gain, clamp};
+static void check_args(bool lrelu, double alpha, double gain) {
+    TORCH_CHECK(gain > 0, "bias_act: gain must be positive (the gradient is rebuilt from y), got ", gain);
+    TORCH_CHECK(!lrelu || alpha >= 0, "bias_act: lrelu needs alpha >= 0 (the gradient is rebuilt from y), got ",
+                alpha);
 }
 
-static void check_x(const at::Tensor& x, const at::Tensor& b) {
+static bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+static at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The CPU twin runs every block of the launch grid, each block's threads phase by phase (common.h).
+template <class Run>
+static void for_each_block(int64_t gx, int64_t gy, Run run) {
+    at::parallel_for(0, gx * gy, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; i++) run(i % gx, int(i / gx));
+    });
+}
+
+static int64_t grid_x(const BiasActShape& s) { return (s.chunks + kBlockThreads - 1) / kBlockThreads; }
+
+static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tensor>& b_, bool lrelu, double alpha,
+                              double gain, double clamp) {
     TORCH_CHECK(x.dim() >= 2, "bias_act: x must have at least 2 dims, got ", x.dim());
     TORCH_CHECK(x.is_non_overlapping_and_dense(), "bias_act: x must be dense (call .contiguous())");
-    TORCH_CHECK(x.numel() <= INT64_C(1) << 40, "bias_act: x is too large");
-    if (b.numel()) {
-        TORCH_CHECK(b.dim() == 1 && b.size(0) == x.size(1), "bias_act: b must have shape [", x.size(1), "]");
-        TORCH_CHECK(b.is_contiguous() && b.scalar_type() == x.scalar_type() && b.device() == x.device(),
-                    "bias_act: b must be contiguous, with x's dtype and device");
+    TORCH_CHECK(x.is_floating_point(), "bias_act: x must be floating point");
+    check_args(lrelu, alpha, gain);
+    at::Tensor b;
+    if (b_.has_value() && b_->defined()) {
+        TORCH_CHECK(b_->dim() == 1 && b_->size(0) == x.size(1), "bias_act: b must have shape [", x.size(1), "]");
+        TORCH_CHECK(b_->device() == x.device() && b_->is_floating_point(),
+                    "bias_act: b must be a floating-point tensor on x's device");
+        b = b_->to(acc_type(x)).contiguous();   // the kernels read it in the accumulation type
     }
-}
-
-static at::Tensor bias_act_cpu(const at::Tensor& x, const at::Tensor& b, bool lrelu, double alpha, double gain,
-                               double clamp) {
-    check_x(x, b);
-    const BiasActParams p = make_params(lrelu, alpha, gain, clamp);
     at::Tensor y = at::empty_like(x);
-    const int64_t n = x.numel(), s1 = x.stride(1), C = x.size(1);
+    if (x.numel() == 0) return y;
+    const BiasActShape s = plan_bias_act(x.numel(), x.size(1), x.stride(1), int(16 / x.element_size()),
+                                         aligned16(x) && aligned16(y));
+    TORCH_CHECK(grid_x(s) < INT32_MAX, "bias_act: x is too large");
+    if (x.is_cuda()) {
+        bias_act_cuda(x, b, y, s, lrelu, alpha, gain, clamp);
+        return y;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
+        constexpr int VM = 16 / sizeof(scalar_t);
+        const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        const scalar_t* bp = b.numel() ? b.const_data_ptr<scalar_t>() : nullptr;
+        const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) {
-                A v = A(xp[i]) + (bp ? A(bp[channel_of<int64_t>(i, s1, C)]) : A(0));
-                yp[i] = scalar_t(bias_act_value<A>(v, p));
-            }
+        for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
+            CpuBlock<NoState> ex;
+            if (s.V == 1) bias_act_block<1, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+            else bias_act_block<VM, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
         });
     });
     return y;
 }
 
-static at::Tensor bias_act_grad_cpu(const at::Tensor& dy_, const at::Tensor& y, bool lrelu, double alpha, double gain,
-                                    double clamp) {
-    const BiasActParams p = make_params(lrelu, alpha, gain, clamp);
-    at::Tensor dy = dy_.strides() == y.strides() ? dy_ : at::empty_like(y).copy_(dy_);
-    at::Tensor dx = at::empty_like(y);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bias_act_grad_cpu", [&] {
-        using A = at::opmath_type<scalar_t>;
-        const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-        const scalar_t* yp = y.const_data_ptr<scalar_t>();
-        scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, y.numel(), 4096, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) dp[i] = scalar_t(bias_act_grad_value<scalar_t, A>(A(gp[i]), A(yp[i]), p));
+// dx, and db (summed in the accumulation type, returned as db_dtype) when db_dtype is given; else an empty db.
+static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor& dy_, const at::Tensor& y, bool lrelu,
+                                                               double alpha, double gain, double clamp,
+                                                               c10::optional<at::ScalarType> db_dtype) {
+    TORCH_CHECK(dy_.sizes() == y.sizes() && dy_.scalar_type() == y.scalar_type(),
+                "bias_act_grad: dy must have y's shape and dtype");
+    TORCH_CHECK(dy_.device() == y.device(), "bias_act_grad: dy must be on y's device, got ", dy_.device(), " and ",
+                y.device());
+    TORCH_CHECK(y.dim() >= 2 && y.is_non_overlapping_and_dense(), "bias_act_grad: y must be dense");
+    check_args(lrelu, alpha, gain);
+    at::Tensor dx = at::empty_like(y), dy = dy_;
+    const auto acc = acc_type(y);
+    at::Tensor db = at::empty({db_dtype ? y.size(1) : 0}, y.options().dtype(acc));
+    if (y.numel() == 0) return {dx, db.zero_().to(db_dtype.value_or(y.scalar_type()))};
+    DyMap m{};
+    bool strided = false;
+    for (int d = 0; d < y.dim(); d++) {
+        if (y.size(d) == 1 || dy.stride(d) == y.stride(d)) continue;
+        strided = true;
+    }
+    int big = 0;
+    for (int d = 0; d < y.dim(); d++) big += y.size(d) > 1;
+    if (strided && big > 8) {                   // more dims than DyMap holds: a copy in y's layout
+        dy = at::empty_like(y).copy_(dy_);
+        strided = false;
+    }
+    if (strided)                                // read dy through its strides, by y's dims of size > 1
+        for (int d = 0; d < y.dim(); d++)
+            if (y.size(d) > 1) {
+                m.ys[m.nd] = y.stride(d); m.size[m.nd] = y.size(d); m.ds[m.nd] = dy.stride(d); m.nd++;
+            }
+    const BiasActShape s = plan_bias_act(y.numel(), y.size(1), y.stride(1), int(16 / y.element_size()),
+                                         !strided && aligned16(dy) && aligned16(y) && aligned16(dx));
+    TORCH_CHECK(grid_x(s) < INT32_MAX, "bias_act_grad: y is too large");
+    at::Tensor part;
+    if (db_dtype) part = at::empty({int64_t(s.G) * (s.K / s.unit)}, y.options().dtype(acc));
+    if (y.is_cuda()) {
+        bias_act_grad_cuda(dy, m, strided, y, dx, part, db, s, lrelu, alpha, gain, clamp);
+    } else {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bias_act_grad_cpu", [&] {
+            using A = at::opmath_type<scalar_t>;
+            constexpr int VM = 16 / sizeof(scalar_t);
+            const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
+            const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+            const scalar_t* yp = y.const_data_ptr<scalar_t>();
+            scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+            A* pp = part.defined() ? part.mutable_data_ptr<A>() : nullptr;
+            for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
+                CpuBlock<NoState> ex;
+                std::vector<A> red(kBlockThreads);
+                if (strided) bias_act_grad_block<1, true, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                else if (s.V == 1) bias_act_grad_block<1, false, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                else bias_act_grad_block<VM, false, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+            });
+            if (pp) {
+                A* dbp = db.mutable_data_ptr<A>();
+                for_each_block(s.C, 1, [&](int64_t c, int) {
+                    CpuBlock<NoState> ex;
+                    std::vector<A> red(kBlockThreads);
+                    bias_grad_sum_block<A>(ex, pp, s.G, s.K / s.unit, s.inner / s.unit, dbp, red.data(), int(c));
+                });
+            }
         });
-    });
-    return dx;
+    }
+    return {dx, db_dtype ? db.to(*db_dtype) : db.to(y.scalar_type())};
 }
 
-static at::Tensor bias_act_cuda_checked(const at::Tensor& x, const at::Tensor& b, bool lrelu, double alpha,
-                                        double gain, double clamp) {
-    check_x(x, b);
-    return bias_act_cuda(x, b, make_params(lrelu, alpha, gain, clamp), x.stride(1));
-}
-
-static at::Tensor bias_act_grad_cuda_checked(const at::Tensor& dy, const at::Tensor& y, bool lrelu, double alpha,
-                                             double gain, double clamp) {
-    TORCH_CHECK(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type(), "bias_act_grad: dy must match y");
-    TORCH_CHECK(y.is_non_overlapping_and_dense(), "bias_act_grad: y must be dense");
-    return bias_act_grad_cuda(dy.strides() == y.strides() ? dy : at::empty_like(y).copy_(dy), y,
-                              make_params(lrelu, alpha, gain, clamp));
+static at::Tensor bias_act_grad_op(const at::Tensor& dy, const at::Tensor& y, bool lrelu, double alpha, double gain,
+                                   double clamp) {
+    return std::get<0>(bias_act_backward_op(dy, y, lrelu, alpha, gain, clamp, c10::nullopt));
 }
 
 TORCH_LIBRARY_FRAGMENT(nada, m) {
-    m.def("bias_act(Tensor x, Tensor b, bool lrelu, float alpha, float gain, float clamp) -> Tensor");
+    m.def("bias_act(Tensor x, Tensor? b, bool lrelu, float alpha, float gain, float clamp) -> Tensor");
+    m.def("bias_act_backward(Tensor dy, Tensor y, bool lrelu, float alpha, float gain, float clamp, "
+          "ScalarType? db_dtype) -> (Tensor, Tensor)");
     m.def("bias_act_grad(Tensor dy, Tensor y, bool lrelu, float alpha, float gain, float clamp) -> Tensor");
 }
 
+// One function per op serves both devices: the checks and the plan are shared, the launch differs.
 TORCH_LIBRARY_IMPL(nada, CPU, m) {
-    m.impl("bias_act", &bias_act_cpu);
-    m.impl("bias_act_grad", &bias_act_grad_cpu);
+    m.impl("bias_act", &bias_act_op);
+    m.impl("bias_act_backward", &bias_act_backward_op);
+    m.impl("bias_act_grad", &bias_act_grad_op);
 }
 
 TORCH_LIBRARY_IMPL(nada, CUDA, m) {
-    m.impl("bias_act", &bias_act_cuda_checked);
-    m.impl("bias_act_grad", &bias_act_grad_cuda_checked);
+    m.impl("bias_act", &bias_act_op);
+    m.impl("bias_act_backward", &bias_act_backward_op);
+    m.impl("bias_act_grad", &bias_act_grad_op);
 }

@@ -1,72 +1,86 @@
-// CUDA kernels for bias_act (reference: _bias_act_ref in nada.py). One pass, grid-stride over the elements in
-// memory order, so any dense layout works (NCHW, channels_last); the math lives in common.h.
+// CUDA launch of bias_act (reference: _bias_act_ref in nada.py). The block code and the launch plan are in
+// bias_act.h and shared with the CPU twin in bias_act.cpp; this file only turns them into kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#include "common.h"
+#include "bias_act.h"
 
-constexpr int kThreads = 256;
+template <int V, typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+bias_act_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ b, T* __restrict__ y, BiasActShape s,
+                BiasActArgs<at::opmath_type<T>> a) {
+    GpuBlock<NoState> ex;
+    bias_act_block<V, T, at::opmath_type<T>>(ex, s, a, x, b, y, int64_t(blockIdx.x), int(blockIdx.y));
+}
 
-template <typename T, typename I>
-__global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ y, I n, I s1, I C,
-                                BiasActParams p) {
+template <int V, bool STRIDED, typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+bias_act_grad_kernel(const T* __restrict__ dy, DyMap m, const T* __restrict__ y, T* __restrict__ dx,
+                     at::opmath_type<T>* __restrict__ part, BiasActShape s, BiasActArgs<at::opmath_type<T>> a) {
     using A = at::opmath_type<T>;
-    for (I i = I(blockIdx.x) * kThreads + threadIdx.x; i < n; i += I(gridDim.x) * kThreads) {
-        A v = A(x[i]);
-        if (b) v += A(b[channel_of<I>(i, s1, C)]);
-        y[i] = T(bias_act_value<A>(v, p));
-    }
+    __shared__ A red[kBlockThreads];
+    GpuBlock<NoState> ex;
+    bias_act_grad_block<V, STRIDED, T, A>(ex, s, a, dy, m, y, dx, part, red, int64_t(blockIdx.x), int(blockIdx.y));
 }
 
-template <typename T, typename I>
-__global__ void bias_act_grad_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, I n,
-                                     BiasActParams p) {
-    using A = at::opmath_type<T>;
-    for (I i = I(blockIdx.x) * kThreads + threadIdx.x; i < n; i += I(gridDim.x) * kThreads)
-        dx[i] = T(bias_act_grad_value<T, A>(A(dy[i]), A(y[i]), p));
+template <typename A>
+__global__ void __launch_bounds__(kBlockThreads)
+bias_grad_sum_kernel(const A* __restrict__ part, int G, int64_t units, int64_t upc, A* __restrict__ db) {
+    __shared__ A red[kBlockThreads];
+    GpuBlock<NoState> ex;
+    bias_grad_sum_block<A>(ex, part, G, units, upc, db, red, int(blockIdx.x));
 }
 
-// Enough blocks to fill the GPU a few times over; the grid-stride loops cover the rest.
-static unsigned blocks_for(int64_t n) {
-    int device = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(sms) * 32)));
+static dim3 grid_of(const BiasActShape& s) {
+    return dim3(unsigned((s.chunks + kBlockThreads - 1) / kBlockThreads), unsigned(s.G));
 }
 
-at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& b, const BiasActParams& p, int64_t s1) {
+void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, const BiasActShape& s, bool lrelu,
+                   double alpha, double gain, double clamp) {
     const c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor y = at::empty_like(x);
-    const int64_t n = x.numel(), C = x.size(1);
-    if (n == 0) return y;
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cuda", [&] {
-        const scalar_t* bp = b.numel() ? b.const_data_ptr<scalar_t>() : nullptr;
-        if (n < (int64_t(1) << 31))
-            bias_act_kernel<scalar_t, uint32_t><<<blocks_for(n), kThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), uint32_t(n), uint32_t(s1),
-                uint32_t(C), p);
+        using A = at::opmath_type<scalar_t>;
+        constexpr int VM = 16 / sizeof(scalar_t);
+        const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
+        const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
+        if (s.V == 1)
+            bias_act_kernel<1, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), s, a);
         else
-            bias_act_kernel<scalar_t, int64_t><<<blocks_for(n), kThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), n, s1, C, p);
+            bias_act_kernel<VM, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), s, a);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return y;
 }
 
-at::Tensor bias_act_grad_cuda(const at::Tensor& dy, const at::Tensor& y, const BiasActParams& p) {
+void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, const at::Tensor& y, at::Tensor& dx,
+                        at::Tensor& part, at::Tensor& db, const BiasActShape& s, bool lrelu, double alpha, double gain,
+                        double clamp) {
     const c10::cuda::CUDAGuard guard(y.device());
-    at::Tensor dx = at::empty_like(y);
-    const int64_t n = y.numel();
-    if (n == 0) return dx;
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bias_act_grad_cuda", [&] {
-        bias_act_grad_kernel<scalar_t, int64_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), n, p);
+        using A = at::opmath_type<scalar_t>;
+        constexpr int VM = 16 / sizeof(scalar_t);
+        const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
+        const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+        const scalar_t* yp = y.const_data_ptr<scalar_t>();
+        scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+        A* pp = part.defined() ? part.mutable_data_ptr<A>() : nullptr;
+        if (strided)
+            bias_act_grad_kernel<1, true, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+        else if (s.V == 1)
+            bias_act_grad_kernel<1, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+        else
+            bias_act_grad_kernel<VM, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (pp) {
+            bias_grad_sum_kernel<A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(
+                pp, s.G, s.K / s.unit, s.inner / s.unit, db.mutable_data_ptr<A>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return dx;
 }

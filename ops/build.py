@@ -22,8 +22,8 @@ import warnings
 import torch
 
 OPS_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = {"bias_act": ("bias_act.cpp", "bias_act.cu", "common.h"),
-           "upfirdn2d": ("upfirdn2d.cpp", "upfirdn2d.cu", "common.h")}
+SOURCES = {"bias_act": ("bias_act.cpp", "bias_act.cu", "bias_act.h", "common.h"),
+           "upfirdn2d": ("upfirdn2d.cpp", "upfirdn2d.cu", "upfirdn2d.h", "common.h")}
 
 
 def cuda_home():
@@ -45,15 +45,36 @@ def cuda_home():
     return None
 
 
+# A GPU-less build (CI, a build host): native code for Ampere (sm_80, which also runs on sm_86/sm_89) and for
+# Hopper (sm_90: H100/H200 start without a PTX JIT, and sm_80 code cannot run there natively), plus sm_90 PTX that
+# the driver JIT-compiles for anything newer.
+GPU_LESS_ARCHS = "8.0;9.0+PTX"
+
+
 def cuda_arch_list():
-    """GPU architectures to compile for: $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else 8.0 with PTX
-    (a GPU-less build, e.g. in CI: the PTX is JIT-compiled by the driver on any GPU from Ampere on)."""
+    """GPU architectures to compile for: $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else GPU_LESS_ARCHS."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     if torch.cuda.is_available():
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{a}.{b}" for a, b in caps)
-    return "8.0+PTX"
+    return GPU_LESS_ARCHS
+
+
+def arch_runs_on(arch_list, cap):
+    """Whether code built for arch_list ("7.5;8.0+PTX", "9.0a", "8.6 9.0") runs on a GPU of capability cap:
+    native code of the same major and a minor <= the GPU's (an "a" build: that exact GPU only), or PTX from an
+    architecture <= the GPU's, which the driver compiles."""
+    for entry in re.split(r"[;\s,]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry, re.IGNORECASE)
+        if not m:
+            continue
+        arch, special, ptx = (int(m.group(1)), int(m.group(2))), m.group(3), m.group(4)
+        if ptx and not special and arch <= tuple(cap):
+            return True
+        if arch == tuple(cap) or (not special and arch[0] == cap[0] and arch[1] <= cap[1]):
+            return True
+    return False
 
 
 def build_dir(op):
@@ -77,8 +98,16 @@ def load_op(op, require_gpu=True):
     home = cuda_home()
     if home is None:
         return None, "CUDA toolkit (nvcc) not found: set CUDA_HOME"
+    if require_gpu:
+        cap = torch.cuda.get_device_capability()
+        if not arch_runs_on(cuda_arch_list(), cap):
+            reason = f"TORCH_CUDA_ARCH_LIST={cuda_arch_list()!r} has no code for this GPU (sm_{cap[0]}{cap[1]})"
+            warnings.warn(f"nada: CUDA op {op} unavailable ({reason}); using the reference op.")
+            return None, reason
     try:
         build_op(op, home)
+        if require_gpu:
+            smoke_test(op)                              # a kernel image that cannot run fails here, not mid-training
         return torch.ops.nada, None
     except Exception as e:                              # a failed build is remembered: never retried per call
         errors = [ln.strip() for ln in str(e).splitlines() if "error" in ln and "Error building" not in ln]
@@ -88,13 +117,39 @@ def load_op(op, require_gpu=True):
         return None, reason
 
 
+def smoke_test(op):
+    """Run the op once on a tiny CUDA tensor and wait for it."""
+    x = torch.ones(1, 2, 4, 4, device="cuda")
+    if op == "bias_act":
+        torch.ops.nada.bias_act(x, None, True, 0.2, 1.0, -1.0)
+    else:
+        torch.ops.nada.upfirdn2d(x, torch.ones(4, 4, device="cuda"), 1, 1, 2, 1, 2, 1, False, 1.0)
+    torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Set environment variables for the duration of a block only (the build reads them; nothing else should)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build_op(op, home):
-    """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library."""
-    os.environ["CUDA_HOME"] = home                      # before torch's import-time guess, which may be wrong
+    """Compile with ninja in a private folder under a lock, publish it with an atomic rename, load the library,
+    register its fake functions and autograd formula (register.py)."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)                         # silence its "no CUDA runtime" notice on GPU-less builds
-    from torch.utils import cpp_extension
+    with env(CUDA_HOME=home):                           # before torch's import-time guess, which may be wrong
+        from torch.utils import cpp_extension
     log.setLevel(level)
     cpp_extension.CUDA_HOME = home
     final = build_dir(op)
@@ -106,16 +161,31 @@ def build_op(op, home):
                 work = tempfile.mkdtemp(prefix=f".{op}-", dir=os.path.dirname(final))
                 try:
                     sources = [os.path.join(OPS_DIR, n) for n in SOURCES[op] if not n.endswith(".h")]
-                    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
-                    cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
-                                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
-                                       verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
+                    # No --use_fast_math: there is nothing transcendental to speed up, and it flushes denormals,
+                    # which would make the GPU differ from the CPU twin.
+                    with env(CUDA_HOME=home, TORCH_CUDA_ARCH_LIST=cuda_arch_list()):
+                        cpp_extension.load(f"nada_{op}", sources, build_directory=work, is_python_module=False,
+                                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
+                                           verbose=bool(os.environ.get("NADA_VERBOSE_BUILD")))
                     shutil.rmtree(final, ignore_errors=True)   # a partial folder left by an older failure
                     os.replace(work, final)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
     if not hasattr(torch.ops.nada, op):
         torch.ops.load_library(lib)
+    register_module().register(op)
+
+
+def register_module():
+    """register.py beside this file, one instance per process however often build.py itself is loaded (it
+    remembers what it has registered, and torch.library refuses a second registration)."""
+    if "nada_ops_register" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("nada_ops_register", os.path.join(OPS_DIR, "register.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["nada_ops_register"] = module
+    return sys.modules["nada_ops_register"]
 
 
 def ninja():

@@ -1,0 +1,222 @@
+// upfirdn2d block code (reference: _upfirdn2d_ref in nada.py), run by the CUDA kernels in upfirdn2d.cu and by
+// their CPU twin in upfirdn2d.cpp. Math (ops.md 1.2): zero-insert by `up`, pad by (px0, px1, py0, py1), correlate
+// with F = flip_filter ? f : f flipped, times gain, keep every `down`-th sample. Output o, tap t reads upsampled
+// coordinate u = o*down - p0 + t, which is an input sample iff u % up == 0 (polyphase: zero taps are never visited).
+//
+// Design: a block owns one plane (n, c) (grid x: the N*C planes) and a column of tiles (grid y: tile column,
+// grid z: a group of `loop` tile rows that it walks through). Per tile, phase 1 stages the tile's input footprint
+// plus its border in shared memory, zero-filled outside the image (so the taps need no bounds checks); phase 2
+// computes the outputs. Offsets within a plane are 32-bit (checked on the host).
+//  - Small kernels (StyleGAN2: 4x4 filter with up 2, down 2 or neither): the tap count, factors and tile are
+//    compile-time constants; 32 x 8 threads each compute a 2x2 quad of outputs (a 64 x 16 tile) from a register
+//    window of the tile, with the taps in registers. The tiles start where the quad's first output is on
+//    up-phase 0 (host: shift), so every up=2 phase is a constant and the loops unroll completely.
+//  - Generic kernel: everything else, sizes at run time, taps in shared memory, one output per thread and turn.
+#pragma once
+#include <cmath>
+#include "common.h"
+
+struct UpFirDnParams {
+    int C, H, W, outH, outW;         // the N*C planes come from the grid
+    int64_t xs_n, xs_c, ys_n, ys_c;  // strides between planes, in elements
+    int xs_h, xs_w, ys_h, ys_w;      // strides within a plane: 32-bit
+    int up, down, px0, py0, fh, fw;
+    int shiftx, shifty;              // tile 0 starts this many outputs before output 0 (up-phase alignment)
+    int tilesX, tilesY, loop;        // tiles per row and column of the output; tile rows per block
+    int tow, toh, tiw, tih;          // tile of outputs and its input footprint (the small kernels: constants)
+    bool flip;
+    double gain;
+};
+
+// acc + a*b rounded once, on the GPU and on the CPU alike, so the twin matches the kernel bit for bit.
+template <typename A>
+NADA_HD A mac(A acc, A a, A b) {
+#ifdef __CUDA_ARCH__
+    return fma(a, b, acc);
+#else
+    return std::fma(a, b, acc);
+#endif
+}
+
+// Tap i (row-major) of the correlation filter: flip and gain folded into the load.
+template <typename A>
+NADA_HD A load_tap(const float* f, const UpFirDnParams& p, int i) {
+    return A(f[p.flip ? i : p.fh * p.fw - 1 - i]) * A(p.gain);
+}
+
+template <int UP, int DOWN, int FH, int FW>
+struct SmallTile {
+    static constexpr int QX = 2, QY = 2;                          // outputs per thread: a 2x2 quad
+    static constexpr int TX = 32, TY = kBlockThreads / TX;        // threads: one warp per row of quads
+    static constexpr int TOW = TX * QX, TOH = TY * QY;            // 64 x 16 outputs per tile
+    static constexpr int TIW = ((TOW - 1) * DOWN + FW - 1) / UP + 1, TIH = ((TOH - 1) * DOWN + FH - 1) / UP + 1;
+    static constexpr int WX = ((QX - 1) * DOWN + FW - 1) / UP + 1, WY = ((QY - 1) * DOWN + FH - 1) / UP + 1;
+    static_assert((QX * DOWN) % UP == 0 && (QY * DOWN) % UP == 0, "every quad must start on up-phase 0");
+};
+
+// A thread's registers in the small kernels: the taps, and where its tile columns sit in the plane.
+template <typename A, int NT, int NK>
+struct SmallState {
+    A t[NT];
+    int c0;         // offset of tile column `lane` in a row of x; column lane + 32k is k * 32 * xs_w further
+    unsigned cok;   // bit k: tile column lane + 32k is inside the image (and inside the tile)
+};
+
+template <int UP, int DOWN, int FH, int FW, typename A>
+using SmallStateFor = SmallState<A, FH * FW, (SmallTile<UP, DOWN, FH, FW>::TIW + 31) / 32>;
+
+template <int UP, int DOWN, int FH, int FW, typename T, typename A, class Ex>
+NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x, const float* f, T* y, A* tile,
+                                      int plane, int btx, int btz) {
+    using K = SmallTile<UP, DOWN, FH, FW>;
+    const int n = plane / p.C, c = plane - n * p.C;
+    const T* xp = x + n * p.xs_n + c * p.xs_c;
+    T* yp = y + n * p.ys_n + c * p.ys_c;
+    constexpr int NK = (K::TIW + K::TX - 1) / K::TX, NJ = (K::TIH + K::TY - 1) / K::TY;
+    const int o0x = btx * K::TOW - p.shiftx;
+    const int in0x = floor_div(o0x * DOWN - p.px0, UP);           // exact: the host aligned the phase
+    ex.phase([&](int tid, typename Ex::State& s) {                // once per block: taps, tile columns
+#pragma unroll
+        for (int i = 0; i < FH * FW; i++) s.t[i] = load_tap<A>(f, p, i);
+        s.c0 = (in0x + tid % K::TX) * p.xs_w;
+        s.cok = 0;
+#pragma unroll
+        for (int k = 0; k < NK; k++) {
+            const int cc = tid % K::TX + k * K::TX, ix = in0x + cc;
+            s.cok |= unsigned(cc < K::TIW && unsigned(ix) < unsigned(p.W)) << k;
+        }
+    });
+    for (int l = 0; l < p.loop; l++) {
+        const int bty = btz * p.loop + l;
+        if (bty >= p.tilesY) break;                               // the same for every thread of the block
+        const int o0y = bty * K::TOH - p.shifty;
+        const int in0y = floor_div(o0y * DOWN - p.py0, UP);
+        ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: the input tile, zeros outside x
+            const int lane = tid % K::TX, row0 = tid / K::TX;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) {
+                const int r = row0 + j * K::TY, iy = in0y + r;
+                if (r >= K::TIH) break;
+                const unsigned ok = unsigned(iy) < unsigned(p.H) ? s.cok : 0u;
+                // A byte pointer stepped by a byte stride: one 64-bit add per element, for any T.
+                const char* src = reinterpret_cast<const char*>(xp + (iy * p.xs_h + s.c0));
+                const int64_t step = int64_t(K::TX) * p.xs_w * int64_t(sizeof(T));
+#pragma unroll
+                for (int k = 0; k < NK; k++, src += step) {
+                    const int cc = lane + k * K::TX;
+                    if (k == NK - 1 && cc >= K::TIW) break;
+                    tile[r * K::TIW + cc] = (ok >> k) & 1u ? A(*reinterpret_cast<const T*>(src)) : A(0);
+                }
+            }
+        });
+        ex.phase([&](int tid, typename Ex::State& s) {            // phase 2: one 2x2 quad per thread
+            const int qx = tid % K::TX, qy = tid / K::TX;
+            const A* src = tile + (qy * (K::QY * DOWN / UP)) * K::TIW + qx * (K::QX * DOWN / UP);
+            A win[K::WY][K::WX];
+#pragma unroll
+            for (int i = 0; i < K::WY; i++)
+#pragma unroll
+                for (int j = 0; j < K::WX; j++) win[i][j] = src[i * K::TIW + j];
+#pragma unroll
+            for (int a = 0; a < K::QY; a++) {
+                const int oy = o0y + qy * K::QY + a;
+#pragma unroll
+                for (int b = 0; b < K::QX; b++) {
+                    const int ox = o0x + qx * K::QX + b;
+                    A acc = A(0);
+#pragma unroll
+                    for (int ty = 0; ty < FH; ty++) {
+                        if ((a * DOWN + ty) % UP) continue;       // a zero inserted by the upsampling
+#pragma unroll
+                        for (int tx = 0; tx < FW; tx++) {
+                            if ((b * DOWN + tx) % UP) continue;
+                            acc = mac(acc, s.t[ty * FW + tx], win[(a * DOWN + ty) / UP][(b * DOWN + tx) / UP]);
+                        }
+                    }
+                    if (unsigned(oy) < unsigned(p.outH) && unsigned(ox) < unsigned(p.outW))
+                        yp[oy * p.ys_h + ox * p.ys_w] = T(acc);
+                }
+            }
+        });
+    }
+}
+
+// Any factors and filter size. Shared memory: the tile [tih, tiw], then the taps [fh, fw].
+template <typename T, typename A, class Ex>
+NADA_BLOCK void upfirdn2d_generic_block(Ex& ex, const UpFirDnParams& p, const T* x, const float* f, T* y, A* smem,
+                                        int plane, int btx, int btz) {
+    A* tile = smem;
+    A* taps = smem + p.tih * p.tiw;
+    const int n = plane / p.C, c = plane - n * p.C;
+    const T* xp = x + n * p.xs_n + c * p.xs_c;
+    T* yp = y + n * p.ys_n + c * p.ys_c;
+    const int o0x = btx * p.tow, u0x = o0x * p.down - p.px0, in0x = floor_div(u0x, p.up), r0x = u0x - in0x * p.up;
+    for (int l = 0; l < p.loop; l++) {
+        const int bty = btz * p.loop + l;
+        if (bty >= p.tilesY) break;
+        const int o0y = bty * p.toh, u0y = o0y * p.down - p.py0, in0y = floor_div(u0y, p.up),
+                  r0y = u0y - in0y * p.up;
+        ex.phase([&](int tid, NoState&) {
+            if (l == 0)
+                for (int i = tid; i < p.fh * p.fw; i += kBlockThreads) taps[i] = load_tap<A>(f, p, i);
+            for (int i = tid; i < p.tih * p.tiw; i += kBlockThreads) {
+                const int r = i / p.tiw, cc = i - r * p.tiw, iy = in0y + r, ix = in0x + cc;
+                tile[i] = unsigned(iy) < unsigned(p.H) && unsigned(ix) < unsigned(p.W)
+                              ? A(xp[iy * p.xs_h + ix * p.xs_w]) : A(0);
+            }
+        });
+        ex.phase([&](int tid, NoState&) {
+            for (int i = tid; i < p.tow * p.toh; i += kBlockThreads) {
+                const int a = i / p.tow, b = i - a * p.tow, oy = o0y + a, ox = o0x + b;
+                if (oy >= p.outH || ox >= p.outW) continue;
+                const int ry = r0y + a * p.down, rx = r0x + b * p.down;   // upsampled coordinate in the tile
+                A acc = A(0);
+                for (int ty = (p.up - ry % p.up) % p.up; ty < p.fh; ty += p.up) {
+                    const A* row = tile + ((ry + ty) / p.up) * p.tiw;
+                    for (int tx = (p.up - rx % p.up) % p.up; tx < p.fw; tx += p.up)
+                        acc = mac(acc, taps[ty * p.fw + tx], row[(rx + tx) / p.up]);
+                }
+                yp[oy * p.ys_h + ox * p.ys_w] = T(acc);
+            }
+        });
+    }
+}
+
+enum class UpFirDnKernel { Generic, Blur4, Up2x4, Down2x4 };
+
+// The launch plan, the same for the GPU and the CPU twin: which kernel, tile sizes, tile alignment, the tile loop.
+// Returns false if even a 1x1 generic tile does not fit in `smem_limit` bytes.
+inline bool plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, UpFirDnKernel& kind) {
+    const bool k4 = p.fh == 4 && p.fw == 4;
+    kind = !k4 ? UpFirDnKernel::Generic
+         : p.up == 1 && p.down == 1 ? UpFirDnKernel::Blur4
+         : p.up == 2 && p.down == 1 ? UpFirDnKernel::Up2x4
+         : p.up == 1 && p.down == 2 ? UpFirDnKernel::Down2x4 : UpFirDnKernel::Generic;
+    p.shiftx = p.shifty = 0;
+    if (kind == UpFirDnKernel::Up2x4) {                           // quads start on up-phase 0
+        p.shiftx = ((p.px0 % 2) + 2) % 2;
+        p.shifty = ((p.py0 % 2) + 2) % 2;
+    }
+    if (kind != UpFirDnKernel::Generic) {
+        p.tow = 64;
+        p.toh = 16;
+        p.tiw = p.tih = 0;                                        // compile-time in the kernel
+    } else {
+        p.tow = 32;
+        p.toh = 8;
+        for (;;) {
+            p.tiw = (p.up - 1 + (p.tow - 1) * p.down + p.fw - 1) / p.up + 1;
+            p.tih = (p.up - 1 + (p.toh - 1) * p.down + p.fh - 1) / p.up + 1;
+            if (int64_t(p.tiw) * p.tih * acc_bytes + int64_t(p.fh) * p.fw * acc_bytes <= smem_limit) break;
+            if (p.toh > 1) p.toh /= 2;
+            else if (p.tow > 1) p.tow /= 2;
+            else return false;
+        }
+    }
+    p.tilesX = (p.outW + p.shiftx + p.tow - 1) / p.tow;
+    p.tilesY = (p.outH + p.shifty + p.toh - 1) / p.toh;
+    const int fit = (p.tilesY + 65534) / 65535;                   // grid z is at most 65535
+    const int amortise = p.tilesY / 4 < 4 ? p.tilesY / 4 : 4;     // up to 4 tile rows per block: taps load once
+    p.loop = fit > amortise ? fit : (amortise > 1 ? amortise : 1);
+    return true;
+}
