@@ -1,7 +1,7 @@
 """Benchmark nada's CUDA ops against the reference ops, the generator, and one training step.
 
     python ops/bench.py --device cuda --out bench.json     # GPU figures: table on stdout, JSON to --out
-    python ops/bench.py --device cpu --res 64 --gen-res 64  # the reference path alone, for a quick look
+    python ops/bench.py --device cpu --res 64 --batch 1 --gen-res 32 --clip ViT-B/32   # the reference path, a quick look
 
 It imports nada from the folder above; nada never imports it.
 """
@@ -127,13 +127,13 @@ def bench_train_step(device, res, batch, impl, memory, clips=("ViT-B/32", "ViT-B
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    ms = _time_ms(step, reps=5)
+    ms = _time_ms(step, reps=5 if device == "cuda" else 2)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
     return dict(res=res, batch=batch, impl=impl, memory=memory, layers=layers, clips=list(clips), step_ms=ms,
                 peak_gb=peak, estimate_gb=estimate / 2 ** 30, steps300_s=ms * 300 / 1e3)
 
 
-def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json"):
+def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json", clip="ViT-B/32,ViT-B/16"):
     """Print the benchmark as a table and write it as JSON."""
     device = nada.check_device(device)
     if device == "cuda":
@@ -152,9 +152,10 @@ def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="ben
     result["generator"] = dict(res=gen_res, batch=2, **bench_generator(device, gen_res, 2))
     print(f"generator {gen_res} px, batch 2: " + ", ".join(f"{k} {v:.2f}" for k, v in result["generator"].items()
                                                          if k not in ("res", "batch")), flush=True)
-    result["train_step"] = [bench_train_step(device, gen_res, 2, i, m, layers=layers)
+    clips = clip.split(",")
+    result["train_step"] = [bench_train_step(device, gen_res, 2, i, m, clips, layers)
                             for i in (("ref", "cuda") if device == "cuda" else ("ref",))
-                            for m in ("fast", "low") for layers in ("all", "auto")]
+                            for m in ("fast", "low") for layers in (("all", "auto") if device == "cuda" else ("all",))]
     for t in result["train_step"]:
         print(f"train step {t['res']} px, batch {t['batch']}, {'+'.join(t['clips'])}, layers {t['layers']}, impl "
               f"{t['impl']}, memory {t['memory']}: {t['step_ms']:.1f} ms (300 steps {t['steps300_s']:.0f} s), peak "
@@ -171,6 +172,8 @@ def main(argv=None):
     p.add_argument("--batch", default="1,8", help="batch sizes for the op timings")
     p.add_argument("--gen-res", type=int, default=1024, help="resolution of the generator and train-step timings")
     p.add_argument("--out", default="bench.json", help="where the JSON goes")
+    p.add_argument("--clip", default="ViT-B/32,ViT-B/16", help="CLIP architectures of the train-step timings "
+                   f"(random weights; any of {', '.join(nada.CLIP_ARCHITECTURES)})")
     args = p.parse_args(argv)
     try:
         [int(r) for r in f"{args.res},{args.batch}".split(",")]
