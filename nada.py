@@ -1091,8 +1091,8 @@ def _unpickle(src, allowed, storage=None, kind=_SafeUnpickler):
     except Exception as e:
         if isinstance(e, EOFError) or u.left() <= 0:
             raise _Refused(TRUNCATED) from None
-        what = "an unknown opcode" if isinstance(e, KeyError) else _first_line(e)[:80]
-        raise _Refused(f"the file is damaged, or not a checkpoint (its pickle breaks at {what}); download it again") from None
+        raise _Refused("the file is damaged, or not a checkpoint: its pickle stream makes no sense; download it "
+                       "again") from None
 
 
 def _pickle_allowlist():

@@ -1006,25 +1006,18 @@ import warnings
 import zipfile
 from typing import Tuple
 
-CASE_SECONDS = 20                      # a case still running then is a hang
+CASE_SECONDS = 20                      # a case still running then is a hang (the worker is ended)
 CASE_MEMORY = 512 << 20                # peak resident growth allowed per case (the fixtures are 1-4 MB)
 ADDRESS_SPACE = 2 << 30                # RLIMIT_AS above the worker's size after imports: claims of GBs fail there
 
 _WORKER = r'''
-import json, resource, signal, sys, time, warnings
+import faulthandler, json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 import nada
-
-class Hang(BaseException):            # not an Exception: no loader may turn it into a NadaError
-    pass
-
-def alarm(*_):
-    raise Hang()
 
 def status(key):
     return int([ln for ln in open("/proc/self/status") if ln.startswith(key + ":")][0].split()[1]) * 1024
 
-signal.signal(signal.SIGALRM, alarm)
 seconds, space = int(sys.argv[1]), int(sys.argv[2])
 cases = json.load(open(sys.argv[3]))
 nada.load_clip.__globals__["_import_clip"]()                  # imported before the cap, as in a real run
@@ -1034,31 +1027,37 @@ for kind, path in cases:
     with open("/proc/self/clear_refs", "w") as f:               # resets the peak resident size (VmHWM)
         f.write("5")
     rss, t, out = status("VmRSS"), time.perf_counter(), {"path": path}
-    signal.alarm(seconds)
+    faulthandler.dump_traceback_later(seconds, exit=True)      # a hang, even inside C code, ends the process
     try:
         (nada.load_clip if kind == "clip" else nada.load_generator)(path)
         out["outcome"] = "loaded"
     except nada.NadaError as e:
         out["outcome"], out["message"] = "error", str(e)
-    except Hang:
-        out["outcome"] = "hang"
     except BaseException as e:
         out["outcome"], out["message"] = "crash", f"{type(e).__name__}: {e}"[:500]
-    signal.alarm(0)
+    faulthandler.cancel_dump_traceback_later()
     out["seconds"], out["peak"] = time.perf_counter() - t, status("VmHWM") - rss
     print(json.dumps(out), flush=True)
 '''
 
 
 def _load_all(cases, folder):
-    """Load each (kind, path) in one capped subprocess -> {path: result}; a crashed worker is a failure."""
-    (folder / "cases.json").write_text(json.dumps([(k, str(p)) for k, p in cases]))
+    """Load each (kind, path) in a capped subprocess -> {path: result}. A case that hangs or kills the process
+    is recorded as such, and the rest go on in a fresh one."""
     (folder / "worker.py").write_text(_WORKER)
-    p = subprocess.run([sys.executable, str(folder / "worker.py"), str(CASE_SECONDS), str(ADDRESS_SPACE),
-                        str(folder / "cases.json")], cwd=HERE, capture_output=True, text=True, timeout=3600,
-                       env={**os.environ, "PYTHONPATH": HERE, "PYTHONWARNINGS": "ignore"})
-    results = {r["path"]: r for r in map(json.loads, p.stdout.splitlines())}
-    assert len(results) == len(cases), p.stderr[-3000:]
+    results, todo = {}, [(k, str(p)) for k, p in cases]
+    while todo:
+        (folder / "cases.json").write_text(json.dumps(todo))
+        p = subprocess.run([sys.executable, str(folder / "worker.py"), str(CASE_SECONDS), str(ADDRESS_SPACE),
+                            str(folder / "cases.json")], cwd=HERE, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": HERE, "PYTHONWARNINGS": "ignore"})
+        done = [json.loads(ln) for ln in p.stdout.splitlines()]
+        results.update((r["path"], r) for r in done)
+        if len(done) < len(todo):                         # the next case ended the worker
+            path = todo[len(done)][1]
+            results[path] = {"path": path, "outcome": "hang" if "Timeout (" in p.stderr else "crash",
+                             "message": p.stderr[-500:], "seconds": CASE_SECONDS, "peak": 0}
+        todo = todo[len(done) + 1:]
     return results
 
 
