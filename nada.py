@@ -896,10 +896,12 @@ def read_torch_checkpoint(path):
     """-> (rosinality state dict, Generator kwargs, latent_avg or None, our metadata or {}) from a .pt file.
     The tensors are those of the (memory-mapped) file: _fit checks them, then copies."""
     try:
+        _dry_run(path)
         with torch.serialization.safe_globals([argparse.Namespace]):   # rosinality training checkpoints carry args
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
+        raise NadaError(f"{path}: refused or unreadable torch checkpoint: "
+                        f"{e if isinstance(e, _Refused) else _refusal(e)}") from None
     if isinstance(ckpt, dict) and "g_ema" in ckpt:
         sd, meta, latent_avg = ckpt["g_ema"], ckpt.get("nada"), ckpt.get("latent_avg")
     elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
@@ -1123,6 +1125,40 @@ def _tensor_arrays():
     view = lambda base, offset, size, stride, *_: _view(base, offset, size, stride)
     return {("torch._utils", "_rebuild_tensor_v2"): view, ("collections", "OrderedDict"): _ordered_dict,
             **{("torch", n): dtype for n, dtype in STORAGE_DTYPES.items()}}
+
+
+class _Inert:
+    """Whatever a pickle names or makes, in a dry run that checks only the stream: lengths and hashed keys."""
+
+    def __init__(self, *args):
+        pass
+
+    def __call__(self, *args):
+        return _Inert()
+
+    __setstate__ = __setitem__ = append = extend = __init__
+
+
+class _DryUnpickler(_SafeUnpickler):
+    def find_class(self, module, name):
+        return _Inert
+
+
+def _dry_run(path):
+    """Unpickle a torch.save file's pickles with inert stand-ins before torch.load reads it: torch's own unpickler
+    hashes any dictionary key (a 500-byte file then never finishes) and, for pre-1.6 files, reads what a length
+    field claims."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as zf:
+                pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")][:1]
+                if not pkl or pkl[0].file_size > os.path.getsize(path):
+                    raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
+                _unpickle(_PickleFile(io.BytesIO(zf.read(pkl[0]))), {}, lambda pid: None, _DryUnpickler)
+        else:                                           # magic number, version, system info, the object
+            src = _PickleFile(f)
+            for _ in range(4):
+                _unpickle(src, {}, lambda pid: None, _DryUnpickler)
 
 
 def _view(base, offset, size, stride):
@@ -1400,6 +1436,7 @@ def read_clip_weights(path):
         if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path) and _is_torchscript(path):
             sd = _read_torchscript(path)
         elif head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC:
+            _dry_run(path)
             sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")

@@ -1183,7 +1183,7 @@ HOSTILE = {  # file -> words its NadaError must say (every one must fail cleanly
     "claim_frame.pkl": "ends early", "claim_long4.pkl": "ends early", "claim_binunicode.pkl": "ends early",
     "claim_binbytes.pkl": "ends early", "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list",
     "shared_subtrees.pkl": "appears twice", "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than",
-    "hash_bomb.pkl": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
+    "hash_bomb.pkl": "dictionary key", "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
     "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored", "input_1d.pt": "not a StyleGAN2",
     "config_string.pt": "positive number", "config_list.pt": "positive number", "config_nan.pt": "positive number",
     "config_negative.pt": "positive number", "shared_weights.pt": "share their bytes",
@@ -1199,6 +1199,12 @@ def hostile_results(tmp_path_factory):
         (folder / name).write_bytes(data)
     for name, ckpt in _hostile_checkpoints().items():
         torch.save(ckpt, folder / name)
+    torch.save({"g_ema": {}}, folder / "empty_dict.pt")      # a hash bomb as data.pkl: torch.load never finishes
+    with zipfile.ZipFile(folder / "empty_dict.pt") as zin, zipfile.ZipFile(folder / "hash_bomb.pt", "w") as zout:
+        for n in zin.namelist():
+            zout.writestr(n.replace("empty_dict/", "hash_bomb/"), zin.read(n) if not n.endswith("data.pkl") else
+                          b"\x80\x02}()q\x00" + b"".join(b"h%ch%c\x86q%c" % (i, i, i + 1) for i in range(60)) + b"Nu.")
+    os.remove(folder / "empty_dict.pt")
     (folder / "text.pkl").write_text("a text file, not a checkpoint\n")
     (folder / "empty.pkl").write_bytes(b"")
     assert sorted(os.listdir(folder)) == sorted(HOSTILE)
