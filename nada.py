@@ -882,7 +882,8 @@ def _refusal(e):
     m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]{1,200})", text)
     if m:
         return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
-    if re.search(r"central directory|zip archive|corrupt|Ran out of input|EOF|truncated|unexpected end", text, re.I):
+    if isinstance(e, EOFError) or re.search(r"central directory|zip archive|corrupt|Ran out of input|EOF|truncated|"
+                                            r"unexpected end", text, re.I):
         return TRUNCATED
     return "not plain tensor data (refused; nothing ran)" if "Weights only load failed" in text else _first_line(e)
 
@@ -1488,22 +1489,20 @@ def _read_torchscript(path):
                 raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
                                "__setstate__); nada reads archives of plain modules only")
             names = _declared_tensors(zf, root, m.qualname)
-            sd.update({prefix + k: v for k, v in m.state.items() if isinstance(v, torch.Tensor) and k in names})
+            sd.update({prefix + k: v for k, v in m.state.items() if isinstance(v, torch.Tensor)
+                       and (names is None or k in names)})
     return sd
 
 
 def _declared_tensors(zf, root, qualname):
     """The parameters and buffers a TorchScript class declares in its code (read as text): other tensor attributes
-    are not in its state dict."""
+    are not in its state dict. None where the code says nothing (then every tensor attribute counts)."""
     module, cls = qualname.rsplit(".", 1)
-    try:
-        code = zf.read(f"{root}/code/{module.replace('.', '/')}.py").decode()
-    except KeyError:
-        raise _Refused(f"the archive has no code for {qualname[:100]}") from None
-    m = re.search(rf"^class {cls}\(Module\):\n  __parameters__ = \[(.*)\]\n  __buffers__ = \[(.*)\]", code, re.M)
-    if not m:
-        raise _Refused(f"{qualname[:100]} declares no parameters and buffers")
-    return set(re.findall(r'"(\w+)"', m[1] + m[2]))
+    with contextlib.suppress(KeyError):
+        block = re.search(rf"^class {cls}\(Module\):\n((?:  .*\n)*)", zf.read(f"{root}/code/{module.replace('.', '/')}.py")
+                          .decode("utf-8", "replace"), re.M)
+        lists = re.findall(r"^  __(?:parameters|buffers)__ = \[(.*)\]$", block[1] if block else "", re.M)
+        return set(re.findall(r'"(\w+)"', " ".join(lists))) if lists else None
 
 
 def load_clip_models(names, weights, device, wdir, offline, preloaded=None):

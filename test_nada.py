@@ -1427,8 +1427,12 @@ def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
         (tmp_path / name).write_bytes(data)
         cases.append(("gen", tmp_path / name))
     results = _load_all(cases, tmp_path)
+    failures = []
     for r in results.values():
-        _assert_clean(r)
+        try:
+            _assert_clean(r)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0][:400])
     outcomes = [r["outcome"] for r in results.values()]
     slow, big = (max(results.values(), key=lambda r: r[k]) for k in ("seconds", "peak"))
     with capsys.disabled():
@@ -1436,3 +1440,4 @@ def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
               f"{outcomes.count('error')} clean errors, {outcomes.count('loaded')} loads; worst time "
               f"{slow['seconds']:.2f} s ({os.path.basename(slow['path'])}), worst memory {big['peak'] / 2**20:.1f} MB "
               f"({os.path.basename(big['path'])})")
+    assert not failures, f"{len(failures)} cases failed:\n" + "\n".join(failures[:30])
