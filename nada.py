@@ -882,10 +882,12 @@ def _refusal(e):
     m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]{1,200})", text)
     if m:
         return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
+    if "TorchScript" in text:
+        return "it is a TorchScript archive (a CLIP model?), not a state dict"
     if isinstance(e, EOFError) or re.search(r"central directory|zip archive|corrupt|Ran out of input|EOF|truncated|"
                                             r"unexpected end", text, re.I):
         return TRUNCATED
-    return "not plain tensor data (refused; nothing ran)" if "Weights only load failed" in text else _first_line(e)
+    return "not plain tensor data (refused; nothing ran)" if re.search(r"weights.only", text, re.I) else _first_line(e)
 
 
 def _first_line(e):

@@ -1179,16 +1179,17 @@ def _hostile_checkpoints():
 
 
 HOSTILE = {  # file -> words its NadaError must say (every one must fail cleanly, fast and small)
-    "claim_bytearray8.pkl": "ends early", "claim_binbytes8.pkl": "ends early", "claim_binunicode8.pkl": "ends early",
-    "claim_frame.pkl": "ends early", "claim_long4.pkl": "ends early", "claim_binunicode.pkl": "ends early",
-    "claim_binbytes.pkl": "ends early", "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list",
-    "shared_subtrees.pkl": "appears twice", "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than",
-    "hash_bomb.pkl": "dictionary key", "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
-    "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored", "input_1d.pt": "not a StyleGAN2",
-    "config_string.pt": "positive number", "config_list.pt": "positive number", "config_nan.pt": "positive number",
-    "config_negative.pt": "positive number", "shared_weights.pt": "share their bytes",
-    "overlapping_weights.pt": "share their bytes", "integer_weights.pt": "torch.int64", "base_list.pt": "base generator",
-    "text.pkl": "neither", "empty.pkl": "neither",
+    **{f"claim_{op}.pkl": "ends early" for op in ("bytearray8", "binbytes8", "binunicode8", "frame", "long4",
+                                                  "binunicode", "binbytes")},
+    "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list", "shared_subtrees.pkl": "appears twice",
+    "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than", "hash_bomb.pkl": "dictionary key",
+    "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
+    "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored",
+    "input_1d.pt": "not a StyleGAN2", "config_string.pt": "positive number", "config_list.pt": "positive number",
+    "config_nan.pt": "positive number", "config_negative.pt": "positive number",
+    "shared_weights.pt": "share their bytes", "overlapping_weights.pt": "share their bytes",
+    "integer_weights.pt": "torch.int64", "base_list.pt": "base generator", "text.pkl": "neither", "empty.pkl": "neither",
+    "torchscript.pt": "TorchScript archive",
 }
 
 
@@ -1205,6 +1206,7 @@ def hostile_results(tmp_path_factory):
             zout.writestr(n.replace("empty_dict/", "hash_bomb/"), zin.read(n) if not n.endswith("data.pkl") else
                           b"\x80\x02}()q\x00" + b"".join(b"h%ch%c\x86q%c" % (i, i, i + 1) for i in range(60)) + b"Nu.")
     os.remove(folder / "empty_dict.pt")
+    torch.jit.script(_Scripted()).save(folder / "torchscript.pt")
     (folder / "text.pkl").write_text("a text file, not a checkpoint\n")
     (folder / "empty.pkl").write_bytes(b"")
     assert sorted(os.listdir(folder)) == sorted(HOSTILE)
@@ -1407,7 +1409,7 @@ def _mutate(data, targets, rng):
 
 def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
     import clip
-    n_cases = int(os.environ.get("NADA_FUZZ_CASES", 300))
+    n_cases = int(os.environ.get("NADA_FUZZ_CASES", 1000))
     rng = random.Random(int(os.environ.get("NADA_FUZZ_SEED", 12)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
