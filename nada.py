@@ -819,10 +819,7 @@ def load_generator(path, device="cpu", impl="auto"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NadaError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    is_torch = head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC       # torch.save: zip, or before 1.6
-    sd, config, latent_avg, meta = (read_torch_checkpoint if is_torch else read_nvidia_pickle)(path)
+    sd, config, latent_avg, meta = (read_torch_checkpoint if _torch_saved(path) else read_nvidia_pickle)(path)
     G = _fit(path, sd, config)
     if latent_avg is None:                              # old files without it: the mean w of many seeded z
         with torch.no_grad():
@@ -832,6 +829,17 @@ def load_generator(path, device="cpu", impl="auto"):
         raise NadaError(f"{path}: latent_avg is not a vector of {G.w_dim} numbers")
     G.latent_avg, G.meta = latent_avg.float().reshape(G.w_dim).clone(), meta   # meta: what our checkpoints record
     return G.set_impl(impl).requires_grad_(True).to(device)
+
+
+def _torch_saved(path):
+    """Whether a file was written by torch.save: a zip, or (before torch 1.6) a run of pickles with a magic number."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_TORCH_MAGIC))
+    return head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC
+
+
+def _state_dict(x):
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
 
 
 def _fit(path, sd, config):
@@ -877,8 +885,10 @@ def _check_storage(path, tensors, budget, owners=()):
 
 
 def _refusal(e):
-    """torch.load's failure in words (its own text suggests weights_only=False: never do that)."""
+    """Why a file could not be read, in words (torch.load's own text suggests weights_only=False: never do that)."""
     text = str(e)
+    if isinstance(e, _Refused):
+        return text
     m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]{1,200})", text)
     if m:
         return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
@@ -903,8 +913,7 @@ def read_torch_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):   # rosinality training checkpoints carry args
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise NadaError(f"{path}: refused or unreadable torch checkpoint: "
-                        f"{e if isinstance(e, _Refused) else _refusal(e)}") from None
+        raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
     if isinstance(ckpt, dict) and "g_ema" in ckpt:
         sd, meta, latent_avg = ckpt["g_ema"], ckpt.get("nada"), ckpt.get("latent_avg")
     elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
@@ -912,7 +921,7 @@ def read_torch_checkpoint(path):
     else:
         keys = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {keys})")
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+    if not _state_dict(sd):
         raise NadaError(f"{path}: 'g_ema' is not a state dict of tensors")
     meta = meta if isinstance(meta, dict) else {}
     saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -1158,7 +1167,10 @@ def _dry_run(path):
                 if not pkl or pkl[0].file_size > os.path.getsize(path):
                     raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
                 _unpickle(_PickleFile(io.BytesIO(zf.read(pkl[0]))), {}, lambda pid: None, _DryUnpickler)
+        elif f.seek(0) == 0 and f.read(2) == b"PK":      # a zip without its directory, which comes last
+            raise _Refused(TRUNCATED)
         else:                                           # magic number, version, system info, the object
+            f.seek(0)
             src = _PickleFile(f)
             for _ in range(4):
                 _unpickle(src, {}, lambda pid: None, _DryUnpickler)
@@ -1242,8 +1254,7 @@ def read_g_ema(path):
     except NadaError:
         raise
     except Exception as e:
-        why = str(e) if isinstance(e, _Refused) else TRUNCATED if isinstance(e, EOFError) else _first_line(e)
-        raise NadaError(f"{path}: refused, not a loadable network pickle: {why}") from None
+        raise NadaError(f"{path}: refused, not a loadable network pickle: {_refusal(e)}") from None
     return G
 
 
@@ -1433,19 +1444,17 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
 def read_clip_weights(path):
     """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, as data: clip.load
     would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
     try:
-        if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path) and _is_torchscript(path):
+        if zipfile.is_zipfile(path) and _is_torchscript(path):
             sd = _read_torchscript(path)
-        elif head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC:
+        elif _torch_saved(path):
             _dry_run(path)
             sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
     except Exception as e:
-        raise NadaError(f"{path}: not a loadable CLIP model: {e if isinstance(e, _Refused) else _refusal(e)}") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
+    if not _state_dict(sd):
         raise NadaError(f"{path}: not a CLIP model (expected a state dict of tensors)")
     for k in ("input_resolution", "context_length", "vocab_size"):   # integers in OpenAI's archives; build_model drops them
         sd.pop(k, None)

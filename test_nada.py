@@ -1443,3 +1443,14 @@ def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
               f"{slow['seconds']:.2f} s ({os.path.basename(slow['path'])}), worst memory {big['peak'] / 2**20:.1f} MB "
               f"({os.path.basename(big['path'])})")
     assert not failures, f"{len(failures)} cases failed:\n" + "\n".join(failures[:30])
+
+
+def test_pre_1_6_torch_save_checkpoint_loads(tmp_path):
+    """Files torch.save wrote before the zip format go through the same dry run, then torch.load."""
+    good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)
+    torch.save({"g_ema": good["g_ema"], "latent_avg": good["latent_avg"]}, tmp_path / "old.pt",
+               _use_new_zipfile_serialization=False)
+    z = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(nada.load_generator(tmp_path / "old.pt")(z),
+                           nada.load_generator(os.path.join(FIXTURES, "rosinality_32.pt"))(z))
