@@ -910,7 +910,8 @@ def read_torch_checkpoint(path):
     The tensors are those of the (memory-mapped) file: _fit checks them, then copies."""
     try:
         _dry_run(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):   # rosinality training checkpoints carry args
+        safe = getattr(torch.serialization, "safe_globals", None)      # torch >= 2.5; before, Namespace is refused
+        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():   # rosinality training ckpts carry args
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None

@@ -1145,6 +1145,12 @@ def _hostile_pickles():
              }
     out.update({name: _dumps({"G_ema": tree}) for name, tree in trees.items()})
     out["deep_lists.pkl"] = b"\x80\x04" + b"]" * 100_000 + b"a" * 99_999 + b"."
+    # G_ema whose _modules holds G_ema itself (pickle.dumps cannot write that cycle through a reduce, so by hand)
+    s = lambda text: b"X" + struct.pack("<I", len(text)) + text.encode()
+    meta = (b"}(" + s("type") + s("class") + s("version") + b"K\x06" + s("class_name") + s("Generator") + s("state")
+            + b"}(" + s("_modules") + b"}q\x01uu")
+    out["cyclic_modules.pkl"] = (b"\x80\x02}(" + s("G_ema") + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n"
+                                 + meta + b"\x85Rq\x02h\x01" + s("self") + b"h\x02s0u.")
     # {t60: None} where t(i+1) = (t(i), t(i)) through the memo: hashing the key takes 2^60 steps (written by hand,
     # since making that dict here would hash it)
     out["hash_bomb.pkl"] = b"\x80\x02})q\x000" + b"".join(b"h%ch%c\x86q%c0" % (i, i, i + 1) for i in range(60)) + b"h<Ns."
@@ -1181,7 +1187,7 @@ def _hostile_checkpoints():
 HOSTILE = {  # file -> words its NadaError must say (every one must fail cleanly, fast and small)
     **{f"claim_{op}.pkl": "ends early" for op in ("bytearray8", "binbytes8", "binunicode8", "frame", "long4",
                                                   "binunicode", "binbytes")},
-    "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list", "shared_subtrees.pkl": "appears twice",
+    "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list", "shared_subtrees.pkl": "appears twice", "cyclic_modules.pkl": "appears twice",
     "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than", "hash_bomb.pkl": "dictionary key",
     "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
     "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored",
