@@ -843,8 +843,7 @@ def _state_dict(x):
 
 
 def _fit(path, sd, config):
-    """A Generator of `config` holding a private float32 copy of `sd`. Nothing is copied before every tensor has
-    the shape the architecture needs and lies within its own storage: a small file never becomes a big model."""
+    """A Generator holding a float32 copy of `sd`, made only once every tensor fits the architecture and its storage."""
     try:                                                # on the meta device: no memory, no random init
         with torch.device("meta"):
             G = Generator(**config, impl="ref")
@@ -1001,8 +1000,7 @@ def _is_name(x):
 
 
 class _PickleFile:
-    """The file a pickle is read from: knows how many bytes are left; with lazy=True, large reads return a _Blob
-    and skip ahead, so unpickling never holds tensor bytes."""
+    """A pickle's file that knows the bytes left; lazy: large reads return a _Blob and skip (tensor bytes stay on disk)."""
 
     def __init__(self, f, lazy=False):
         self.f, self.lazy, self.readline = f, lazy, f.readline
@@ -1071,12 +1069,17 @@ def _sized(nbytes, signed, what, push):
     return load
 
 
+def _plain(items):
+    """Hashing a tuple nested through shared references takes exponential time: only plain values may be hashed
+    (dictionary keys, set items); checkpoints never use others."""
+    if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in items):
+        raise _Refused("it uses a container as a dictionary key or set item; checkpoints never do")
+    return items
+
+
 def _plain_keys(load, keys):
-    """An opcode that hashes objects (dict keys, set items). Hashing a tuple nested through shared references
-    takes exponential time, so only plain values may be hashed; checkpoints never use others."""
     def checked(self):
-        if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in keys(self)):
-            raise _Refused("it uses a container as a dictionary key or set item; checkpoints never do")
+        _plain(keys(self))
         load(self)
     return checked
 
@@ -1123,14 +1126,8 @@ def _pickle_allowlist():
             ("numpy.core.multiarray", "scalar"): np_multiarray.scalar, ("numpy._core.multiarray", "scalar"): np_multiarray.scalar}
 
 
-def _ordered_dict():                                    # pickled OrderedDicts are made empty, then filled by SETITEMS
-    return OrderedDict()
-
-
-def _set(items=()):                                     # protocol <= 3 pickles make sets from a list: hashing again
-    if not isinstance(items, list) or not all(isinstance(k, (str, int)) for k in items):
-        raise _Refused("a set of containers; checkpoints never hold one")
-    return set(items)
+_ordered_dict = lambda: OrderedDict()                  # pickled empty, then filled by SETITEMS (which checks keys)
+_set = lambda items=(): set(_plain(items))             # protocol <= 3 pickles make sets from a list
 
 
 def _tensor_arrays():
@@ -1446,7 +1443,7 @@ def read_clip_weights(path):
     """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, as data: clip.load
     would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
     try:
-        if zipfile.is_zipfile(path) and _is_torchscript(path):
+        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()[:1000]):
             sd = _read_torchscript(path)
         elif _torch_saved(path):
             _dry_run(path)
@@ -1463,11 +1460,6 @@ def read_clip_weights(path):
     if getattr(sd.get("positional_embedding"), "ndim", 0) != 2 or sd["positional_embedding"].shape[0] != 77:
         raise NadaError(f"{path}: not a CLIP text encoder of 77 tokens (its positional_embedding does not fit)")
     return sd
-
-
-def _is_torchscript(path):
-    with zipfile.ZipFile(path) as zf:
-        return any("/code/" in n for n in zf.namelist()[:1000])
 
 
 def _read_torchscript(path):
