@@ -1443,13 +1443,12 @@ def read_clip_weights(path):
     """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, as data: clip.load
     would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
     try:
-        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()[:1000]):
-            sd = _read_torchscript(path)
-        elif _torch_saved(path):
+        sd = _read_torchscript(path) if zipfile.is_zipfile(path) else None
+        if sd is None and not _torch_saved(path):
+            raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
+        if sd is None:
             _dry_run(path)
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
     except Exception as e:
         raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
     if not _state_dict(sd):
@@ -1463,12 +1462,14 @@ def read_clip_weights(path):
 
 
 def _read_torchscript(path):
-    """The parameters and buffers of a TorchScript archive, never run: a zip whose <name>/data.pkl pickles the module
-    tree, each tensor's bytes in the record <name>/data/<key>. The classes' code is only read for the names of their
-    parameters and buffers."""
+    """The parameters and buffers of a TorchScript archive (None for other zips), never run: a zip whose
+    <name>/data.pkl pickles the module tree, each tensor's bytes in the record <name>/data/<key>. The classes' code
+    is only read for the names of their parameters and buffers."""
     size, storages, sd = os.path.getsize(path), {}, {}
     with zipfile.ZipFile(path) as zf:
         root = zf.namelist()[0].split("/")[0]
+        if f"{root}/code/" not in {n[:len(root) + 6] for n in zf.namelist()}:
+            return None                                 # a torch.save zip, not an archive
 
         def record(name):
             info = zf.getinfo(f"{root}/{name}")
