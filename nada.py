@@ -851,8 +851,15 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint files: rosinality .pt, NVIDIA .pkl and our own, read without ever executing code from the file
+#
+# Every file is untrusted. Nothing in it runs (only allow-listed globals resolve), and nothing it claims is
+# believed before it is checked against the bytes that are there: lengths against the bytes left, tensor shapes
+# against the architecture and their storage, trees walked once with bounded depth and size. So a load ends in
+# a model or a NadaError, in memory about one copy of the weights (test_nada.py fuzzes this).
 
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+MAX_MODULES, MAX_DEPTH = 4096, 32      # a module tree in a file: a 1024 px G_ema has 60 modules 5 deep, CLIP < 1000
+TRUNCATED = "the file ends early: it is truncated or damaged; download it again"
 
 
 def load_generator(path, device="cpu", impl="auto"):
@@ -860,31 +867,84 @@ def load_generator(path, device="cpu", impl="auto"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NadaError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        is_torch = zipfile.is_zipfile(f) or f.read(16).startswith(LEGACY_TORCH_MAGIC)
-    sd, config, latent_avg, meta = (read_torch_checkpoint if is_torch else read_nvidia_pickle)(path)
-    try:                                                # on the meta device: no random init, the tensors are assigned
-        with torch.device("meta"):
-            G = Generator(**config, impl="ref")
-        G.load_state_dict(sd, strict=True, assign=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator: {_first_line(e)}") from None
+    sd, config, latent_avg, meta = (read_torch_checkpoint if _torch_saved(path) else read_nvidia_pickle)(path)
+    G = _fit(path, sd, config)
     if latent_avg is None:                              # old files without it: the mean w of many seeded z
         with torch.no_grad():
             z = torch.randn(4096, G.z_dim, generator=torch.Generator().manual_seed(0))
             latent_avg = G.mapping(z, F.one_hot(torch.arange(4096) % G.c_dim, G.c_dim) if G.c_dim else None)[:, 0].mean(0)
-    if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.w_dim:
+    if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.w_dim or not latent_avg.isfinite().all():
         raise NadaError(f"{path}: latent_avg is not a vector of {G.w_dim} numbers")
     G.latent_avg, G.meta = latent_avg.float().reshape(G.w_dim).clone(), meta   # meta: what our checkpoints record
     return G.set_impl(impl).requires_grad_(True).to(device)
 
 
+def _torch_saved(path):
+    """Whether a file was written by torch.save: a zip, or (before torch 1.6) a run of pickles with a magic number."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_TORCH_MAGIC))
+    return head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC
+
+
+def _state_dict(x):
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
+
+
+def _fit(path, sd, config):
+    """A Generator holding a float32 copy of `sd`, made only once every tensor fits the architecture and its storage."""
+    try:                                                # on the meta device: no memory, no random init
+        with torch.device("meta"):
+            G = Generator(**config, impl="ref")
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator: {_first_line(e)}") from None
+    want = G.state_dict()
+    wrong = [k for k in want if k not in sd or sd[k].shape != want[k].shape or not sd[k].is_floating_point()]
+    if wrong or sd.keys() - want.keys():
+        k = (wrong or sorted(sd.keys() - want.keys()))[0]
+        got, need = (f"{tuple(d[k].shape)} {d[k].dtype}" if k in d else "none" for d in (sd, want))
+        raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator ({k[:80]} is {got}; the architecture "
+                        f"needs {need})")
+    _check_storage(path, sd, os.path.getsize(path), owners=dict(G.named_parameters()))
+    G.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
+    return G
+
+
+def _check_storage(path, tensors, budget, owners=()):
+    """Refuse tensors that show more bytes than they store (a stride-0 view of a huge size) or, all together, than
+    the file holds, and a tensor named in `owners` (parameters) that shares its bytes with another."""
+    total, spans = 0, []
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        total += nbytes
+        if nbytes > v.untyped_storage().nbytes() or total > budget:
+            raise NadaError(f"{path}: tensor {k[:80]} shows more bytes than are stored ({nbytes} from a storage of "
+                            f"{v.untyped_storage().nbytes()}, {total} in all from a file of {budget}); it is damaged")
+        if nbytes:
+            start = v.untyped_storage().data_ptr() + v.storage_offset() * v.element_size()
+            extent = (1 + sum((n - 1) * s for n, s in zip(v.shape, v.stride()))) * v.element_size()
+            spans.append((start, start + extent, k))
+    reach = (0, 0, None)                                # the span reaching furthest so far
+    for start, end, k in sorted(spans):
+        if start < reach[1] and (k in owners or reach[2] in owners):
+            raise NadaError(f"{path}: tensors {reach[2][:80]} and {k[:80]} share their bytes; a saved generator "
+                            "never does (the file is damaged or was made to mislead)")
+        reach = max(reach, (start, end, k), key=lambda s: s[1])
+
+
 def _refusal(e):
-    """torch.load's weights-only refusal in one line (its own text suggests weights_only=False: never do that)."""
-    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+    """Why a file could not be read, in words (torch.load's own text suggests weights_only=False: never do that)."""
+    text = str(e)
+    if isinstance(e, _Refused):
+        return text
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]{1,200})", text)
     if m:
         return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
-    return "not plain tensor data (refused; nothing ran)" if "Weights only load failed" in str(e) else _first_line(e)
+    if "TorchScript" in text:
+        return "it is a TorchScript archive (a CLIP model?), not a state dict"
+    if isinstance(e, EOFError) or re.search(r"central directory|zip archive|corrupt|Ran out of input|EOF|truncated|"
+                                            r"unexpected end", text, re.I):
+        return TRUNCATED
+    return "not plain tensor data (refused; nothing ran)" if re.search(r"weights.only", text, re.I) else _first_line(e)
 
 
 def _first_line(e):
@@ -893,9 +953,12 @@ def _first_line(e):
 
 
 def read_torch_checkpoint(path):
-    """-> (rosinality state dict, Generator kwargs, latent_avg or None, our metadata or {}) from a .pt file."""
+    """-> (rosinality state dict, Generator kwargs, latent_avg or None, our metadata or {}) from a .pt file.
+    The tensors are those of the (memory-mapped) file: _fit checks them, then copies."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):   # rosinality training checkpoints carry args
+        _dry_run(path)
+        safe = getattr(torch.serialization, "safe_globals", None)      # torch >= 2.5; before, Namespace is refused
+        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():   # rosinality training ckpts carry args
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
@@ -904,15 +967,27 @@ def read_torch_checkpoint(path):
     elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
         sd, meta, latent_avg = ckpt, {}, None
     else:
-        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {keys})")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not _state_dict(sd):
         raise NadaError(f"{path}: 'g_ema' is not a state dict of tensors")
-    sd = {k: v.clone() for k, v in sd.items()}         # one private copy of g_ema alone, out of the mapped file
     meta = meta if isinstance(meta, dict) else {}
     saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    config = dict(_infer_config(path, sd), **{k: saved[k] for k in ("lr_mlp", "conv_clamp") if k in saved})
-    return sd, config, latent_avg.clone() if isinstance(latent_avg, torch.Tensor) else latent_avg, meta
+    if not isinstance(meta.get("base", ""), str):
+        raise NadaError(f"{path}: the recorded base generator is a {type(meta['base']).__name__}, not a file name")
+    config = dict(_infer_config(path, sd), **{k: _setting(path, k, saved[k], k == "conv_clamp")
+                                             for k in ("lr_mlp", "conv_clamp") if k in saved})
+    return sd, config, latent_avg, meta
+
+
+def _setting(path, name, value, none_ok=False):
+    """A number the architecture takes from a file (a gain, a clamp): finite and positive, or refused."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and 0 < value < math.inf:
+        return value
+    shown = repr(value) if isinstance(value, (int, float, np.number)) else f"a {type(value).__name__}"
+    raise NadaError(f"{path}: the saved setting {name} is {shown}, where a positive number belongs; the file is damaged")
 
 
 def _infer_config(path, sd):
@@ -924,7 +999,7 @@ def _infer_config(path, sd):
         n_rgb = sum(1 for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k))
         channels = {4: sd["input.input"].shape[1], **{2 ** (j + 3): sd[f"convs.{2 * j}.conv.weight"].shape[1]
                                                       for j in range(n_rgb)}}
-    except (KeyError, ValueError, AttributeError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise NadaError(f"{path}: not a StyleGAN2 generator state dict (missing or malformed {e})") from None
     return dict(size=2 ** (n_rgb + 2), style_dim=style_dim, n_mlp=n_mlp, channels=channels, z_dim=in0 - embed_dim,
                 c_dim=c_dim, embed_dim=embed_dim or None, lr_mlp=0.01, conv_clamp=None)
@@ -932,34 +1007,158 @@ def _infer_config(path, sd):
 
 # An NVIDIA network pickle holds G, D and G_ema as `persistent_class` objects whose source code is in the file.
 # We never run it: an allow-listing unpickler turns each object into its pickled state, and large byte strings
-# (the tensors' storages) stay on disk as (offset, size) until we know which ones G_ema needs.
+# (the tensors' storages) stay on disk as (offset, size) until we know which ones G_ema needs. Each storage is
+# itself a small legacy torch.save, read by the same unpickler. TorchScript archives (CLIP) are read likewise.
 
-BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames, straight from the file
+BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames; no name or text is as long
 _Blob = namedtuple("_Blob", "f offset size")                 # a large byte string of the pickle, left on disk
 _TensorRef = namedtuple("_TensorRef", "storage_bytes args")  # a tensor not built yet: _rebuild_tensor_v2's arguments
+STORAGE_DTYPES = {f"{n}Storage": getattr(torch, d) for n, d in (
+    ("Float", "float32"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Double", "float64"), ("Long", "int64"),
+    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"))}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A file we will not read; the message says why in words."""
 
 
 class _Persistent:
     """Stands in for an NVIDIA `persistent_class` object: keeps its pickled state, never runs its source."""
 
     def __init__(self, meta):
-        if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
-            raise pickle.UnpicklingError("malformed persistent object")
-        self.class_name, self.state = str(meta.get("class_name")), meta["state"]
+        if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and _is_name(meta.get("class_name"))):
+            raise _Refused("a persistent object without a class name and state")
+        self.class_name, self.state = meta["class_name"], meta["state"]
+
+    def __setstate__(self, state):                      # pickle's BUILD would overwrite what __init__ checked
+        raise _Refused("a persistent object is modified after it was made")
 
 
-class _BlobFile:
-    """A file whose large reads return a _Blob and skip ahead: unpickling then never holds tensor bytes."""
+class _ScriptObject:
+    """Stands in for a class a TorchScript archive names (`__torch__.…`): keeps the pickled attributes and never
+    runs the class's code (a scripted __setstate__ is code, and torch.jit.load runs it)."""
+    state = None
 
-    def __init__(self, f):
-        self.f, self.readline = f, f.readline
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _is_name(x):
+    return isinstance(x, str) and re.fullmatch(r"[\w-]{1,64}", x) is not None
+
+
+class _PickleFile:
+    """A pickle's file that knows the bytes left; lazy: large reads return a _Blob and skip (tensor bytes stay on disk)."""
+
+    def __init__(self, f, lazy=False):
+        self.f, self.lazy, self.readline = f, lazy, f.readline
+        here = f.tell()
+        self.size = f.seek(0, 2)
+        f.seek(here)
+
+    def left(self):
+        return self.size - self.f.tell()
 
     def read(self, n=-1):
-        if n is None or n < BLOB_MIN:
+        if not self.lazy or n is None or n < BLOB_MIN:
             return self.f.read(n)
         blob = _Blob(self.f, self.f.tell(), n)
         self.f.seek(n, 1)
         return blob
+
+
+class _SafeUnpickler(pickle._Unpickler):
+    """Python's own unpickler (not the C one, so that large reads can stay on disk), restricted: only allow-listed
+    globals resolve, lengths are checked before use and only plain values are hashed (see the opcodes below)."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, src, allowed, storage=None):
+        super().__init__(src)
+        self.src, self.allowed, self.storage = src, allowed, storage
+
+    def left(self):
+        frame = self._unframer.current_frame
+        return self.src.left() + (frame.getbuffer().nbytes - frame.tell() if frame else 0)
+
+    def find_class(self, module, name):
+        if (module, name) == ("dnnlib.tflib.network", "Network"):
+            raise _Refused("this is a TensorFlow StyleGAN pickle; convert it to PyTorch first "
+                           "(stylegan2-ada-pytorch's legacy.py), or use the PyTorch release")
+        if (module, name) not in self.allowed:
+            raise _Refused(f"it asks for {f'{module}.{name}'[:100]}, which is not checkpoint data (refused; nothing ran)")
+        return self.allowed[(module, name)]
+
+    def persistent_load(self, pid):
+        if self.storage is None:
+            raise _Refused("it refers to data outside the pickle")
+        return self.storage(pid)
+
+
+class _ArchiveUnpickler(_SafeUnpickler):
+    """For TorchScript archives: the classes they name (`__torch__.…`) become inert _ScriptObject types."""
+
+    def find_class(self, module, name):
+        if module.split(".")[0] == "__torch__" and _is_name(name) and len(module) < 200:
+            return type(name, (_ScriptObject,), {"qualname": f"{module}.{name}"})
+        return super().find_class(module, name)
+
+
+def _sized(nbytes, signed, what, push):
+    """An opcode with a length field. Pickle itself allocates what the field claims before reading (a 13-byte file
+    can ask for 6 GB), so the claim is checked against the bytes left first; only byte strings may be long."""
+    def load(self):
+        raw = self.read(nbytes)
+        n = int.from_bytes(raw, "little", signed=signed)
+        if len(raw) < nbytes or n < 0 or n > self.left():
+            raise EOFError(TRUNCATED)
+        if what and n >= BLOB_MIN:
+            raise _Refused(f"it holds a {what} of {n} bytes; checkpoints hold none that long")
+        push(self, n)
+    return load
+
+
+def _plain(items):
+    """Hashing a tuple nested through shared references takes exponential time: only plain values may be hashed
+    (dictionary keys, set items); checkpoints never use others."""
+    if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in items):
+        raise _Refused("it uses a container as a dictionary key or set item; checkpoints never do")
+    return items
+
+
+def _plain_keys(load, keys):
+    def checked(self):
+        _plain(keys(self))
+        load(self)
+    return checked
+
+
+_text = lambda u, n: u.append(str(u.read(n), "utf-8", "surrogatepass"))
+_SafeUnpickler.dispatch.update({op[0]: _sized(*spec) for op, spec in {
+    pickle.BINBYTES: (4, False, None, lambda u, n: u.append(u.read(n))),
+    pickle.BINBYTES8: (8, False, None, lambda u, n: u.append(u.read(n))),
+    pickle.BYTEARRAY8: (8, False, "byte array", lambda u, n: u.append(bytearray(u.read(n)))),
+    pickle.BINSTRING: (4, True, "text string", lambda u, n: u.append(u._decode_string(u.read(n)))),
+    pickle.BINUNICODE: (4, False, "text string", _text), pickle.BINUNICODE8: (8, False, "text string", _text),
+    pickle.LONG4: (4, True, "number", lambda u, n: u.append(pickle.decode_long(u.read(n)))),
+    pickle.FRAME: (8, False, "pickle frame", lambda u, n: u._unframer.load_frame(n))}.items()})
+_SafeUnpickler.dispatch.update({op[0]: _plain_keys(_SafeUnpickler.dispatch[op[0]], keys) for op, keys in {
+    pickle.SETITEM: lambda u: u.stack[-2:-1], pickle.SETITEMS: lambda u: u.stack[::2], pickle.DICT: lambda u: u.stack[::2],
+    pickle.ADDITEMS: lambda u: u.stack, pickle.FROZENSET: lambda u: u.stack}.items()})
+
+
+def _unpickle(src, allowed, storage=None, kind=_SafeUnpickler):
+    """One restricted pickle from `src` (a _PickleFile). Python's unpickler reports a damaged file as EOFError, a
+    bare opcode number or 'pop from empty list'; this says in words what is wrong."""
+    u = kind(src, allowed, storage)
+    try:
+        return u.load()
+    except _Refused:
+        raise
+    except Exception as e:
+        if isinstance(e, EOFError) or u.left() <= 0:
+            raise _Refused(TRUNCATED) from None
+        raise _Refused("the file is damaged, or not a checkpoint: its pickle stream makes no sense; download it "
+                       "again") from None
 
 
 def _pickle_allowlist():
@@ -968,24 +1167,118 @@ def _pickle_allowlist():
     np_multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     as_data = lambda data, *args: data                  # requires_grad and hooks do not matter here
     return {("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
-            ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("collections", "OrderedDict"): OrderedDict,
-            ("builtins", "set"): set, ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
+            ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("collections", "OrderedDict"): _ordered_dict,
+            ("builtins", "set"): _set, ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
             ("torch._utils", "_rebuild_tensor_v2"): lambda storage_bytes, *args: _TensorRef(storage_bytes, args),
             ("torch._utils", "_rebuild_parameter"): as_data, ("torch._utils", "_rebuild_parameter_with_state"): as_data,
             ("numpy.core.multiarray", "scalar"): np_multiarray.scalar, ("numpy._core.multiarray", "scalar"): np_multiarray.scalar}
 
 
-class _SafeUnpickler(pickle._Unpickler):
-    """Resolves only the allow-listed globals; anything else is refused before it can run. (Python's own
-    unpickler, not the C one, so that large reads can stay on disk through _BlobFile.)"""
+_ordered_dict = lambda: OrderedDict()                  # pickled empty, then filled by SETITEMS (which checks keys)
+_set = lambda items=(): set(_plain(items))             # protocol <= 3 pickles make sets from a list
 
+
+def _tensor_arrays():
+    """The globals a legacy torch.save of one storage, or a TorchScript archive's tensors, may name."""
+    view = lambda base, offset, size, stride, *_: _view(base, offset, size, stride)
+    return {("torch._utils", "_rebuild_tensor_v2"): view, ("collections", "OrderedDict"): _ordered_dict,
+            **{("torch", n): dtype for n, dtype in STORAGE_DTYPES.items()}}
+
+
+class _Inert:
+    """Whatever a pickle names or makes, in a dry run that checks only the stream: lengths and hashed keys."""
+
+    def __init__(self, *args):
+        pass
+
+    def __call__(self, *args):
+        return _Inert()
+
+    __setstate__ = __setitem__ = append = extend = __init__
+
+
+class _DryUnpickler(_SafeUnpickler):
     def find_class(self, module, name):
-        if (module, name) == ("dnnlib.tflib.network", "Network"):
-            raise pickle.UnpicklingError("this is a TensorFlow StyleGAN pickle; convert it to PyTorch first "
-                                         "(stylegan2-ada-pytorch's legacy.py), or use the PyTorch release")
-        if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a StyleGAN2 network pickle never needs")
-        return self.allowed[(module, name)]
+        return _Inert
+
+
+def _dry_run(path):
+    """Unpickle a torch.save file's pickles with inert stand-ins before torch.load reads it: torch's own unpickler
+    hashes any dictionary key (a 500-byte file then never finishes) and, for pre-1.6 files, reads what a length
+    field claims."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as zf:
+                pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")][:1]
+                if not pkl or pkl[0].file_size > os.path.getsize(path):
+                    raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
+                _unpickle(_PickleFile(io.BytesIO(zf.read(pkl[0]))), {}, lambda pid: None, _DryUnpickler)
+        elif f.seek(0) == 0 and f.read(2) == b"PK":      # a zip without its directory, which comes last
+            raise _Refused(TRUNCATED)
+        else:                                           # magic number, version, system info, the object
+            f.seek(0)
+            src = _PickleFile(f)
+            for _ in range(4):
+                _unpickle(src, {}, lambda pid: None, _DryUnpickler)
+
+
+def _view(base, offset, size, stride):
+    """A tensor over a storage's elements (`base`, 1-D), refused if it would show more elements than the storage
+    holds (a stride-0 view of a huge size) or reach outside it."""
+    size, stride = torch.Size(size), torch.Size(stride)                # ints only
+    if not (isinstance(base, torch.Tensor) and type(offset) is int and size.numel() <= base.numel()):
+        raise _Refused("a tensor claims more data than its storage holds; the file is damaged")
+    return base.as_strided(size, stride, offset)        # raises if it reaches outside the storage
+
+
+def _storage(dtype, data):
+    """Bytes -> a 1-D tensor of their elements, in memory of its own."""
+    if not isinstance(dtype, torch.dtype) or len(data) % dtype.itemsize:
+        raise _Refused("a tensor record of the wrong size; the file is damaged")
+    return torch.frombuffer(bytearray(data), dtype=dtype) if len(data) else torch.zeros(0, dtype=dtype)
+
+
+def _legacy_storage(raw):
+    """The storage in `raw`, a legacy (pre-1.6) torch.save of one storage, as NVIDIA pickles nest one per tensor:
+    five small pickles (magic, version, system info, the storage as a persistent id, its key), then its elements."""
+    src = _PickleFile(io.BytesIO(raw))
+    magic, version, info = (_unpickle(src, {}) for _ in range(3))
+    ids = []
+    base = _unpickle(src, _tensor_arrays(), storage=ids.append)
+    keys = _unpickle(src, {})
+    if (magic, version) != (0x1950A86A20F9469CFC6C, 1001) or not isinstance(info, dict) or not info.get("little_endian"):
+        raise _Refused("a tensor is not stored as torch.save stores it; the file is damaged")
+    if base is not None or len(ids) != 1 or not isinstance(ids[0], tuple) or len(ids[0]) < 5 or keys != [ids[0][2]]:
+        raise _Refused("a tensor's storage record is malformed; the file is damaged")
+    _, dtype, _, _, numel = ids[0][:5]
+    count = int.from_bytes(src.read(8), "little")
+    if type(numel) is not int or count != numel or count * getattr(dtype, "itemsize", 1) > src.left():
+        raise EOFError(TRUNCATED)
+    return _storage(dtype, memoryview(raw)[src.f.tell():src.f.tell() + count * dtype.itemsize])
+
+
+def _modules(root, children):
+    """[(name prefix, module)] of a pickled module tree, parents first. A file may make a 'tree' whose subtrees
+    are shared (a DAG: walked as a tree, exponential) or cyclic, or deep: refused, with the depth and size bounded."""
+    seen, out, todo = set(), [], [("", root, 0)]
+    while todo:
+        prefix, m, depth = todo.pop()
+        if id(m) in seen:
+            raise _Refused(f"module {prefix[:-1][:80]} appears twice in the module tree; a saved network never does")
+        if depth > MAX_DEPTH or len(seen) >= MAX_MODULES:
+            raise _Refused(f"its module tree is deeper than {MAX_DEPTH} or larger than {MAX_MODULES} modules")
+        seen.add(id(m))
+        out.append((prefix, m))
+        for name, child in reversed(list(children(m))):
+            if not _is_name(name):
+                raise _Refused("a module name that is not a short identifier")
+            todo.append((f"{prefix}{name}.", child, depth + 1))
+    return out
+
+
+def _nvidia_children(m):
+    kids = m.state.get("_modules", {})
+    return [(k, v) for k, v in kids.items() if isinstance(v, _Persistent)] if isinstance(kids, dict) else []
 
 
 def read_g_ema(path):
@@ -995,13 +1288,15 @@ def read_g_ema(path):
     """
     try:
         with open(path, "rb") as f:
-            unpickler = _SafeUnpickler(_BlobFile(f))
-            unpickler.allowed = _pickle_allowlist()
-            data = unpickler.load()
+            if f.read(1) != pickle.PROTO:               # every pickle of protocol 2 or later starts so
+                raise _Refused("it is neither a network pickle nor a torch checkpoint (perhaps a text file or an "
+                               "unfinished download)")
+            f.seek(0)
+            data = _unpickle(_PickleFile(f, lazy=True), _pickle_allowlist())
             G = data.get("G_ema") if isinstance(data, dict) else None
             if not isinstance(G, _Persistent) or G.class_name != "Generator":
                 raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
-            _build_tensors(G, {})
+            _build_tensors(G)
     except NadaError:
         raise
     except Exception as e:
@@ -1009,33 +1304,32 @@ def read_g_ema(path):
     return G
 
 
-def _build_tensors(obj, storages):
+def _build_tensors(G):
     """Replace the _TensorRefs of a pickled module tree by tensors, decoding each storage once."""
-    for kind in ("_parameters", "_buffers"):
-        for name, ref in obj.state.get(kind, {}).items():
-            if isinstance(ref, _TensorRef):
-                key = id(ref.storage_bytes)
-                if key not in storages:                 # each is a nested legacy torch.save: read it restricted too
-                    raw = ref.storage_bytes
-                    if isinstance(raw, _Blob):
-                        raw.f.seek(raw.offset)
-                        raw = raw.f.read(raw.size)
-                        if len(raw) != ref.storage_bytes.size:
-                            raise EOFError("the file ends inside a tensor")
-                    storages[key] = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-                obj.state[kind][name] = torch._utils._rebuild_tensor_v2(storages[key], *ref.args)
-    for child in obj.state.get("_modules", {}).values():
-        if isinstance(child, _Persistent):
-            _build_tensors(child, storages)
+    storages = {}
+    for _, m in _modules(G, _nvidia_children):
+        for kind in ("_parameters", "_buffers"):
+            tensors = m.state.get(kind, {})
+            for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
+                if isinstance(ref, _TensorRef):
+                    key = id(ref.storage_bytes)
+                    if key not in storages:
+                        raw = ref.storage_bytes
+                        if isinstance(raw, _Blob):
+                            raw.f.seek(raw.offset)
+                            raw = raw.f.read(raw.size)
+                            if len(raw) != ref.storage_bytes.size:
+                                raise EOFError(TRUNCATED)
+                        if not isinstance(raw, bytes):
+                            raise _Refused("a tensor without stored bytes; the file is damaged")
+                        storages[key] = _legacy_storage(raw)
+                    tensors[name] = _view(storages[key], *ref.args[:3])
 
 
-def _flatten(obj, prefix=""):
+def _flatten(obj):
     """Parameters and buffers of a pickled module tree, with their state-dict names."""
-    out = {prefix + k: v for kind in ("_parameters", "_buffers") for k, v in obj.state.get(kind, {}).items() if v is not None}
-    for name, child in obj.state.get("_modules", {}).items():
-        if isinstance(child, _Persistent):
-            out.update(_flatten(child, f"{prefix}{name}."))
-    return out
+    return {prefix + k: v for prefix, m in _modules(obj, _nvidia_children) for kind in ("_parameters", "_buffers")
+            for k, v in m.state.get(kind, {}).items() if isinstance(v, torch.Tensor)}
 
 
 def read_nvidia_pickle(path):
@@ -1043,7 +1337,7 @@ def read_nvidia_pickle(path):
     G = read_g_ema(path)
     try:
         return _convert_nvidia(path, G)
-    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, _Refused) as e:
         raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
                         f"{_first_line(e)})") from None
 
@@ -1058,12 +1352,13 @@ def _convert_nvidia(path, G):
     res, c_dim, w_dim = G.state["img_resolution"], G.state["c_dim"], G.state["w_dim"]
     for r in (2 ** k for k in range(2, int(math.log2(res)) + 1)):
         arch = mods(syn)[f"b{r}"].state.get("architecture", "skip")
-        if arch != "skip":
-            raise NadaError(f"{path}: the '{arch}' synthesis architecture is not supported (only 'skip', "
+        if arch != "skip":                              # never str() a value from the file: it may be a huge DAG
+            shown = arch[:20] if isinstance(arch, str) else f"a {type(arch).__name__} as"
+            raise NadaError(f"{path}: the '{shown}' synthesis architecture is not supported (only 'skip', "
                             "which every public StyleGAN2 checkpoint uses)")
     if G.state.get("img_channels", 3) != 3:
         raise NadaError(f"{path}: only RGB generators are supported")
-    sd = {k: v.detach() for k, v in _flatten(G).items()}
+    sd = _flatten(G)
     n_mlp = mapping.state["num_layers"]
     fcs = [mods(mapping)[f"fc{i}"].state for i in range(n_mlp)]
     if any(fc["activation"] != "lrelu" for fc in fcs) or any(sd[f"mapping.fc{i}.weight"].shape[0] != w_dim for i in range(n_mlp)):
@@ -1095,8 +1390,9 @@ def _convert_nvidia(path, G):
         out[f"convs.{2 * j}.conv.blur.kernel"] = out[f"to_rgbs.{j}.upsample.kernel"] = fir * 4
         out[f"noises.noise_{2 * k - 5}"] = sd[f"{b}.conv0.noise_const"][None, None]
         out[f"noises.noise_{2 * k - 4}"] = sd[f"{b}.conv1.noise_const"][None, None]
-    conv_clamp = mods(mods(syn)["b4"])["conv1"].state.get("conv_clamp")
-    config = dict(_infer_config(path, out), lr_mlp=float(fcs[0]["bias_gain"]), conv_clamp=conv_clamp)
+    conv_clamp = _setting(path, "conv_clamp", mods(mods(syn)["b4"])["conv1"].state.get("conv_clamp"), none_ok=True)
+    config = dict(_infer_config(path, out), lr_mlp=float(_setting(path, "bias_gain", fcs[0]["bias_gain"])),
+                  conv_clamp=conv_clamp)
     return out, config, sd.get("mapping.w_avg"), {}
 
 
@@ -1187,13 +1483,86 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
                         offline=offline)
     else:
         raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
-    try:
-        with warnings.catch_warnings():                 # clip.load tries torch.jit.load first, which is deprecated
-            warnings.simplefilter("ignore")
-            model, _ = clip.load(path, device="cpu", jit=False)
+    sd = read_clip_weights(path)
+    try:                                                # on the meta device first: shapes that fit, or no memory
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # "copying into a meta parameter is a no-op": that is the point
+            clip.model.build_model(dict(sd))
+        model = clip.model.build_model(sd)
     except Exception as e:
-        raise NadaError(f"{path}: not a loadable CLIP model: {_first_line(e)}") from None
+        raise NadaError(f"{path}: the tensors do not fit a CLIP model: {_first_line(e)}") from None
     return model.float().eval().requires_grad_(False).to(device)
+
+
+def read_clip_weights(path):
+    """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, as data: clip.load
+    would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
+    try:
+        sd = _read_torchscript(path) if zipfile.is_zipfile(path) else None
+        if sd is None and not _torch_saved(path):
+            raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
+        if sd is None:
+            _dry_run(path)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
+    if not _state_dict(sd):
+        raise NadaError(f"{path}: not a CLIP model (expected a state dict of tensors)")
+    for k in ("input_resolution", "context_length", "vocab_size"):   # integers in OpenAI's archives; build_model drops them
+        sd.pop(k, None)
+    _check_storage(path, sd, os.path.getsize(path))
+    if getattr(sd.get("positional_embedding"), "ndim", 0) != 2 or sd["positional_embedding"].shape[0] != 77:
+        raise NadaError(f"{path}: not a CLIP text encoder of 77 tokens (its positional_embedding does not fit)")
+    return sd
+
+
+def _read_torchscript(path):
+    """The parameters and buffers of a TorchScript archive (None for other zips), never run: a zip whose
+    <name>/data.pkl pickles the module tree, each tensor's bytes in the record <name>/data/<key>. The classes' code
+    is only read for the names of their parameters and buffers."""
+    size, storages, sd = os.path.getsize(path), {}, {}
+    with zipfile.ZipFile(path) as zf:
+        root = zf.namelist()[0].split("/")[0]
+        if f"{root}/code/" not in {n[:len(root) + 6] for n in zf.namelist()}:
+            return None                                 # a torch.save zip, not an archive
+
+        def record(name):
+            info = zf.getinfo(f"{root}/{name}")
+            if info.file_size > size:
+                raise _Refused("a record larger than the file; the file is damaged")
+            return zf.read(info)
+
+        def storage(pid):                               # ('storage', dtype, key, location, numel)
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and _is_name(pid[2])):
+                raise _Refused("a tensor whose storage is not a record of the archive")
+            if pid[2] not in storages:
+                storages[pid[2]] = _storage(pid[1], record(f"data/{pid[2]}"))
+            if storages[pid[2]].numel() != pid[4]:
+                raise _Refused("a tensor record of the wrong size; the file is damaged")
+            return storages[pid[2]]
+        tree = _unpickle(_PickleFile(io.BytesIO(record("data.pkl"))), _tensor_arrays(), storage, _ArchiveUnpickler)
+        if not isinstance(tree, _ScriptObject):
+            raise _Refused("its data.pkl holds no module")
+        for prefix, m in _modules(tree, lambda m: [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)]
+                                  if isinstance(m.state, dict) else []):
+            if not isinstance(m.state, dict):
+                raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
+                               "__setstate__); nada reads archives of plain modules only")
+            names = _declared_tensors(zf, root, m.qualname)
+            sd.update({prefix + k: v for k, v in m.state.items() if isinstance(v, torch.Tensor)
+                       and (names is None or k in names)})
+    return sd
+
+
+def _declared_tensors(zf, root, qualname):
+    """The parameters and buffers a TorchScript class declares in its code (read as text): other tensor attributes
+    are not in its state dict. None where the code says nothing (then every tensor attribute counts)."""
+    module, cls = qualname.rsplit(".", 1)
+    with contextlib.suppress(KeyError):
+        block = re.search(rf"^class {cls}\(Module\):\n((?:  .*\n)*)", zf.read(f"{root}/code/{module.replace('.', '/')}.py")
+                          .decode("utf-8", "replace"), re.M)
+        lists = re.findall(r"^  __(?:parameters|buffers)__ = \[(.*)\]$", block[1] if block else "", re.M)
+        return set(re.findall(r'"(\w+)"', " ".join(lists))) if lists else None
 
 
 def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None):

@@ -1243,6 +1243,476 @@ def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
     assert int(out.stdout.strip().splitlines()[-1]) < 16e6, out.stdout
 
 
+# ---- checkpoint files: untrusted input, hostile files, fuzz ---------------------------------------------------
+# Every file nada reads is untrusted: each must load, or raise one NadaError in words, within a time and memory
+# bound, and run nothing. Loads happen in a subprocess with a memory cap and a per-case alarm (_WORKER).
+
+import contextlib
+import io
+import pickletools
+import random
+import re
+import struct
+import warnings
+import zipfile
+from typing import Tuple
+
+CASE_SECONDS = 20                      # a case still running then is a hang (the worker is ended)
+CASE_MEMORY = 512 << 20                # peak resident growth allowed per case (the fixtures are 1-4 MB)
+ADDRESS_SPACE = 2 << 30                # RLIMIT_AS above the worker's size after imports: claims of GBs fail there
+
+_WORKER = r'''
+import faulthandler, json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+import nada
+
+def status(key):
+    return int([ln for ln in open("/proc/self/status") if ln.startswith(key + ":")][0].split()[1]) * 1024
+
+seconds, space = int(sys.argv[1]), int(sys.argv[2])
+cases = json.load(open(sys.argv[3]))
+nada.load_clip.__globals__["_import_clip"]()                  # imported before the cap, as in a real run
+limit = status("VmSize") + space
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for kind, path in cases:
+    with open("/proc/self/clear_refs", "w") as f:               # resets the peak resident size (VmHWM)
+        f.write("5")
+    rss, t, out = status("VmRSS"), time.perf_counter(), {"path": path}
+    faulthandler.dump_traceback_later(seconds, exit=True)      # a hang, even inside C code, ends the process
+    try:
+        (nada.load_clip if kind == "clip" else nada.load_generator)(path)
+        out["outcome"] = "loaded"
+    except nada.NadaError as e:
+        out["outcome"], out["message"] = "error", str(e)
+    except BaseException as e:
+        out["outcome"], out["message"] = "crash", f"{type(e).__name__}: {e}"[:500]
+    faulthandler.cancel_dump_traceback_later()
+    out["seconds"], out["peak"] = time.perf_counter() - t, status("VmHWM") - rss
+    print(json.dumps(out), flush=True)
+'''
+
+
+def _load_all(cases, folder):
+    """Load each (kind, path) in a capped subprocess -> {path: result}. A case that hangs or kills the process
+    is recorded as such, and the rest go on in a fresh one."""
+    (folder / "worker.py").write_text(_WORKER)
+    results, todo = {}, [(k, str(p)) for k, p in cases]
+    while todo:
+        (folder / "cases.json").write_text(json.dumps(todo))
+        p = subprocess.run([sys.executable, str(folder / "worker.py"), str(CASE_SECONDS), str(ADDRESS_SPACE),
+                            str(folder / "cases.json")], cwd=HERE, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": HERE, "PYTHONWARNINGS": "ignore"})
+        done = [json.loads(ln) for ln in p.stdout.splitlines()]
+        results.update((r["path"], r) for r in done)
+        if len(done) < len(todo):                         # the next case ended the worker
+            path = todo[len(done)][1]
+            results[path] = {"path": path, "outcome": "hang" if "Timeout (" in p.stderr else "crash",
+                             "message": p.stderr[-500:], "seconds": CASE_SECONDS, "peak": 0}
+        todo = todo[len(done) + 1:]
+    return results
+
+
+def _assert_clean(r, *words):
+    """Loaded, or one NadaError naming the file and saying in words what is wrong, fast and small."""
+    msg = r.get("message", "")
+    assert r["outcome"] in ("loaded", "error"), r
+    if r["outcome"] == "error":
+        assert os.path.basename(r["path"]) in msg and "\n" not in msg, r
+        for bad in ("Traceback", "weights_only=False", "MemoryError", "allocate", "EOFError", "pop from empty"):
+            assert bad not in msg, r
+        assert not re.search(r": \d+$", msg), r                     # a bare opcode number says nothing
+    for w in words:
+        assert w in msg, r
+    assert r["seconds"] < CASE_SECONDS / 2 and r["peak"] < CASE_MEMORY, r
+
+
+def _persistent(class_name, modules=None, **state):
+    """An object that pickles as NVIDIA's persistence does, keeping shared references shared (pickle's memo)."""
+    return _Reduced(_persistence_fn, dict(type="class", version=6, module_src="# placeholder", class_name=class_name,
+                                            state=dict(state, _modules=modules or {})))
+
+
+class _Reduced:
+    def __init__(self, fn, meta):
+        self.fn, self.meta = fn, meta
+
+    def __reduce__(self):
+        return (self.fn, (self.meta,))
+
+
+def _persistence_fn():
+    """Stands for NVIDIA's torch_utils.persistence._reconstruct_persistent_obj while _dumps writes (never called)."""
+    raise AssertionError("never called")
+
+
+_persistence_fn.__module__, _persistence_fn.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
+
+
+def _dumps(obj):
+    """pickle.dumps with a stand-in torch_utils.persistence module, as NVIDIA's pickles name it."""
+    mod = types.ModuleType("torch_utils.persistence")
+    mod._reconstruct_persistent_obj = _persistence_fn
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": mod})
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)                          # a 100-deep module chain
+    try:
+        return pickle.dumps(obj, protocol=4)
+    finally:
+        sys.setrecursionlimit(limit)
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+
+
+def _dag(levels, leaf):
+    x = leaf
+    for _ in range(levels):
+        x = [x, x]
+    return x
+
+
+def _hostile_pickles():
+    """name -> bytes of small pickles built to exhaust a naive loader (each under 3 kB)."""
+    def claim(op, fmt, n):
+        return b"\x80\x05" + op + struct.pack(fmt, n) + b"ab."
+    out = {f"claim_{name}.pkl": claim(op, fmt, n) for name, op, fmt, n in [
+        ("bytearray8", pickle.BYTEARRAY8, "<Q", 6_000_000_000), ("binbytes8", pickle.BINBYTES8, "<Q", 6_000_000_000),
+        ("binunicode8", pickle.BINUNICODE8, "<Q", 6_000_000_000), ("frame", pickle.FRAME, "<Q", 6_000_000_000),
+        ("long4", pickle.LONG4, "<i", 2_000_000_000), ("binunicode", pickle.BINUNICODE, "<I", 4_000_000_000),
+        ("binbytes", pickle.BINBYTES, "<I", 4_000_000_000)]}
+    chain = _persistent("SynthesisLayer")
+    for _ in range(100):
+        chain = _persistent("SynthesisLayer", {"child": chain})
+    shared = _persistent("SynthesisLayer")
+    for _ in range(20):                                   # walked as a tree: 8^20 visits
+        shared = _persistent("SynthesisLayer", {f"m{i}": shared for i in range(8)})
+    trees = {"laughs_class_name.pkl": _persistent(_dag(60, "Generator")),
+             "laughs_architecture.pkl": _persistent("Generator", {"synthesis": _persistent("SynthesisNetwork", {
+                 "b4": _persistent("SynthesisBlock", architecture=_dag(60, "x"))}), "mapping": _persistent("M")},
+                 img_resolution=4, c_dim=0, w_dim=8),
+             "shared_subtrees.pkl": _persistent("Generator", {"synthesis": shared}),
+             "deep_modules.pkl": _persistent("Generator", {"synthesis": chain}),
+             "wide_modules.pkl": _persistent("Generator", {f"m{i}": _persistent("X") for i in range(5000)}),
+             }
+    out.update({name: _dumps({"G_ema": tree}) for name, tree in trees.items()})
+    out["deep_lists.pkl"] = b"\x80\x04" + b"]" * 100_000 + b"a" * 99_999 + b"."
+    # G_ema whose _modules holds G_ema itself (pickle.dumps cannot write that cycle through a reduce, so by hand)
+    s = lambda text: b"X" + struct.pack("<I", len(text)) + text.encode()
+    meta = (b"}(" + s("type") + s("class") + s("version") + b"K\x06" + s("class_name") + s("Generator") + s("state")
+            + b"}(" + s("_modules") + b"}q\x01uu")
+    out["cyclic_modules.pkl"] = (b"\x80\x02}(" + s("G_ema") + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n"
+                                 + meta + b"\x85Rq\x02h\x01" + s("self") + b"h\x02s0u.")
+    # {t60: None} where t(i+1) = (t(i), t(i)) through the memo: hashing the key takes 2^60 steps (written by hand,
+    # since making that dict here would hash it)
+    out["hash_bomb.pkl"] = b"\x80\x02})q\x000" + b"".join(b"h%ch%c\x86q%c0" % (i, i, i + 1) for i in range(60)) + b"h<Ns."
+    return out
+
+
+def _hostile_checkpoints():
+    """name -> (a rosinality-style checkpoint dict, with one thing wrong): our own format, malformed."""
+    good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)
+    G = nada.load_generator(os.path.join(FIXTURES, "rosinality_32.pt"))
+    cfg = G.config()
+
+    def ckpt(config=None, base=None, **tensors):
+        meta = {"format": 1, "config": dict(cfg, **(config or {}))}
+        if base is not None:
+            meta["base"] = base
+        return {"g_ema": dict(good["g_ema"], **tensors), "latent_avg": good["latent_avg"], "nada": meta}
+    w, flat = torch.randn(64, 64), torch.randn(65 * 64)
+    return {"stride0_6gb.pt": ckpt(**{"style.1.weight": torch.zeros(1).expand(40_000, 40_000)}),
+            "stride0_4tb.pt": ckpt(**{"style.1.weight": torch.zeros(1).expand(1_000_000, 1_000_000)}),
+            "stride0_right_shape.pt": ckpt(**{"convs.1.conv.weight": torch.zeros(1).expand(1, 64, 64, 3, 3)}),
+            "input_1d.pt": ckpt(**{"input.input": torch.zeros(64)}),
+            "config_string.pt": ckpt(config={"lr_mlp": "0.01"}),
+            "config_list.pt": ckpt(config={"conv_clamp": [256]}),
+            "config_nan.pt": ckpt(config={"conv_clamp": float("nan")}),
+            "config_negative.pt": ckpt(config={"lr_mlp": -1.0}),
+            "shared_weights.pt": ckpt(**{"style.1.weight": w, "style.2.weight": w}),
+            "overlapping_weights.pt": ckpt(**{"style.1.weight": flat[:4096].view(64, 64),
+                                              "style.2.weight": flat[64:4160].view(64, 64)}),
+            "integer_weights.pt": ckpt(**{"style.1.weight": torch.ones(64, 64, dtype=torch.int64)}),
+            "base_list.pt": ckpt(base=["ffhq"])}
+
+
+HOSTILE = {  # file -> words its NadaError must say (every one must fail cleanly, fast and small)
+    **{f"claim_{op}.pkl": "ends early" for op in ("bytearray8", "binbytes8", "binunicode8", "frame", "long4",
+                                                  "binunicode", "binbytes")},
+    "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list", "shared_subtrees.pkl": "appears twice", "cyclic_modules.pkl": "appears twice",
+    "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than", "hash_bomb.pkl": "dictionary key",
+    "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
+    "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored",
+    "input_1d.pt": "not a StyleGAN2", "config_string.pt": "positive number", "config_list.pt": "positive number",
+    "config_nan.pt": "positive number", "config_negative.pt": "positive number",
+    "shared_weights.pt": "share their bytes", "overlapping_weights.pt": "share their bytes",
+    "integer_weights.pt": "torch.int64", "base_list.pt": "base generator", "text.pkl": "neither", "empty.pkl": "neither",
+    "torchscript.pt": "TorchScript archive",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    for name, data in _hostile_pickles().items():
+        (folder / name).write_bytes(data)
+    for name, ckpt in _hostile_checkpoints().items():
+        torch.save(ckpt, folder / name)
+    torch.save({"g_ema": {}}, folder / "empty_dict.pt")      # a hash bomb as data.pkl: torch.load never finishes
+    with zipfile.ZipFile(folder / "empty_dict.pt") as zin, zipfile.ZipFile(folder / "hash_bomb.pt", "w") as zout:
+        for n in zin.namelist():
+            zout.writestr(n.replace("empty_dict/", "hash_bomb/"), zin.read(n) if not n.endswith("data.pkl") else
+                          b"\x80\x02}()q\x00" + b"".join(b"h%ch%c\x86q%c" % (i, i, i + 1) for i in range(60)) + b"Nu.")
+    os.remove(folder / "empty_dict.pt")
+    torch.jit.script(_Scripted()).save(folder / "torchscript.pt")
+    (folder / "text.pkl").write_text("a text file, not a checkpoint\n")
+    (folder / "empty.pkl").write_bytes(b"")
+    assert sorted(os.listdir(folder)) == sorted(HOSTILE)
+    return {os.path.basename(p): r for p, r in _load_all([("gen", folder / n) for n in HOSTILE], folder).items()}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_file_fails_cleanly_fast_and_small(hostile_results, name):
+    r = hostile_results[name]
+    assert r["outcome"] == "error", r
+    _assert_clean(r, HOSTILE[name])
+
+
+@pytest.mark.parametrize("cut", [1, 2, 100, 1000, 5000, 70_000, 500_000, 1_500_000, 3_000_000, -1])
+def test_truncated_pickle_says_so_in_words(tmp_path, cut):
+    data = open(os.path.join(FIXTURES, "nvidia_32.pkl"), "rb").read()
+    (tmp_path / "cut.pkl").write_bytes(data[:cut])
+    with pytest.raises(nada.NadaError, match=r"cut\.pkl: .*the file ends early: it is truncated"):
+        nada.load_generator(tmp_path / "cut.pkl")
+
+
+def test_text_file_as_ckpt_or_clip_says_what_it_is(tmp_path, tiny_ckpt):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    rc, _, err = run_cli("sample", "--ckpt", text, cwd=tmp_path)
+    assert_clean_error(rc, err, "notes.txt", "neither a network pickle nor a torch checkpoint")
+    rc, _, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", text, "--iters", 1, "--out", tmp_path / "run",
+                         cwd=tmp_path)
+    assert_clean_error(rc, err, "notes.txt", "neither a TorchScript archive nor a torch.save'd state dict")
+
+
+def _tiny_clip(vision_layers, resolution, seed=0):
+    nada._import_clip()
+    from clip.model import CLIP
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=64, image_resolution=resolution, vision_layers=vision_layers, vision_width=64,
+                vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                transformer_layers=1).eval()
+
+
+@pytest.mark.parametrize("variant", ["vit", "resnet"])
+def test_torchscript_clip_is_read_as_data_and_matches_jit_load(tmp_path, variant):
+    """OpenAI's CLIP files are traced TorchScript archives: nada reads their tensors without running the archive,
+    and gets exactly torch.jit.load's state dict and clip.load's embeddings."""
+    import clip
+    vision_layers, res = (1, 32) if variant == "vit" else ((1, 1, 1, 1), 64)
+    m = _tiny_clip(vision_layers, res)
+    img, tokens = torch.randn(2, 3, res, res), clip.tokenize(["a red photo", "blue"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(m, (img, tokens)).save(tmp_path / "traced.pt")
+        expected = torch.jit.load(tmp_path / "traced.pt").state_dict()
+        reference = clip.load(str(tmp_path / "traced.pt"), device="cpu", jit=False)[0].float()
+    sd = nada.read_clip_weights(str(tmp_path / "traced.pt"))
+    assert sd.keys() == expected.keys()
+    assert all(torch.equal(sd[k], expected[k]) and sd[k].dtype == expected[k].dtype for k in sd)
+    model = nada.load_clip(str(tmp_path / "traced.pt"))
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(img), reference.encode_image(img))
+        assert torch.equal(model.encode_text(tokens), reference.encode_text(tokens))
+
+
+class _Scripted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.register_buffer("buf", torch.ones(2))
+        self.extra = torch.zeros(5)                       # a plain tensor attribute: not in the state dict
+
+    def forward(self, x):
+        return self.lin(x) + self.extra.sum()
+
+
+class _Loud(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.ones(2)
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]):
+        print("SETSTATE RAN")                             # code in the file: torch.jit.load runs it
+        self.w = state[0]
+        self.training = state[1]
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_scripted_archive_state_dict_matches_jit_load(tmp_path):
+    torch.jit.script(_Scripted()).save(tmp_path / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.jit.load(tmp_path / "scripted.pt").state_dict()
+    sd = nada._read_torchscript(str(tmp_path / "scripted.pt"))
+    assert sorted(sd) == sorted(expected) == ["buf", "lin.bias", "lin.weight"]
+    assert all(torch.equal(sd[k], expected[k]) for k in sd)
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("case", ["scripted_setstate", "data_pkl_global", "storage_claim", "stride0_tensor"])
+def test_hostile_clip_archive_runs_nothing(tmp_path, capfd, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"{case}.pt"
+    if case == "scripted_setstate":
+        torch.jit.script(_Loud()).save(path)
+        words = "restores itself with code"
+    else:
+        import clip
+        m = _tiny_clip(1, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(m, (torch.randn(1, 3, 32, 32), clip.tokenize(["x"]))).save(tmp_path / "good.pt")
+        zin = zipfile.ZipFile(tmp_path / "good.pt")
+        data = zin.read("good/data.pkl")
+        if case == "data_pkl_global":
+            data, words = pickle.dumps(_System(), protocol=2), "posix.system"
+        elif case == "storage_claim":                     # a 4928-element tensor claims 2^31 elements
+            data, words = data.replace(b"M@\x13", b"J\x00\x00\x00\x40", 1), "damaged"
+        else:                                             # positional_embedding [77, 64] -> [77, 64000], stride 0
+            data = data.replace(b"KMK@t(K@K\x01t", b"KMJ\x00\xfa\x00\x00t(K@K\x00t", 1)
+            words = "more data than its storage"
+        assert data != zin.read("good/data.pkl")
+        with zipfile.ZipFile(path, "w") as zout:
+            for n in zin.namelist():
+                zout.writestr(n.replace("good/", f"{case}/"), data if n.endswith("/data.pkl") else zin.read(n))
+    with pytest.raises(nada.NadaError) as e:
+        nada.load_clip(str(path))
+    assert f"{case}.pt" in str(e.value) and words in str(e.value), str(e.value)
+    assert "SETSTATE RAN" not in capfd.readouterr().out and not (tmp_path / "PWNED").exists()
+
+
+# The fuzz test: seeded, bounded mutations of every fixture (and of a tiny traced CLIP archive), plus the hostile
+# pickles above. NADA_FUZZ_CASES sets the number of mutated files (default: about a minute on two CPU cores).
+
+def _length_fields(data, base=0):
+    """(offset, width) of every length field in a pickle stream (skipping what it cannot parse)."""
+    widths = {"BINBYTES": 4, "BINBYTES8": 8, "BYTEARRAY8": 8, "BINUNICODE": 4, "BINUNICODE8": 8, "BINSTRING": 4,
+              "LONG4": 4, "FRAME": 8, "SHORT_BINUNICODE": 1, "SHORT_BINBYTES": 1, "SHORT_BINSTRING": 1, "LONG1": 1}
+    out = []
+    with contextlib.suppress(Exception):
+        for op, _, pos in pickletools.genops(data):
+            if op.name in widths:
+                out.append((base + pos + 1, widths[op.name]))
+    return out
+
+
+def _targets(data):
+    """Length fields and tensor records of a fixture: a pickle's own stream, or each pickle and record of a zip."""
+    if not data.startswith(b"PK"):
+        fields = _length_fields(data)
+        records = [(o + w, 256) for o, w in fields if w >= 4][:200]   # the start of each nested storage save
+        return fields, records
+    fields, records = [], []
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+            if info.filename.endswith(".pkl"):
+                fields += _length_fields(data[start:start + info.file_size], start)
+            else:
+                records.append((info.header_offset, 30 + min(info.file_size, 64)))   # zip header and first values
+    return fields, records
+
+
+def _mutate(data, targets, rng):
+    fields, records = targets
+    kind = rng.choice(["truncate", "flip", "zero", "swap", "length", "record"])
+    b, n = bytearray(data), len(data)
+    if kind == "truncate":
+        return kind, bytes(b[:rng.randrange(n)])
+    if kind == "flip":
+        for _ in range(rng.choice([1, 2, 8, 64])):
+            b[rng.randrange(n)] ^= rng.randrange(1, 256)
+    elif kind == "zero":
+        i, k = rng.randrange(n), rng.choice([1, 8, 256, 4096, 65536])
+        b[i:i + k] = bytes(len(b[i:i + k]))
+    elif kind == "swap":
+        k = rng.choice([4, 64, 1024])
+        i, j = sorted(rng.randrange(n - k) for _ in range(2))
+        if j >= i + k:
+            b[i:i + k], b[j:j + k] = b[j:j + k], b[i:i + k]
+    elif kind == "length" and fields:
+        o, w = rng.choice(fields)
+        old = int.from_bytes(b[o:o + w], "little")
+        new = rng.choice([0, 1, old - 1, old + 1, old * 2, 2 ** (8 * w) - 1, 2 ** (8 * w - 1), rng.randrange(2 ** (8 * w))])
+        b[o:o + w] = (new % 2 ** (8 * w)).to_bytes(w, "little")
+    elif kind == "record" and records:
+        o, k = rng.choice(records)
+        for _ in range(rng.choice([1, 4])):
+            b[min(o + rng.randrange(k), n - 1)] ^= rng.randrange(1, 256)
+    return kind, bytes(b)
+
+
+def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
+    import clip
+    n_cases = int(os.environ.get("NADA_FUZZ_CASES", 1000))
+    rng = random.Random(int(os.environ.get("NADA_FUZZ_SEED", 12)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(_tiny_clip(1, 32), (torch.randn(1, 3, 32, 32), clip.tokenize(["x"]))).save(tmp_path / "c.pt")
+    sources = {f: open(os.path.join(FIXTURES, f), "rb").read() for f in sorted(os.listdir(FIXTURES))
+               if f.endswith((".pkl", ".pt"))}
+    sources["clip.pt"] = (tmp_path / "c.pt").read_bytes()
+    targets = {f: _targets(d) for f, d in sources.items()}
+    cases, kinds = [], {}
+    for i in range(n_cases):
+        src = list(sources)[i % len(sources)]
+        kinds[i], data = _mutate(sources[src], targets[src], rng)
+        path = tmp_path / f"case{i:05d}_{kinds[i]}_{src}"
+        path.write_bytes(data)
+        cases.append(("clip" if src == "clip.pt" else "gen", path))
+    for name, data in _hostile_pickles().items():
+        (tmp_path / name).write_bytes(data)
+        cases.append(("gen", tmp_path / name))
+    results = _load_all(cases, tmp_path)
+    failures = []
+    for r in results.values():
+        try:
+            _assert_clean(r)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0][:400])
+    outcomes = [r["outcome"] for r in results.values()]
+    slow, big = (max(results.values(), key=lambda r: r[k]) for k in ("seconds", "peak"))
+    with capsys.disabled():
+        print(f"\nfuzz: {len(cases)} cases ({n_cases} mutated, {len(cases) - n_cases} hostile): "
+              f"{outcomes.count('error')} clean errors, {outcomes.count('loaded')} loads; worst time "
+              f"{slow['seconds']:.2f} s ({os.path.basename(slow['path'])}), worst memory {big['peak'] / 2**20:.1f} MB "
+              f"({os.path.basename(big['path'])})")
+    assert not failures, f"{len(failures)} cases failed:\n" + "\n".join(failures[:30])
+
+
+def test_pre_1_6_torch_save_checkpoint_loads(tmp_path):
+    """Files torch.save wrote before the zip format go through the same dry run, then torch.load."""
+    good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)
+    torch.save({"g_ema": good["g_ema"], "latent_avg": good["latent_avg"]}, tmp_path / "old.pt",
+               _use_new_zipfile_serialization=False)
+    z = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(nada.load_generator(tmp_path / "old.pt")(z),
+                           nada.load_generator(os.path.join(FIXTURES, "rosinality_32.pt"))(z))
+
+
 # ---- downloads ----------------------------------------------------------------------------------------------
 
 def test_download_resumes_after_a_cut_and_verifies(tmp_path):
@@ -1677,4 +2147,3 @@ COND, PLAIN = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURE
 def test_sample_bad_input(tmp_path, args, words):
     assert_clean_error(*run_cli("sample", *args, cwd=tmp_path)[::2], words)
     assert os.listdir(tmp_path) == []
-
