@@ -2081,6 +2081,14 @@ def test_sample_grid_shows_the_first_seeds(tmp_path, tiny_ckpt, monkeypatch):
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("flag,value", [("--res", "abc"), ("--batch", "1,x"), ("--gen-res", "big")])
+def test_bench_refuses_bad_numbers_in_one_line(tmp_path, flag, value):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ops", "bench.py"), flag, value, "--out", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr and f"{flag}" in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_train_cli_end_to_end_then_sample(tmp_path, colour_clip, tiny_ckpt):
     out = tmp_path / "run"
     rc, stdout, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--src", "photo", "--tgt",
