@@ -770,8 +770,8 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
                 load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl)).requires_grad_(False)
     class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
     layers = parse_layers(layers, G_frozen, auto_k)
-    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline, clip_models,
-                                              load=meta_clip if dry_run else load_clip)
+    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline,
+                                              None if dry_run else clip_models, load=meta_clip if dry_run else load_clip)
     for m in models if memory == "low" and target.startswith("cuda") else ():
         _import_clip().model.convert_weights(m)         # as clip.load on CUDA: half, LayerNorms stay float32
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base

@@ -970,6 +970,15 @@ def test_lean_step_equals_the_plain_step(colour_clip, monkeypatch, layers):
     assert any(not torch.equal(v, plain[0].state_dict()[k]) for k, v in plain[1].state_dict().items())
 
 
+def test_bf16_precision_trains_with_float32_weights(colour_clip):
+    (setup, _), run = _step_pair(colour_clip, "all", precision="bf16")
+    layers, loss, _ = run(*setup)
+    assert 0 < loss <= 1.0 + 1e-6                        # step 0: the generators agree
+    assert all(p.dtype == torch.float32 for p in setup[1].parameters())
+    assert any(s["exp_avg"].abs().sum() > 0 for s in setup[2].state.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in setup[2].state.values())
+
+
 def test_shared_prefix_renders_what_the_whole_network_renders():
     G = tiny_generator(size=64)
     ws = G.mapping(torch.randn(2, 32)).detach()
