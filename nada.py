@@ -545,6 +545,16 @@ def directional_loss(emb_frozen, emb_adapted, direction, eps=DIRECTION_EPS):
     return (1 - d @ direction).mean()
 
 
+def consistency_loss(emb_frozen, emb_adapted):
+    """HyperDomainNet's in-domain angle consistency, a cure for NADA's collapse: the batch's pairwise cosines [N, N]
+    after adaptation should be those before it, so images that differed keep differing. Mean squared difference
+    over the N(N-1) off-diagonal pairs (0 for a batch of one). Masked, not indexed, so the dry run sees it too."""
+    n = len(emb_adapted)
+    off = 1 - torch.eye(n, device=emb_adapted.device)
+    diff = (emb_adapted @ emb_adapted.T - emb_frozen @ emb_frozen.T) * off
+    return diff.pow(2).sum() / max(n * (n - 1), 1)
+
+
 def global_loss(emb, target):
     """1 - cos(image, target embedding): how far each image is from the target (used by auto layer selection)."""
     return (1 - emb @ target).mean()
@@ -703,9 +713,10 @@ def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
     return targets
 
 
-def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device, precision="fp32"):
+def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device, precision="fp32", consistency=0.0):
     """One step of NADA on a fresh batch. layers: names to train, or k to choose them adaptively this step.
     precision: fp32, or bf16 for the generators' convolutions (autocast; weights and Adam stay float32).
+    consistency: the weight of consistency_loss beside each directional loss (0: NADA as published).
 
     -> (trained layer names, loss, per-CLIP-model losses)
     """
@@ -733,7 +744,9 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
     for t in targets:
         with torch.no_grad():
             emb_frozen = encode_images(t.model, img_frozen)                           # [B, D]
-        losses.append(t.weight * directional_loss(emb_frozen, encode_images(t.model, img), t.direction))
+        emb = encode_images(t.model, img)
+        loss = directional_loss(emb_frozen, emb, t.direction)
+        losses.append(t.weight * (loss + consistency * consistency_loss(emb_frozen, emb) if consistency else loss))
     loss = sum(losses)
     if loss.is_meta or torch.isfinite(loss):            # a NaN stops the run (train) before any weight changes
         opt.zero_grad(set_to_none=True)
@@ -746,11 +759,13 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
 def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, lr=LR, mixing=0.0, layers="auto",
           auto_k=None, clip="ViT-B/32", clip_weights=None, tgt_img=None, cls=None, seed=0, device="auto",
           impl="auto", sample_every=50, save_every=50, n_sample=4, resume=None, wdir=None, offline=False,
-          progress=True, clip_models=None, memory="auto", precision="fp32", dry_run=False):
+          progress=True, clip_models=None, memory="auto", precision="fp32", dry_run=False, consistency=0.0,
+          generator=None):
     """Adapt a generator from `src` to `tgt` (or toward the images `tgt_img`); returns the run folder.
 
     The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
-    (optimizer and RNG state for --resume). `clip_models` may pass CLIP modules already loaded (for tests).
+    (optimizer and RNG state for --resume). `clip_models` and `generator` may pass CLIP modules and the base
+    generator already loaded (study, tests); they are not changed. consistency: see train_step.
     memory: fast; low (each synthesis layer recomputed in backward, CLIP in float16 on CUDA); auto (low only when
     fast would not fit the GPU's free memory). precision: bf16 runs the generators under autocast.
     dry_run: the same setup and two steps on the meta device, nothing read, downloaded or written -> the memory
@@ -760,13 +775,13 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     settings = train_settings(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights,
                               layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls,
                               iters=iters, sample_every=sample_every, save_every=save_every, n_sample=n_sample,
-                              memory=memory, precision=precision)
+                              memory=memory, precision=precision, consistency=consistency)
     run = None if dry_run else RunFolder(out, resume, settings)   # checked now; written once everything has loaded
     images = [load_image(p) for p in settings["tgt_img"]]
     target = estimated_device(device) if dry_run else check_device(device, impl)
     memory, why = choose_memory(memory, target, lambda: train(**{**args, "memory": "fast", "dry_run": True}))
     device = "meta" if dry_run else target             # meta: tensors with shapes and no data
-    G_frozen = (meta_generator(settings["ckpt"], wdir) if dry_run else
+    G_frozen = (meta_generator(settings["ckpt"], wdir) if dry_run else generator if generator is not None else
                 load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl)).requires_grad_(False)
     class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
     layers = parse_layers(layers, G_frozen, auto_k)
@@ -784,7 +799,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
         drop_text_tower(m)
     n_params = None if isinstance(layers, int) else set_trainable(G, layers)
     step = functools.partial(train_step, G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
-                             cls=cls, rng=rng, device=device, precision=precision)
+                             cls=cls, rng=rng, device=device, precision=precision, consistency=consistency)
     if dry_run:
         return dict(estimate_memory(step, [G_frozen, G, *models], opt), device=target, memory=memory, why=why)
     print(startup_line("train", device, impl, "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)),
@@ -792,7 +807,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
                        f"{G.size} px, {'images' if images else repr(src)} -> {settings['tgt_img'] or repr(tgt)}",
                        f"out {run.path}"), flush=True)
     meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=settings["ckpt"], layers=settings["layers"],
-                clip=names, clip_weights=weights, seed=seed, cls=cls)
+                clip=names, clip_weights=weights, seed=seed, cls=cls, consistency=consistency)
     with run:                                           # its lock; a new run that fails before a save leaves nothing
         for i in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
             trained, loss, losses = step()
@@ -842,6 +857,29 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     save_image(make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=ncol), os.path.join(out, "grid.png"))
     print(f"wrote {len(seeds)} images and grid.png to {out}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measure: CLIP-only metrics of an adapted generator against its base (beyond-nada.md 3a), for eval and study
+
+def diversity(emb):
+    """Mean over pairs i < j of 1 - cos(e_i, e_j) for unit embeddings [N, D]: from the Gram matrix, O(N^2) memory."""
+    n = len(emb)
+    gram = emb @ emb.T                                                                # [N, N]
+    return 1 - (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)
+
+
+def clip_metrics(base, adapted, target, direction):
+    """base, adapted: unit CLIP embeddings [N, D] of the base and the adapted generator's images of the same latents;
+    target: the unit target text embedding [D]; direction: the unit text direction [D] (as training's). -> floats:
+    clip_score (adapted vs target), directional (image change vs text direction; 0 where nothing changed),
+    diversity and base_diversity, diversity_ratio (the collapse index: 1 = none), pair_similarity (content kept)."""
+    change = F.normalize(adapted - base, dim=-1)       # an unchanged image has change 0, not NaN
+    d, d_base = diversity(adapted), diversity(base)
+    metrics = dict(clip_score=(adapted @ target).mean(), directional=(change @ direction).mean(), diversity=d,
+                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 0 else torch.tensor(float("nan")),
+                   pair_similarity=(adapted * base).sum(-1).mean())
+    return {k: float(v) for k, v in metrics.items()}
 
 
 # ==========================================================================================================
@@ -1672,7 +1710,7 @@ def _fetch(url, part, hand):
 # run folders: settings checked before any work, config, log, previews, atomic saves, resume, Ctrl-C
 
 RESUME_MUST_MATCH = ("ckpt", "src", "tgt", "tgt_img", "clip", "clip_weights", "layers", "auto_k", "batch", "lr",
-                     "mixing", "seed", "cls")
+                     "mixing", "seed", "cls", "consistency")
 
 
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
@@ -1728,7 +1766,7 @@ def train_settings(**s):
     elif s["src"].strip().lower() == s["tgt"].strip().lower():
         raise NadaError(f"--src and --tgt are the same ({s['src']!r}): there is no direction to move in")
     check_numbers(iters=(s["iters"], 1, None), batch=(s["batch"], 1, None), lr=(s["lr"], 1e-12, None),
-                  mixing=(s["mixing"], 0, 1), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
+                  mixing=(s["mixing"], 0, 1), consistency=(s["consistency"], 0, None), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
                   **{k: (s.pop(k), 1, None) for k in ("sample_every", "save_every")})
     return s
 
@@ -1798,6 +1836,7 @@ def run_settings(run):
         raise NadaError(f"--resume {run}: no interrupted run there (needs config.json and state.pt)")
     try:
         cfg = json.load(open(os.path.join(run, "config.json")))
+        cfg.setdefault("consistency", 0.0)             # runs from before --consistency trained without it
         return {k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}
     except (OSError, ValueError, TypeError) as e:
         raise NadaError(f"--resume {run}: config.json is unreadable ({_first_line(e)}); start a new --out") from None
@@ -1863,6 +1902,7 @@ class RunFolder:
         """The steps still to run (after --resume, from the saved one). Around each: a progress bar, previews and
         checkpoints every (sample, save) steps, and Ctrl-C or SIGTERM, which land between steps: save, then stop."""
         start, iters, self.t0 = 0, self.settings["iters"], time.time()
+        t_start = self.t0
         if self.resume:
             try:
                 state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
@@ -1881,7 +1921,10 @@ class RunFolder:
         c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
         self.log_path = os.path.join(self.path, "log.jsonl")
         if os.path.isfile(self.log_path):             # keep the steps before `start`; a line torn by a kill goes
-            atomic_write_text(self.log_path, "".join(ln for ln in open(self.log_path) if _logged_before(ln, start)))
+            kept = [ln for ln in open(self.log_path) if _logged_before(ln, start)]
+            atomic_write_text(self.log_path, "".join(kept))
+            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):   # seconds: the whole run's
+                self.t0 -= max(float(json.loads(kept[-1])["seconds"]), 0.0)
         if start == 0:
             self.preview(G_frozen, G, z, c, 0)
         stop, previous = [], {}
@@ -1913,7 +1956,7 @@ class RunFolder:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        print(f"done: {iters - start} steps in {time.time() - self.t0:.1f} s, {iters} in all; adapted generator: "
+        print(f"done: {iters - start} steps in {time.time() - t_start:.1f} s, {iters} in all; adapted generator: "
               f"{os.path.join(self.path, 'generator.pt')}")
 
     def log(self, step, loss, losses, layers):
@@ -1972,6 +2015,342 @@ def load_image(path):
     except Exception as e:
         raise NadaError(f"{path}: not a readable image ({_first_line(e)})") from None
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval and study: measure an adapted generator, compare settings; several GPUs share the work under torchrun
+
+EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
+METRICS = ("clip_score", "directional", "diversity", "base_diversity", "diversity_ratio", "pair_similarity")
+
+
+def distributed():
+    """-> (rank, world size): under torchrun, with the process group joined (nccl on GPUs, gloo on the CPU);
+    else (0, 1). A study's settings can train for hours between two collectives, hence the long timeout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=2))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def process_device(device, impl, world):
+    """--device for this process: under torchrun, `auto` and `cuda` mean this process's own GPU (LOCAL_RANK)."""
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return check_device(device, impl)
+
+
+def gather(obj, world):
+    """Every process's obj, in rank order (torch.distributed.all_gather_object); [obj] in one process."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+
+@torch.no_grad()
+def embed_samples(generators, models, seeds, labels, trunc, batch, device, show=True):
+    """Unit CLIP embeddings of each generator's images at `seeds`, drawn as `sample` draws them (z per seed, the
+    first generator's mapping, constant noise). -> [model][generator] -> [N, D] on the CPU"""
+    from tqdm import tqdm
+    embs = [[[] for _ in generators] for _ in models]
+    for i in tqdm(range(0, len(seeds), batch), desc="eval", disable=None if show else True, dynamic_ncols=True):
+        z = seed_latents(generators[0], seeds[i:i + batch]).to(device)
+        ws = generators[0].mapping(z, None if labels is None else labels[i:i + batch].to(device), trunc)
+        for j, g in enumerate(generators):
+            img = g.synthesis(ws)
+            for m, model in enumerate(models):
+                embs[m][j].append(encode_images(model, img).cpu())
+    return [[torch.cat(e) for e in per_model] for per_model in embs]
+
+
+@torch.no_grad()
+def measure(base, G, models, src, tgt, images, seeds, labels, trunc, batch, device, shard=(0, 1), show=True):
+    """clip_metrics per CLIP model (a list of dicts) of G against base at `seeds`; under torchrun each process
+    embeds its share of the seeds and every process gets the merged result."""
+    rank, world = shard
+    mine = list(range(rank, len(seeds), world))
+    embs = embed_samples([base, G], models, [seeds[i] for i in mine], None if labels is None else labels[mine],
+                         trunc, batch, device, show)
+    parts = gather((mine, embs), world)
+    order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()   # back into seed order
+    results = []
+    for m, model in enumerate(models):
+        base_emb, emb = (torch.cat([e[m][j] for _, e in parts])[order] for j in (0, 1))
+        if images:                                      # image targets: the direction from the base's images
+            target = F.normalize(torch.cat([encode_images(model, img.to(device)) for img in images]).mean(0), dim=0).cpu()
+            direction = F.normalize(target - base_emb.mean(0), dim=0)
+        else:
+            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0).cpu()
+            direction = text_direction(model, src, tgt).cpu()
+        results.append(clip_metrics(base_emb, emb, target, direction))
+    return results
+
+
+def format_seeds(seeds):
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    runs = [list(g) for _, g in itertools.groupby(seeds, key=lambda s, c=itertools.count(): s - next(c))]
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def eval_report(results, names, trained_with, **about):
+    """-> (the JSON record: metrics averaged over the CLIP models, each model's under per_clip; the printed table)."""
+    mean = {k: sum(r[k] for r in results) / len(results) for k in METRICS}
+    record = dict(mean, clip=names, **about, per_clip=dict(zip(names, results)))
+    lines = [f"{'':18}" + "".join(f"{n[-14:]:>16}" for n in names)]
+    lines += [f"{k:18}" + "".join(f"{r[k]:16.4f}" for r in results) for k in METRICS]
+    same = [n for n in names if n in trained_with or os.path.basename(n) in map(os.path.basename, trained_with)]
+    if same:
+        lines.append(f"note: {', '.join(same)} also trained this run: its scores partly measure the training loss "
+                     f"itself; for a held-out measure use another --clip (default {EVAL_CLIP})")
+    if all(r["pair_similarity"] >= 1 - 1e-6 for r in results):
+        lines.append("note: the adapted images equal the base images: no change, so directional is 0")
+    return record, "\n".join(lines)
+
+
+def write_json(obj, path):
+    """Atomically; NaN (e.g. a diversity ratio over a base of identical images) is written as null."""
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+    fix = lambda o: {k: fix(v) for k, v in o.items()} if isinstance(o, dict) else [fix(v) for v in o] if isinstance(o, list) else clean(o)
+    atomic_write_text(path, json.dumps(fix(obj), indent=1))
+
+
+def eval_paths(ckpt, out, wdir, offline):
+    """--ckpt RUN_DIR|FILE (default: the newest run) -> (generator file, output file: --out, else eval.json beside it)."""
+    if ckpt and os.path.isdir(ckpt):
+        ckpt = os.path.join(ckpt, "generator.pt")
+        if not os.path.isfile(ckpt):
+            raise NadaError(f"--ckpt {os.path.dirname(ckpt)}: no generator.pt there (a run saves it every --save-every steps)")
+    path = sample_paths(ckpt, None, wdir, offline)[0]
+    name = os.path.basename(path)
+    return path, out or os.path.join(os.path.dirname(path), "eval.json" if name == "generator.pt"
+                                     else _slug(os.path.splitext(name)[0]) + "_eval.json")
+
+
+def recorded(G, key, kind=str):
+    """A setting the training run recorded in the checkpoint, if it is of the expected kind."""
+    value = G.meta.get(key)
+    return value if isinstance(value, kind) else None
+
+
+def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, seeds=None, trunc=1.0, cls=None,
+             batch=16, out=None, device="auto", impl="auto", wdir=None, offline=False, progress=True, clip_models=None):
+    """Measure an adapted generator against its base with CLIP (clip_metrics) -> the JSON record, also written to
+    `out`. base, src, tgt and cls default to what the run recorded; `clip_models` may pass CLIP modules (tests)."""
+    rank, world = distributed()
+    seeds = check_sample_settings(seeds, n, trunc, "const")
+    check_numbers(batch=(batch, 1, None), samples=(len(seeds), 2, None))
+    path, out = eval_paths(ckpt, out, wdir, offline)
+    device = process_device(device, impl, world)
+    G = load_generator(path, device, impl)
+    base = base or recorded(G, "base")
+    if not base:
+        raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base NAME|FILE")
+    images = [] if tgt else recorded(G, "tgt_img", list) or []
+    src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
+    if not images and not (src and tgt):
+        raise NadaError(f"{path} records no prompts: pass --src and --tgt")
+    images = [load_image(p) for p in images]
+    cls = cls if cls is not None else G.meta.get("cls")
+    labels = class_labels(G, cls, len(seeds))
+    names, _, models = load_clip_models(clip, None, device, wdir, offline, clip_models)
+    B = load_generator(resolve_ckpt(base, wdir, offline), device, impl)
+    if rank == 0:
+        print(startup_line("eval", device, impl, path, f"base {base}", "CLIP " + ", ".join(names),
+                           f"{len(seeds)} samples, truncation {trunc}" + (f", {world} processes" if world > 1 else "")), flush=True)
+    results = measure(B, G, models, src, tgt, images, seeds, labels, trunc, batch, device, (rank, world), progress and rank == 0)
+    record, table = eval_report(results, names, recorded(G, "clip", list) or [], n=len(seeds), seeds=format_seeds(seeds),
+                                trunc=trunc, ckpt=os.path.abspath(path), base=base, src=src,
+                                tgt=tgt if not images else None, tgt_img=recorded(G, "tgt_img", list), cls=cls)
+    if rank == 0:
+        make_folder(os.path.dirname(os.path.abspath(out)))
+        write_json(record, out)
+        print(table + f"\nwrote {out}")
+    return record
+
+
+STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
+
+
+def study_settings(layers, lr, consistency):
+    """--layers a,b,... (a resolution list as 16+32), --lr x,y and --consistency u,v -> their product, each a dict
+    with its label (only what varies) and folder name."""
+    def values(flag, spec, cast):
+        try:
+            return [cast(v.strip()) for v in str(spec).split(",") if v.strip()]
+        except ValueError:
+            raise NadaError(f"--{flag} {spec!r}: give values separated by commas") from None
+    grid = dict(layers=values("layers", layers, lambda v: v.replace("+", ",")), lr=values("lr", lr, float),
+                consistency=values("consistency", consistency, float))
+    for flag, vals in grid.items():
+        if not vals or len(set(vals)) != len(vals):
+            raise NadaError(f"--{flag}: give one or more different values, separated by commas")
+    settings = []
+    for combo in itertools.product(*grid.values()):
+        s = dict(zip(grid, combo))
+        shown = [s["layers"]] + [f"{k} {s[k]:g}" for k in ("lr", "consistency") if len(grid[k]) > 1]
+        settings.append(dict(s, label=", ".join(shown), folder=_slug("_".join(shown).replace(".", "p"))))
+    return settings
+
+
+def run_step(folder):
+    """The step a run folder's state.pt has reached (0 if none)."""
+    state = os.path.join(folder, "state.pt")
+    with contextlib.suppress(Exception):
+        return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"])
+    return 0
+
+
+def read_log(folder):
+    """log.jsonl's records (a line torn by a kill is skipped)."""
+    path, records = os.path.join(folder, "log.jsonl"), []
+    for line in open(path) if os.path.isfile(path) else ():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEFAULT_LAYERS, lr=LR, consistency=0.0,
+          iters=300, batch=2, mixing=0.0, auto_k=None, clip="ViT-B/32", clip_weights=None, cls=None, seed=0,
+          eval_clip=EVAL_CLIP, n=500, grid=8, trunc=1.0, out=None, device="auto", impl="auto", memory="auto",
+          precision="fp32", wdir=None, offline=False, progress=True, clip_models=None, eval_models=None):
+    """Train one run per setting (the product of layers, lr and consistency lists) in OUT/<setting>/, evaluate each,
+    and write OUT/grid.png, loss.png, results.md and results.json. Settings already finished are skipped and
+    interrupted ones resume; under torchrun each process trains its share. -> the result rows."""
+    rank, world = distributed()
+    settings = study_settings(layers, lr, consistency)
+    out = out or os.path.join("studies", f"{_slug(src)}_to_{_slug('images' if tgt_img else tgt)}")
+    check_numbers(n=(n, 2, MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
+    run_args = dict(src=src, tgt=tgt, tgt_img=tgt_img, ckpt=ckpt, iters=iters, batch=batch, mixing=mixing,
+                    auto_k=auto_k, clip=clip, clip_weights=clip_weights, cls=cls, seed=seed, impl=impl, wdir=wdir,
+                    offline=offline, memory=memory, precision=precision, sample_every=max(iters // 4, 1),
+                    save_every=max(iters // 10, 1), progress=progress and rank == 0)
+    for s in settings:                                  # every setting's flags checked before anything runs
+        train_settings(**{k: v for k, v in run_args.items() if k not in ("impl", "wdir", "offline", "progress")},
+                       layers=s["layers"], lr=s["lr"], consistency=s["consistency"], n_sample=4)
+    device = process_device(device, impl, world)
+    base = load_generator(resolve_ckpt(ckpt, wdir, offline), device, impl).requires_grad_(False)
+    for s in settings:
+        parse_layers(s["layers"], base, auto_k)
+    class_labels(base, cls, 1)
+    seeds = list(range(n))
+    labels = class_labels(base, cls, n)
+    names, weights, models = load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
+    eval_names, _, judges = load_clip_models(eval_clip, None, device, wdir, offline, eval_models)
+    images = [load_image(p) for p in tgt_img or []]
+    make_folder(out)
+    if rank == 0:
+        print(startup_line("study", device, impl, f"{len(settings)} settings", f"base {ckpt}",
+                           f"eval CLIP {', '.join(eval_names)}, {n} samples", f"out {out}") +
+              (f" | {world} processes" if world > 1 else ""), flush=True)
+    rows = []
+    for s in settings[rank::world]:
+        folder = os.path.join(out, s["folder"])
+        if run_step(folder) < iters:
+            if rank == 0 or world == 1:
+                print(f"--- {s['label']}: training in {folder}", flush=True)
+            train(**run_args, layers=s["layers"], lr=s["lr"], consistency=s["consistency"], out=folder,
+                  resume=folder if os.path.isfile(os.path.join(folder, "state.pt")) else None, device=device,
+                  generator=base, clip_models=models)
+        about = dict(n=n, trunc=trunc, eval_clip=eval_names)
+        report = os.path.join(folder, "eval.json")
+        saved = json.load(open(report)) if os.path.isfile(report) else {}
+        if {k: saved.get(k) for k in about} != about or saved.get("iters") != iters:
+            G = load_generator(os.path.join(folder, "generator.pt"), device, impl)
+            results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, 16, device, show=progress and rank == 0)
+            saved = dict(eval_report(results, eval_names, names)[0], **about, iters=iters)
+            write_json(saved, report)
+        log = read_log(folder)
+        rows.append(dict(setting=s["label"], layers=s["layers"], lr=s["lr"], consistency=s["consistency"],
+                         **{k: saved[k] for k in METRICS}, final_loss=log[-1]["loss"] if log else None,
+                         seconds=log[-1]["seconds"] if log else None, folder=s["folder"]))
+    rows = [r for part in gather(rows, world) for r in part]
+    rows.sort(key=lambda r: [s["folder"] for s in settings].index(r["folder"]))
+    if rank == 0:
+        write_study(out, rows, base, seeds[:grid], labels, trunc, device, impl, dict(
+            base=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, iters=iters, clip=names, eval_clip=eval_names, n=n, trunc=trunc))
+    return rows
+
+
+def write_study(out, rows, base, seeds, labels, trunc, device, impl, about):
+    """OUT/results.json, results.md, grid.png (the base row, then a row per setting, same seeds) and loss.png."""
+    write_json(dict(about, results=rows), os.path.join(out, "results.json"))
+    cols = ("clip_score", "directional", "diversity_ratio", "pair_similarity", "final_loss", "seconds")
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)
+    table = [f"| setting | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    table += [f"| {r['setting']} | " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    title = f"# {about['src']} -> {about['tgt_img'] and 'images' or about['tgt']} on {about['base']}, {about['iters']} steps"
+    note = f"Evaluated with {', '.join(about['eval_clip'])} on {about['n']} samples (seeds 0-{about['n'] - 1}), truncation {about['trunc']}."
+    atomic_write_text(os.path.join(out, "results.md"), "\n".join([title, "", note, "", *table, ""]))
+    with torch.no_grad():
+        z = seed_latents(base, seeds).to(device)
+        ws = base.mapping(z, None if labels is None else labels[:len(seeds)].to(device), trunc)
+        images = [base.synthesis(ws).cpu()] + [load_generator(os.path.join(out, r["folder"], "generator.pt"), device, impl)
+                                               .synthesis(ws).cpu() for r in rows]
+    draw_labelled_grid(images, ["base"] + [r["setting"] for r in rows], os.path.join(out, "grid.png"))
+    draw_loss_plot({r["setting"]: [(e["iter"], e["loss"]) for e in read_log(os.path.join(out, r["folder"]))] for r in rows},
+                   os.path.join(out, "loss.png"))
+    print("\n".join(table) + f"\nwrote results.md, results.json, grid.png and loss.png to {out}")
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)       # Pillow >= 10.1 scales its built-in font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_labelled_grid(rows, labels, path):
+    """One row of images ([N, 3, H, W] each) per label, the label written to its left; tiles 64-256 px."""
+    from PIL import Image, ImageDraw
+    tile = min(max(rows[0].shape[-1], 64), 256)
+    font = _font(max(tile // 6, 11))
+    margin = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lb, font=font)) for lb in labels) + 16
+    sheet = Image.new("RGB", (margin + tile * len(rows[0]), tile * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (imgs, label) in enumerate(zip(rows, labels)):
+        draw.text((8, r * tile + tile // 2), label, fill="black", font=font, anchor="lm")
+        for c, img in enumerate(to_uint8(imgs)):
+            sheet.paste(Image.fromarray(img).resize((tile, tile), Image.LANCZOS), (margin + c * tile, r * tile))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def draw_loss_plot(curves, path, size=(720, 420)):
+    """{label: [(step, loss)]} -> a line chart with axes and a legend, drawn with PIL."""
+    from PIL import Image, ImageDraw
+    colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f")
+    W, H, (left, right, top, bottom) = *size, (64, 200, 20, 40)
+    points = [p for c in curves.values() for p in c if math.isfinite(p[1])] or [(0, 0.0)]
+    x1, (y0, y1) = max(max(p[0] for p in points), 1), (min(p[1] for p in points), max(p[1] for p in points))
+    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
+    sx = lambda x: left + (W - left - right) * x / x1
+    sy = lambda y: top + (H - top - bottom) * (y1 - y) / (y1 - y0)
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), _font(12)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(5):                                  # ticks: 5 on each axis
+        x, y = x1 * k / 4, y0 + (y1 - y0) * k / 4
+        draw.text((sx(x), H - bottom + 4), f"{x:.0f}", fill="black", font=font, anchor="mt")
+        draw.text((left - 4, sy(y)), f"{y:.3f}", fill="black", font=font, anchor="rm")
+    draw.text(((left + W - right) / 2, H - 14), "step", fill="black", font=font, anchor="mm")
+    for i, (label, curve) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        xy = [(sx(x), sy(y)) for x, y in curve if math.isfinite(y)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        draw.line([(W - right + 12, top + 12 + 18 * i), (W - right + 32, top + 12 + 18 * i)], fill=colour, width=3)
+        draw.text((W - right + 38, top + 12 + 18 * i), label, fill="black", font=font, anchor="lm")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2182,6 +2561,8 @@ def build_parser(run_defaults=None):
     t.add_argument("--batch", type=int, default=2, help="latents per step")
     t.add_argument("--lr", type=float, default=LR, help="Adam, betas (0, 0.99^0.8): NADA's effective values")
     t.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability (0.9 helps shape changes)")
+    t.add_argument("--consistency", type=float, default=0.0, help="weight of the pairwise-cosine consistency loss "
+                   "that keeps images diverse (HyperDomainNet; 0 = NADA as published)")
     t.add_argument("--seed", type=int, default=0, help="seeds every random draw; same seed, same run")
     t.add_argument("--out", default=None, help="run folder (default: runs/<src>_to_<tgt>)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
@@ -2206,6 +2587,50 @@ def build_parser(run_defaults=None):
     s.add_argument("--compare", action="store_true", help="the base generator beside the adapted one")
     s.add_argument("--out", default=None, help="output folder (default: RUN/sample or samples/<ckpt>)")
 
+    e = sub.add_parser("eval", parents=[common], formatter_class=fmt, help="measure an adapted generator with CLIP",
+                       description="CLIP scores of an adapted generator against its base (clip_score, directional, "
+                       "diversity and the diversity ratio, pair similarity); several GPUs: torchrun ... nada.py eval.")
+    e.add_argument("--ckpt", default=None, help="a run folder or generator file (default: the newest runs/*)")
+    e.add_argument("--base", default=None, help="the base generator, NAME or FILE (default: the one the run recorded)")
+    e.add_argument("--src", default=None, help="source prompt (default: the run's)")
+    e.add_argument("--tgt", default=None, help="target prompt (default: the run's)")
+    e.add_argument("--clip", default=EVAL_CLIP, help="CLIP models, comma-separated; better one that did not train the run")
+    e.add_argument("--n", "--samples", dest="n", type=int, default=500, help="samples (seeds 0..n-1) when --seeds is "
+                   "not given (under torchrun, which claims --n, write --samples)")
+    e.add_argument("--seeds", default=None, help="e.g. 0-499, drawn exactly as `sample` draws them")
+    e.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1: the full diversity)")
+    e.add_argument("--class", dest="cls", default=None, help="conditional generators (default: the run's)")
+    e.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    e.add_argument("--out", default=None, help="the JSON file (default: RUN/eval.json)")
+
+    st = sub.add_parser("study", parents=[common], formatter_class=fmt, help="train and compare several settings",
+                        description="One run per setting (the product of --layers, --lr and --consistency lists), "
+                        "each evaluated; writes grid.png, loss.png, results.md and results.json. Rerun to resume; "
+                        "several GPUs: torchrun --nproc_per_node N nada.py study ...")
+    st.add_argument("--ckpt", default="ffhq", help="base generator: a file or a name from `nada.py models`")
+    st.add_argument("--src", default="photo", help="source prompt")
+    st.add_argument("--tgt", default="sketch", help="target prompt")
+    st.add_argument("--tgt-img", nargs="+", default=None, help="target images instead of a target prompt")
+    st.add_argument("--class", dest="cls", default=None, help="class-conditional generators: NAME, INDEX or all")
+    st.add_argument("--layers", default=STUDY_DEFAULT_LAYERS, help="settings, comma-separated (resolutions as 16+32)")
+    st.add_argument("--lr", default=f"{LR:g}", help="learning rates, comma-separated")
+    st.add_argument("--consistency", default="0", help="consistency weights, comma-separated")
+    st.add_argument("--iters", type=int, default=300, help="training steps per setting")
+    st.add_argument("--batch", type=int, default=2, help="latents per step")
+    st.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability")
+    st.add_argument("--auto-k", type=int, default=None, help="for auto layers: the top K W+ entries")
+    st.add_argument("--clip", default="ViT-B/32", help="CLIP models of the training loss")
+    st.add_argument("--clip-weights", default=None, help="their loss weights, comma-separated")
+    st.add_argument("--seed", type=int, default=0, help="the same seed for every setting")
+    st.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="as for train")
+    st.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as for train")
+    st.add_argument("--eval-clip", default=EVAL_CLIP, help="CLIP models that measure the runs")
+    st.add_argument("--n", "--samples", dest="n", type=int, default=500, help="samples each setting is measured on "
+                    "(under torchrun, which claims --n, write --samples)")
+    st.add_argument("--grid", type=int, default=8, help="columns of grid.png (its first seeds)")
+    st.add_argument("--trunc", type=float, default=1.0, help="truncation psi of the measure and the grid")
+    st.add_argument("--out", default=None, help="study folder (default: studies/<src>_to_<tgt>)")
+
     sub.add_parser("models", parents=[common], formatter_class=fmt, help="list the named generators")
     d = sub.add_parser("doctor", parents=[common], formatter_class=fmt, help="check the environment")
     d.add_argument("--build-ops", action="store_true", help="compile the CUDA ops now (no GPU needed)")
@@ -2220,12 +2645,18 @@ def main(argv=None):
         run = resume.parse_known_args(argv)[0].resume if argv[:1] == ["train"] else None
         args = build_parser(run_settings(run) if run else None).parse_args(argv)   # a run's settings, unless typed
         opts = {k: v for k, v in vars(args).items() if k != "cmd"}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.cmd not in ("eval", "study"):
+            raise NadaError(f"`{args.cmd}` runs in one process; torchrun shares out the work of `eval` and `study`")
         if args.cmd == "train" and args.dry_run:
             print_estimate(train(**opts))
         elif args.cmd == "train":
             train(**opts)
         elif args.cmd == "sample":
             sample(**opts)
+        elif args.cmd == "eval":
+            evaluate(**opts)
+        elif args.cmd == "study":
+            study(**opts)
         elif args.cmd == "models":
             list_models(args.wdir)
         elif args.cmd == "doctor":
@@ -2241,6 +2672,9 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt as e:
         return e.args[0] if isinstance(e, Interrupted) else 130
+    finally:
+        if "WORLD_SIZE" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
