@@ -864,9 +864,9 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
 
 def diversity(emb):
     """Mean over pairs i < j of 1 - cos(e_i, e_j) for unit embeddings [N, D]: from the Gram matrix, O(N^2) memory."""
-    n = len(emb)
+    n, emb = len(emb), emb.double()                    # float64: identical images give 0, not rounding noise
     gram = emb @ emb.T                                                                # [N, N]
-    return 1 - (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)
+    return (1 - (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)).clamp(min=0).float()
 
 
 def clip_metrics(base, adapted, target, direction):
@@ -877,7 +877,7 @@ def clip_metrics(base, adapted, target, direction):
     change = F.normalize(adapted - base, dim=-1)       # an unchanged image has change 0, not NaN
     d, d_base = diversity(adapted), diversity(base)
     metrics = dict(clip_score=(adapted @ target).mean(), directional=(change @ direction).mean(), diversity=d,
-                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 0 else torch.tensor(float("nan")),
+                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 1e-6 else torch.tensor(float("nan")),
                    pair_similarity=(adapted * base).sum(-1).mean())
     return {k: float(v) for k, v in metrics.items()}
 

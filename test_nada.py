@@ -3,6 +3,7 @@
 import http.server
 import itertools
 import json
+import math
 import os
 import pickle
 import shutil
@@ -1089,6 +1090,180 @@ def test_sample_cli_conditional_writes_pngs_deterministically(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "seed0003.png")), nada.to_uint8(img)[0])
 
 
+# ---- measure: eval, study, torchrun ---------------------------------------------------------------------------
+
+def test_consistency_loss_against_hand_computation():
+    a = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0]]), dim=-1)
+    b = F.normalize(torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 1]]), dim=-1)
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    expected = sum((float(b[i] @ b[j]) - float(a[i] @ a[j])) ** 2 for i, j in pairs) / len(pairs)
+    assert nada.consistency_loss(a, b).item() == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.1
+    assert nada.consistency_loss(a, a).item() == 0                 # same angles: nothing to pay
+    rotation = torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])   # a rotation keeps every angle
+    assert nada.consistency_loss(a, a @ rotation.T).item() == pytest.approx(0, abs=1e-7)
+    assert nada.consistency_loss(a[:1], b[:1]).item() == 0
+
+
+def test_clip_metrics_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    base, adapted = (F.normalize(torch.randn(5, 4, generator=g), dim=-1) for _ in range(2))
+    target, direction = (F.normalize(torch.randn(4, generator=g), dim=0) for _ in range(2))
+    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))
+    pairs = [(i, j) for i in range(5) for j in range(i)]
+    div = lambda e: sum(1 - cos(e[i], e[j]) for i, j in pairs) / len(pairs)
+    m = nada.clip_metrics(base, adapted, target, direction)
+    expected = dict(clip_score=sum(cos(e, target) for e in adapted) / 5,
+                    directional=sum(cos(a - b, direction) for a, b in zip(adapted, base)) / 5,
+                    diversity=div(adapted), base_diversity=div(base), diversity_ratio=div(adapted) / div(base),
+                    pair_similarity=sum(cos(a, b) for a, b in zip(adapted, base)) / 5)
+    assert m == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    same = nada.clip_metrics(base, base, target, direction)
+    assert same["directional"] == 0 and same["diversity_ratio"] == 1 and same["pair_similarity"] == pytest.approx(1)
+    collapsed = nada.clip_metrics(base[:1].expand(5, 4), adapted, target, direction)
+    assert collapsed["base_diversity"] < 1e-6 and math.isnan(collapsed["diversity_ratio"])   # no base spread: no ratio
+
+
+def test_eval_of_the_base_against_itself_is_no_change(tmp_path, colour_clip, tiny_ckpt):
+    rc, out, err = run_cli("eval", "--ckpt", tiny_ckpt, "--base", tiny_ckpt, "--src", "photo", "--tgt", "red photo",
+                           "--clip", colour_clip, "--n", 12, "--out", tmp_path / "e.json")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["directional"] == 0 and record["diversity_ratio"] == 1 and record["pair_similarity"] == pytest.approx(1)
+    assert record["n"] == 12 and record["seeds"] == "0-11" and record["trunc"] == 1.0
+    assert record["clip"] == [colour_clip] and set(record["per_clip"]) == {colour_clip}
+    assert "no change" in out and "diversity_ratio" in out
+
+
+def test_eval_renders_the_latents_sample_renders(tmp_path, colour_clip, monkeypatch):
+    ckpt = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    rc, _, err = run_cli("sample", "--ckpt", ckpt, "--class", "all", "--seeds", "3-7", "--out", tmp_path / "s")
+    assert rc == 0, err
+    seen = []
+    real = nada.encode_images
+    monkeypatch.setattr(nada, "encode_images", lambda m, img: (seen.append(img), real(m, img))[1])
+    nada.evaluate(ckpt, base=ckpt, src="photo", tgt="red photo", clip=colour_clip, seeds="3-7", cls="all", batch=2,
+                  out=str(tmp_path / "e.json"), progress=False)
+    from PIL import Image
+    rendered = nada.to_uint8(torch.cat(seen[0::2]))        # per batch: the base's images, then the adapted ones
+    assert len(seen) == 6 and len(rendered) == 5
+    for k, s in enumerate(range(3, 8)):
+        assert np.array_equal(rendered[k], np.asarray(Image.open(tmp_path / "s" / f"seed{s:04d}.png")))
+
+
+@pytest.fixture(scope="module")
+def red_and_blue_runs(tmp_path_factory, colour_clip, tiny_ckpt):
+    root = tmp_path_factory.mktemp("runs")
+    return {word: nada.train(src="photo", tgt=f"{word} photo", ckpt=tiny_ckpt, out=str(root / word), iters=30,
+                             layers="all", clip=colour_clip, progress=False, sample_every=1000) for word in ("red", "blue")}
+
+
+def test_eval_scores_a_red_run_above_a_blue_run_for_red(tmp_path, colour_clip, red_and_blue_runs):
+    scores = {w: nada.evaluate(run, clip=colour_clip, tgt="red photo", n=32, out=str(tmp_path / f"{w}.json"),
+                               progress=False) for w, run in red_and_blue_runs.items()}
+    print({w: (s["clip_score"], s["directional"]) for w, s in scores.items()})
+    assert scores["red"]["clip_score"] > scores["blue"]["clip_score"] + 0.02
+    assert scores["red"]["directional"] > 0.5 > scores["blue"]["directional"]
+    recorded = nada.evaluate(red_and_blue_runs["blue"], clip=colour_clip, n=32, out=str(tmp_path / "b.json"),
+                             progress=False)                  # defaults: the run's own prompts and base
+    assert recorded["tgt"] == "blue photo" and recorded["directional"] > 0.5
+    assert os.path.isfile(tmp_path / "b.json")
+
+
+def test_eval_refusals_are_one_clear_error(tmp_path, colour_clip, tiny_ckpt, red_and_blue_runs):
+    rc, _, err = run_cli("eval", "--ckpt", tiny_ckpt, "--clip", colour_clip)
+    assert_clean_error(rc, err, "records no base", "--base")
+    rc, _, err = run_cli("eval", "--ckpt", tmp_path, "--clip", colour_clip)
+    assert_clean_error(rc, err, "no generator.pt")
+    rc, _, err = run_cli("eval", "--ckpt", red_and_blue_runs["red"], "--clip", colour_clip, "--n", 1)
+    assert_clean_error(rc, err, "--samples 1", "at least 2")
+    rc, _, err = run_cli("eval", "--ckpt", red_and_blue_runs["red"], "--clip", colour_clip, "--trunc", "nan")
+    assert_clean_error(rc, err, "--trunc")
+    rc, _, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, env={"WORLD_SIZE": "2"})
+    assert_clean_error(rc, err, "torchrun", "study")
+
+
+def _study(tmp_path, colour_clip, tiny_ckpt, **kw):
+    args = dict(ckpt=tiny_ckpt, src="photo", tgt="red photo", layers="first:1,all", consistency="0,4", iters=4,
+                batch=3, clip=colour_clip, eval_clip=colour_clip, n=16, grid=3, out=str(tmp_path / "study"), progress=False)
+    return nada.study(**{**args, **kw})
+
+
+def test_study_writes_every_output_and_skips_finished_settings(tmp_path, colour_clip, tiny_ckpt, monkeypatch):
+    rows = _study(tmp_path, colour_clip, tiny_ckpt)
+    out = tmp_path / "study"
+    folders = ["first_1_consistency_0", "first_1_consistency_4", "all_consistency_0", "all_consistency_4"]
+    assert [r["folder"] for r in rows] == folders
+    assert [r["setting"] for r in rows] == ["first:1, consistency 0", "first:1, consistency 4", "all, consistency 0",
+                                            "all, consistency 4"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(rows)) and saved["n"] == 16
+    for r, f in zip(rows, folders):
+        assert nada.run_step(out / f) == 4 and r["final_loss"] == nada.read_log(out / f)[-1]["loss"]
+        assert json.loads((out / f / "eval.json").read_text())["clip_score"] == r["clip_score"]
+        assert set(nada.METRICS) <= set(r)
+    from PIL import Image
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] == 64 * 5 and grid.size[0] > 64 * 3     # base + 4 rows of 64 px tiles, labels on the left
+    assert Image.open(out / "loss.png").size == (720, 420)
+    md = (out / "results.md").read_text()
+    assert all(r["setting"] in md for r in rows) and "clip_score" in md
+    # first:1 trains only the 4 px block: its other layers are unchanged, all's are not
+    base, G = nada.load_generator(tiny_ckpt), nada.load_generator(str(out / folders[0] / "generator.pt"))
+    assert torch.equal(base.to_rgbs[-1].conv.weight, G.to_rgbs[-1].conv.weight)
+    assert not torch.equal(base.conv1.conv.weight, G.conv1.conv.weight)
+    # a rerun trains and measures nothing again, and writes the same results
+    monkeypatch.setattr(nada, "train", lambda **kw: pytest.fail("a finished setting was trained again"))
+    monkeypatch.setattr(nada, "measure", lambda *a, **kw: pytest.fail("a finished setting was measured again"))
+    assert _study(tmp_path, colour_clip, tiny_ckpt) == rows
+
+
+def test_study_resumes_an_interrupted_setting_as_if_uninterrupted(tmp_path, colour_clip, tiny_ckpt):
+    kw = dict(layers="all", consistency="2", iters=6)
+    _study(tmp_path / "a", colour_clip, tiny_ckpt, **kw)
+    _study(tmp_path / "b", colour_clip, tiny_ckpt, **{**kw, "iters": 3})       # stopped at step 3 ...
+    rows = _study(tmp_path / "b", colour_clip, tiny_ckpt, **kw)                 # ... and rerun: resumes
+    a, b = (tmp_path / d / "study" / "all" / "generator.pt" for d in "ab")
+    sa, sb = (torch.load(p, weights_only=True)["g_ema"] for p in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log = nada.read_log(tmp_path / "b" / "study" / "all")
+    assert [e["iter"] for e in log] == list(range(6))
+    assert all(x["seconds"] <= y["seconds"] for x, y in zip(log, log[1:]))   # seconds count the whole run
+    assert rows[0]["seconds"] == log[-1]["seconds"] and rows[0]["setting"] == "all"
+
+
+def test_study_refuses_bad_settings_before_training(tmp_path, colour_clip, tiny_ckpt):
+    for flags, words in ((["--layers", "all,bogus"], ["bogus"]), (["--lr", "0.01,abc"], ["--lr"]),
+                         (["--consistency", "-1"], ["--consistency"]), (["--layers", "all,all"], ["different values"])):
+        rc, _, err = run_cli("study", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--eval-clip", colour_clip,
+                             "--iters", 2, "--n", 4, "--out", tmp_path / "s", *flags)
+        assert_clean_error(rc, err, *words)
+        assert not os.path.exists(tmp_path / "s")
+
+
+def test_torchrun_study_and_eval_match_one_process(tmp_path, colour_clip, tiny_ckpt):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}   # torchrun gives each process 1 thread
+    flags = ["--ckpt", tiny_ckpt, "--clip", colour_clip, "--eval-clip", colour_clip, "--layers", "first:1,all",
+             "--consistency", "0,4", "--iters", "3", "--batch", "3", "--samples", "16", "--grid", "2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              os.path.join(HERE, "nada.py")]
+    one = subprocess.run([sys.executable, os.path.join(HERE, "nada.py"), "study", *map(str, flags), "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([*launch, "study", *map(str, flags), "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert drop(a.pop("results")) == drop(b.pop("results")) and a == b
+    assert two.stdout.count("wrote results.md") == 1                          # rank 0 alone writes
+    run = tmp_path / "one" / "all_consistency_4"
+    for cmd, out in (([sys.executable, os.path.join(HERE, "nada.py")], "e1.json"), (launch, "e2.json")):
+        r = subprocess.run([*cmd, "eval", "--ckpt", str(run), "--clip", colour_clip, "--samples", "9", "--batch", "2",
+                            "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "e1.json").read_text() == (tmp_path / "e2.json").read_text()
+
+
 # ---- checkpoint files: loading, parity, hostile files -------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["rosinality_32", "nvidia_32", "nvidia_32_cond"])
@@ -1904,6 +2079,8 @@ LONG_PROMPT = "a very long prompt " * 30
 @pytest.mark.parametrize("extra,words", [
     (["--lr", "nan"], "--lr nan: must be a finite number"),
     (["--mixing", "nan"], "--mixing nan: must be a finite number"),
+    (["--consistency", "nan"], "--consistency nan: must be a finite number"),
+    (["--consistency", "-1"], "--consistency -1.0: must be at least 0"),
     (["--seed", "1180591620717411303424"], "--seed 1180591620717411303424: must be between 0 and"),
     (["--device", "cuda:3"], "--device cuda:3, but torch sees"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
