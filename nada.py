@@ -1842,6 +1842,9 @@ def run_settings(run):
         raise NadaError(f"--resume {run}: config.json is unreadable ({_first_line(e)}); start a new --out") from None
 
 
+RUN_FILES = ("config.json", "log.jsonl", "samples", "generator.pt", "state.pt", ".lock", "eval.json", "sample")
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM after the step was saved: the CLI exits with 128 + the signal's number."""
 
@@ -1865,11 +1868,24 @@ class RunFolder:
             raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose another --out")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise NadaError(f"--out {self.path} is a file, not a folder; choose another --out")
+        others = sorted(n for n in os.listdir(self.path) if n not in RUN_FILES and not n.startswith(".tmp-")) \
+            if os.path.isdir(self.path) else []
+        if others:                                      # a run writes config.json and log.jsonl: not over other files
+            raise NadaError(f"--out {self.path} holds other files ({', '.join(others[:3])}): a run needs a new or "
+                            "empty folder; choose another --out")
 
     def __enter__(self):
-        """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json."""
-        import fcntl
+        """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json.
+        If any of it fails, __exit__ still runs: the lock is let go and a folder made here is removed."""
         self.created = not os.path.exists(self.path)
+        try:
+            return self._open()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+
+    def _open(self):
+        import fcntl
         make_folder(self.path)
         self.lock = open(os.path.join(self.path, ".lock"), "a+")
         try:
@@ -2141,7 +2157,7 @@ def recorded(G, key, kind=str):
 
 
 def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, seeds=None, trunc=1.0, cls=None,
-             batch=16, out=None, device="auto", impl="auto", wdir=None, offline=False, progress=True, clip_models=None):
+             batch=8, out=None, device="auto", impl="auto", wdir=None, offline=False, progress=True, clip_models=None):
     """Measure an adapted generator against its base with CLIP (clip_metrics) -> the JSON record, also written to
     `out`. base, src, tgt and cls default to what the run recorded; `clip_models` may pass CLIP modules (tests)."""
     rank, world = distributed()
@@ -2264,7 +2280,7 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
         saved = json.load(open(report)) if os.path.isfile(report) else {}
         if {k: saved.get(k) for k in about} != about or saved.get("iters") != iters:
             G = load_generator(os.path.join(folder, "generator.pt"), device, impl)
-            results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, 16, device, show=progress and rank == 0)
+            results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
             saved = dict(eval_report(results, eval_names, names)[0], **about, iters=iters)
             write_json(saved, report)
         log = read_log(folder)
@@ -2600,7 +2616,7 @@ def build_parser(run_defaults=None):
     e.add_argument("--seeds", default=None, help="e.g. 0-499, drawn exactly as `sample` draws them")
     e.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1: the full diversity)")
     e.add_argument("--class", dest="cls", default=None, help="conditional generators (default: the run's)")
-    e.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    e.add_argument("--batch", type=int, default=8, help="images per forward pass")
     e.add_argument("--out", default=None, help="the JSON file (default: RUN/eval.json)")
 
     st = sub.add_parser("study", parents=[common], formatter_class=fmt, help="train and compare several settings",

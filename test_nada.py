@@ -2073,6 +2073,33 @@ def main_in_process(capsys, *args):
     return rc, out, err
 
 
+def test_out_folder_with_other_files_is_refused_and_left_alone(tmp_path, capsys, colour_clip, tiny_ckpt):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "config.json").write_text("{}")
+    rc, _, err = main_in_process(capsys, *train_args(tmp_path, colour_clip, tiny_ckpt), "--out", out)
+    assert_clean_error(rc, err, "holds other files (notes.txt)", "--out")
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt"] and (out / "config.json").read_text() == "{}"
+    killed = tmp_path / "killed"                              # what a run killed before its first save leaves
+    (killed / "samples").mkdir(parents=True)
+    (killed / "config.json").write_text("{}")
+    (killed / ".tmp-abc").write_text("")
+    rc, _, err = main_in_process(capsys, *train_args(tmp_path, colour_clip, tiny_ckpt), "--out", killed)
+    assert rc == 0, err
+    assert os.path.isfile(killed / "state.pt") and not os.path.exists(killed / ".tmp-abc")
+
+
+def test_a_failure_while_opening_the_run_folder_leaves_nothing(tmp_path, colour_clip, tiny_ckpt, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(nada, "atomic_write_text", full_disk)   # config.json, written once the lock is held
+    with pytest.raises(OSError):
+        nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "run"), iters=1, clip=colour_clip,
+                   progress=False)
+    assert not os.path.exists(tmp_path / "run")                # the folder made for the run is gone, lock and all
+
+
 LONG_PROMPT = "a very long prompt " * 30
 
 
