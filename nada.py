@@ -97,14 +97,6 @@ def _use_cuda(x, impl, op):
     return ops is not None
 
 
-def ops_status(device, impl="auto"):
-    """For the startup line: which path each op takes on this device, and why."""
-    if impl == "ref" or torch.device(device).type != "cuda":
-        return "ref" if impl == "ref" else "ref (cpu)"
-    status = {op: load_op(op) for op in OPS}
-    return " ".join(f"{op}={'cuda' if ops else f'ref ({reason})'}" for op, (ops, reason) in status.items())
-
-
 def bias_act(x, b=None, act="linear", alpha=LRELU_SLOPE, gain=1.0, clamp=None, impl="auto"):
     """Fused y = clamp(gain * act(x + b), -clamp, clamp), bias on dim 1.
 
@@ -456,17 +448,17 @@ IMAGENET_TEMPLATES = (
     "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
     "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
     "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
-    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
-    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
-    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
-    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
-    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
-    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
-    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
-    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -625,11 +617,9 @@ def first_trained_block(G, layers):
 def set_trainable(G, layers):
     """requires_grad on the parameters of `layers` only (the mapping network never trains). -> their count."""
     prefixes = tuple(name + "." for name in layers)
-    count = 0
     for name, p in G.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
-        count += p.numel() if p.requires_grad else 0
-    return count
+    return sum(p.numel() for p in G.parameters() if p.requires_grad)
 
 
 def select_layers_auto(G, ws, targets, k, chunk=None, lr=0.01):
@@ -657,7 +647,6 @@ def select_layers_auto(G, ws, targets, k, chunk=None, lr=0.01):
 LR = 0.002 * 4 / 5                     # NADA's effective Adam settings (rosinality's lazy-regularisation ratio 4/5)
 BETAS = (0.0, 0.99 ** (4 / 5))
 SELECTION_BATCH = 8                    # latents that adaptive layer selection looks at each step, as in NADA
-SAMPLE_TRUNCATION = 0.7                # previews, as in NADA
 
 ClipTarget = namedtuple("ClipTarget", "model weight direction target")
 ClipTarget.__doc__ = """One CLIP model of the loss: its weight, the unit direction [D] the image change should follow,
@@ -857,29 +846,6 @@ def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, 
     save_image(make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=ncol), os.path.join(out, "grid.png"))
     print(f"wrote {len(seeds)} images and grid.png to {out}")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# measure: CLIP-only metrics of an adapted generator against its base (beyond-nada.md 3a), for eval and study
-
-def diversity(emb):
-    """Mean over pairs i < j of 1 - cos(e_i, e_j) for unit embeddings [N, D]: from the Gram matrix, O(N^2) memory."""
-    n, emb = len(emb), emb.double()                    # float64: identical images give 0, not rounding noise
-    gram = emb @ emb.T                                                                # [N, N]
-    return (1 - (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)).clamp(min=0).float()
-
-
-def clip_metrics(base, adapted, target, direction):
-    """base, adapted: unit CLIP embeddings [N, D] of the base and the adapted generator's images of the same latents;
-    target: the unit target text embedding [D]; direction: the unit text direction [D] (as training's). -> floats:
-    clip_score (adapted vs target), directional (image change vs text direction; 0 where nothing changed),
-    diversity and base_diversity, diversity_ratio (the collapse index: 1 = none), pair_similarity (content kept)."""
-    change = F.normalize(adapted - base, dim=-1)       # an unchanged image has change 0, not NaN
-    d, d_base = diversity(adapted), diversity(base)
-    metrics = dict(clip_score=(adapted @ target).mean(), directional=(change @ direction).mean(), diversity=d,
-                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 1e-6 else torch.tensor(float("nan")),
-                   pair_similarity=(adapted * base).sum(-1).mean())
-    return {k: float(v) for k, v in metrics.items()}
 
 
 # ==========================================================================================================
@@ -1716,6 +1682,7 @@ RESUME_MUST_MATCH = ("ckpt", "src", "tgt", "tgt_img", "clip", "clip_weights", "l
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
+SAMPLE_TRUNCATION = 0.7                # run previews, as in NADA
 
 
 def check_device(device, impl="auto"):
@@ -1816,6 +1783,14 @@ def make_folder(path, sub=""):
 
 def _slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "run"
+
+
+def ops_status(device, impl="auto"):
+    """For the startup line: which path each op takes on this device, and why."""
+    if impl == "ref" or torch.device(device).type != "cuda":
+        return "ref" if impl == "ref" else "ref (cpu)"
+    status = {op: load_op(op) for op in OPS}
+    return " ".join(f"{op}={'cuda' if ops else f'ref ({reason})'}" for op, (ops, reason) in status.items())
 
 
 def startup_line(cmd, device, impl, *parts):
@@ -2034,10 +2009,31 @@ def load_image(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# eval and study: measure an adapted generator, compare settings; several GPUs share the work under torchrun
+# eval and study: CLIP-only metrics of an adapted generator against its base (beyond-nada.md 3a), and a study
+# that trains and compares several settings; several GPUs share the work under torchrun
 
 EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
 METRICS = ("clip_score", "directional", "diversity", "base_diversity", "diversity_ratio", "pair_similarity")
+
+
+def diversity(emb):
+    """Mean over pairs i < j of 1 - cos(e_i, e_j) for unit embeddings [N, D]: from the Gram matrix, O(N^2) memory."""
+    n, emb = len(emb), emb.double()                    # float64: identical images give 0, not rounding noise
+    gram = emb @ emb.T                                                                # [N, N]
+    return (1 - (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)).clamp(min=0).float()
+
+
+def clip_metrics(base, adapted, target, direction):
+    """base, adapted: unit CLIP embeddings [N, D] of the base and the adapted generator's images of the same latents;
+    target: the unit target text embedding [D]; direction: the unit text direction [D] (as training's). -> floats:
+    clip_score (adapted vs target), directional (image change vs text direction; 0 where nothing changed),
+    diversity and base_diversity, diversity_ratio (the collapse index: 1 = none), pair_similarity (content kept)."""
+    change = F.normalize(adapted - base, dim=-1)       # an unchanged image has change 0, not NaN
+    d, d_base = diversity(adapted), diversity(base)
+    metrics = dict(clip_score=(adapted @ target).mean(), directional=(change @ direction).mean(), diversity=d,
+                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 1e-6 else torch.tensor(float("nan")),
+                   pair_similarity=(adapted * base).sum(-1).mean())
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def distributed():
