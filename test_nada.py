@@ -2322,7 +2322,8 @@ def test_sample_grid_shows_the_first_seeds(tmp_path, tiny_ckpt, monkeypatch):
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value", [("--res", "abc"), ("--batch", "1,x"), ("--gen-res", "big")])
+@pytest.mark.parametrize("flag,value", [("--res", "abc"), ("--batch", "1,x"), ("--gen-res", "big"), ("--eval-n", "1"),
+                                        ("--eval-clip", "ViT-X")])
 def test_bench_refuses_bad_numbers_in_one_line(tmp_path, flag, value):
     p = subprocess.run([sys.executable, os.path.join(HERE, "ops", "bench.py"), flag, value, "--out", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -133,7 +133,24 @@ def bench_train_step(device, res, batch, impl, memory, clips=("ViT-B/32", "ViT-B
                 peak_gb=peak, estimate_gb=estimate / 2 ** 30, steps300_s=ms * 300 / 1e3)
 
 
-def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json", clip="ViT-B/32,ViT-B/16"):
+def bench_eval(device, res, n, clip, batch=8):
+    """`nada.py eval` at this size: n samples through a base and an adapted generator, embedded by one CLIP model
+    (random weights), and the metrics: seconds in all."""
+    with torch.device(device):
+        base = Generator(res).requires_grad_(False)
+    G = copy.deepcopy(base)
+    model = _random_clip(clip, device)
+    d = F.normalize(torch.randn(model.visual.output_dim), dim=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    (base_emb, emb), = nada.embed_samples([base, G], [model], list(range(n)), None, 1.0, batch, device, show=False)
+    nada.clip_metrics(base_emb, emb, d, d)
+    return dict(res=res, n=n, clip=clip, batch=batch, seconds=time.perf_counter() - t)
+
+
+def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="bench.json", clip="ViT-B/32,ViT-B/16",
+          eval_n=None, eval_clip="ViT-L/14"):
     """Print the benchmark as a table and write it as JSON."""
     device = nada.check_device(device)
     if device == "cuda":
@@ -160,6 +177,8 @@ def bench(device="auto", res="256,512,1024", batch="1,8", gen_res=1024, out="ben
         print(f"train step {t['res']} px, batch {t['batch']}, {'+'.join(t['clips'])}, layers {t['layers']}, impl "
               f"{t['impl']}, memory {t['memory']}: {t['step_ms']:.1f} ms (300 steps {t['steps300_s']:.0f} s), peak "
               f"{t['peak_gb']:.2f} GiB, dry-run estimate {t['estimate_gb']:.2f} GiB", flush=True)
+    result["eval"] = e = bench_eval(device, gen_res, eval_n or (500 if device == "cuda" else 4), eval_clip)
+    print(f"eval {e['res']} px, {e['n']} samples, {e['clip']}, batch {e['batch']}: {e['seconds']:.1f} s", flush=True)
     nada.atomic_write_text(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
@@ -174,11 +193,17 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="where the JSON goes")
     p.add_argument("--clip", default="ViT-B/32,ViT-B/16", help="CLIP architectures of the train-step timings "
                    f"(random weights; any of {', '.join(nada.CLIP_ARCHITECTURES)})")
+    p.add_argument("--eval-n", type=int, default=None, help="samples of the eval timing (default: 500 on CUDA, 4 on the CPU)")
+    p.add_argument("--eval-clip", default="ViT-L/14", help="CLIP architecture of the eval timing")
     args = p.parse_args(argv)
     try:
         [int(r) for r in f"{args.res},{args.batch}".split(",")]
     except ValueError:
         p.error(f"--res and --batch take integers separated by commas, got {args.res!r} and {args.batch!r}")
+    if args.eval_n is not None and args.eval_n < 2:
+        p.error(f"--eval-n takes a number of samples of at least 2, got {args.eval_n}")
+    if args.eval_clip not in nada.CLIP_ARCHITECTURES:
+        p.error(f"--eval-clip {args.eval_clip!r}: use one of {', '.join(nada.CLIP_ARCHITECTURES)}")
     bench(**vars(args))
 
 
