@@ -171,8 +171,7 @@ def _upfirdn2d_cuda(x, f, up, down, pad, flip, gain):
 def make_kernel(k=BLUR):
     """The normalised 2-D FIR filter [len(k), len(k)]: outer product of the 1-D taps, summing to 1."""
     k = torch.tensor(k, dtype=torch.float32)
-    k = k[None, :] * k[:, None]
-    return k / k.sum()
+    return torch.outer(k, k) / torch.outer(k, k).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -758,8 +757,7 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     memory: fast; low (each synthesis layer recomputed in backward, CLIP in float16 on CUDA); auto (low only when
     fast would not fit the GPU's free memory). precision: bf16 runs the generators under autocast.
     dry_run: the same setup and two steps on the meta device, nothing read, downloaded or written -> the memory
-    estimate for `device` (a dict, see estimate_memory), instead of the run folder.
-    """
+    estimate for `device` (a dict, see estimate_memory), instead of the run folder."""
     args = dict(locals())
     settings = train_settings(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights,
                               layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls,
@@ -776,8 +774,10 @@ def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, 
     layers = parse_layers(layers, G_frozen, auto_k)
     names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline,
                                               None if dry_run else clip_models, load=meta_clip if dry_run else load_clip)
-    for m in models if memory == "low" and target.startswith("cuda") else ():
-        _import_clip().model.convert_weights(m)         # as clip.load on CUDA: half, LayerNorms stay float32
+    if memory == "low" and target.startswith("cuda"):   # as clip.load on CUDA: half, LayerNorms stay float32
+        models = [copy.deepcopy(m) if clip_models else m for m in models]   # a caller's modules stay as they are
+        for m in models:
+            _import_clip().model.convert_weights(m)
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base
     G.checkpointing = memory == "low"
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
@@ -1569,9 +1569,11 @@ def _declared_tensors(zf, root, qualname):
         return set(re.findall(r'"(\w+)"', " ".join(lists))) if lists else None
 
 
-def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None):
+def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None, flag="--clip"):
     """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
     names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    if not names or len(set(names)) != len(names):
+        raise NadaError(f"{flag} {','.join(names)!r}: name one or more different CLIP models, e.g. {flag} ViT-B/32")
     if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.split(",")]
@@ -1583,9 +1585,11 @@ def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load
     return names, weights, preloaded or [(load or load_clip)(n, device, wdir, offline) for n in names]
 
 
-def _manifest(folder):
+def read_json(path):
+    """A JSON object from a file, or {} if it is missing or damaged (then its content is made again)."""
     with contextlib.suppress(OSError, ValueError):
-        return json.load(open(os.path.join(folder, "manifest.json")))
+        obj = json.load(open(path))
+        return obj if isinstance(obj, dict) else {}
     return {}
 
 
@@ -1604,7 +1608,7 @@ def download(url, dest, sha256=None, offline=False):
     hash recorded in the folder's manifest.json at the first download. $NADA_MIRROR replaces the host.
     """
     folder, name = os.path.split(os.path.abspath(dest))
-    record = _manifest(folder).get(name)
+    record = read_json(os.path.join(folder, "manifest.json")).get(name)
     if os.path.isfile(dest):
         if record and os.path.getsize(dest) != record["size"]:
             raise NadaError(f"{dest} has {os.path.getsize(dest)} bytes, not the {record['size']} recorded when it was "
@@ -1629,7 +1633,7 @@ def download(url, dest, sha256=None, offline=False):
         raise NadaError(f"{name}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
                         f"the download was removed; try again, or {hand}")
     os.replace(part, dest)
-    manifest = _manifest(folder)
+    manifest = read_json(os.path.join(folder, "manifest.json"))
     manifest[name] = {"url": url, "size": os.path.getsize(dest), "sha256": digest}
     atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     return dest
@@ -1732,6 +1736,8 @@ def train_settings(**s):
         raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
     elif s["src"].strip().lower() == s["tgt"].strip().lower():
         raise NadaError(f"--src and --tgt are the same ({s['src']!r}): there is no direction to move in")
+    if s["consistency"] and s["batch"] < 2:
+        raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
     check_numbers(iters=(s["iters"], 1, None), batch=(s["batch"], 1, None), lr=(s["lr"], 1e-12, None),
                   mixing=(s["mixing"], 0, 1), consistency=(s["consistency"], 0, None), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
                   **{k: (s.pop(k), 1, None) for k in ("sample_every", "save_every")})
@@ -1781,8 +1787,8 @@ def make_folder(path, sub=""):
         raise NadaError(f"cannot write the output folder {path}: {e.strerror}; choose another with --out") from None
 
 
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "run"
+def _slug(text, limit=40):
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "run"
 
 
 def ops_status(device, impl="auto"):
@@ -1852,7 +1858,10 @@ class RunFolder:
     def __enter__(self):
         """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json.
         If any of it fails, __exit__ still runs: the lock is let go and a folder made here is removed."""
-        self.created = not os.path.exists(self.path)
+        self.created = False
+        with contextlib.suppress(OSError):             # made here, so removed again if the run fails before a save
+            os.makedirs(self.path)
+            self.created = True
         try:
             return self._open()
         except BaseException:
@@ -2045,8 +2054,12 @@ def distributed():
     import datetime
     import torch.distributed as dist
     if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            if local >= torch.cuda.device_count():
+                raise NadaError(f"torchrun started process {local} on this machine, but torch sees "
+                                f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node {torch.cuda.device_count()} or fewer")
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=2))
     return dist.get_rank(), dist.get_world_size()
 
@@ -2135,15 +2148,25 @@ def write_json(obj, path):
 
 
 def eval_paths(ckpt, out, wdir, offline):
-    """--ckpt RUN_DIR|FILE (default: the newest run) -> (generator file, output file: --out, else eval.json beside it)."""
+    """--ckpt RUN_DIR|FILE (default: the newest run) -> (generator file, output file: --out, else eval.json beside
+    it); the output is checked before any model loads: a .json file (or a new name) in a folder we may write."""
     if ckpt and os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "generator.pt")
         if not os.path.isfile(ckpt):
             raise NadaError(f"--ckpt {os.path.dirname(ckpt)}: no generator.pt there (a run saves it every --save-every steps)")
     path = sample_paths(ckpt, None, wdir, offline)[0]
     name = os.path.basename(path)
-    return path, out or os.path.join(os.path.dirname(path), "eval.json" if name == "generator.pt"
-                                     else _slug(os.path.splitext(name)[0]) + "_eval.json")
+    out = out or os.path.join(os.path.dirname(path), "eval.json" if name == "generator.pt"
+                              else _slug(os.path.splitext(name)[0]) + "_eval.json")
+    if os.path.isdir(out) or (os.path.exists(out) and not out.endswith(".json")):
+        raise NadaError(f"--out {out} is {'a folder' if os.path.isdir(out) else 'a file other than .json'}: eval writes "
+                        "its results to a .json file; choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise NadaError(f"--out {out}: cannot write in {parent}; choose another --out")
+    return path, out
 
 
 def recorded(G, key, kind=str):
@@ -2152,40 +2175,62 @@ def recorded(G, key, kind=str):
     return value if isinstance(value, kind) else None
 
 
+def load_base(base, G, path, device, impl, wdir, offline):
+    """The base generator to compare G with: --base, else the one the run recorded; it must share G's architecture."""
+    given, base = base, base or recorded(G, "base")
+    if not base:
+        raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base NAME|FILE")
+    try:
+        B = load_generator(resolve_ckpt(base, wdir, offline), device, impl)
+    except NadaError as e:
+        if given:
+            raise
+        raise NadaError(f"the base this run recorded ({base}) cannot be loaded ({e}): pass --base NAME|FILE") from None
+    theirs, ours = B.state_dict(), G.state_dict()
+    if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
+        raise NadaError(f"--base {base} has another architecture than {path}: pass the generator the run adapted")
+    return base, B
+
+
 def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, seeds=None, trunc=1.0, cls=None,
              batch=8, out=None, device="auto", impl="auto", wdir=None, offline=False, progress=True, clip_models=None):
     """Measure an adapted generator against its base with CLIP (clip_metrics) -> the JSON record, also written to
     `out`. base, src, tgt and cls default to what the run recorded; `clip_models` may pass CLIP modules (tests)."""
     rank, world = distributed()
     seeds = check_sample_settings(seeds, n, trunc, "const")
-    check_numbers(batch=(batch, 1, None), samples=(len(seeds), 2, None))
+    check_numbers(batch=(batch, 1, None), samples=(len(seeds), max(2, world), None))   # each process embeds some
     path, out = eval_paths(ckpt, out, wdir, offline)
     device = process_device(device, impl, world)
     G = load_generator(path, device, impl)
-    base = base or recorded(G, "base")
-    if not base:
-        raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base NAME|FILE")
     images = [] if tgt else recorded(G, "tgt_img", list) or []
     src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
     if not images and not (src and tgt):
         raise NadaError(f"{path} records no prompts: pass --src and --tgt")
+    if not images and src.strip().lower() == tgt.strip().lower():
+        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to measure")
     images = [load_image(p) for p in images]
     cls = cls if cls is not None else G.meta.get("cls")
     labels = class_labels(G, cls, len(seeds))
+    base, B = load_base(base, G, path, device, impl, wdir, offline)
     names, _, models = load_clip_models(clip, None, device, wdir, offline, clip_models)
-    B = load_generator(resolve_ckpt(base, wdir, offline), device, impl)
     if rank == 0:
         print(startup_line("eval", device, impl, path, f"base {base}", "CLIP " + ", ".join(names),
                            f"{len(seeds)} samples, truncation {trunc}" + (f", {world} processes" if world > 1 else "")), flush=True)
     results = measure(B, G, models, src, tgt, images, seeds, labels, trunc, batch, device, (rank, world), progress and rank == 0)
-    record, table = eval_report(results, names, recorded(G, "clip", list) or [], n=len(seeds), seeds=format_seeds(seeds),
-                                trunc=trunc, ckpt=os.path.abspath(path), base=base, src=src,
-                                tgt=tgt if not images else None, tgt_img=recorded(G, "tgt_img", list), cls=cls)
+    record, table = eval_report(results, names, recorded(G, "clip", list) or [], **eval_about(
+        seeds, trunc, base, src, None if images else tgt, recorded(G, "tgt_img", list), cls, G.meta.get("iterations")),
+        ckpt=os.path.abspath(path))
     if rank == 0:
         make_folder(os.path.dirname(os.path.abspath(out)))
         write_json(record, out)
         print(table + f"\nwrote {out}")
     return record
+
+
+def eval_about(seeds, trunc, base, src, tgt, tgt_img, cls, iterations):
+    """What an eval record says it measured (eval and study write the same record; a study reuses one that matches)."""
+    return dict(n=len(seeds), seeds=format_seeds(seeds), trunc=trunc, base=base, src=src, tgt=tgt, tgt_img=tgt_img,
+                cls=cls, iterations=iterations)
 
 
 STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
@@ -2207,9 +2252,43 @@ def study_settings(layers, lr, consistency):
     settings = []
     for combo in itertools.product(*grid.values()):
         s = dict(zip(grid, combo))
-        shown = [s["layers"]] + [f"{k} {s[k]:g}" for k in ("lr", "consistency") if len(grid[k]) > 1]
-        settings.append(dict(s, label=", ".join(shown), folder=_slug("_".join(shown).replace(".", "p"))))
+        shown = [s["layers"]] + [f"{k} {s[k]:.10g}" for k in ("lr", "consistency") if len(grid[k]) > 1]
+        settings.append(dict(s, label=", ".join(shown), folder=_slug("_".join(shown).replace(".", "p"), 120)))
+    folders = [s["folder"] for s in settings]
+    for f in (f for f in folders if folders.count(f) > 1):
+        raise NadaError(f"two settings would share the folder {f!r} (their values differ too little to name apart)")
     return settings
+
+
+STUDY_FILES = ("results.json", "results.md", "grid.png", "loss.png")
+
+
+def study_steps(out, settings, configs, iters):
+    """Before anything loads: OUT holds only a study's files and runs, and each setting's run, if one exists,
+    was started with the same settings and is not past --iters. -> the step each setting's run has reached."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NadaError(f"--out {out} is a file, not a folder; choose another --out")
+    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in STUDY_FILES and
+                    not n.startswith(".tmp-") and not os.path.isfile(os.path.join(out, n, "config.json")))
+    if others:
+        raise NadaError(f"--out {out} holds other files ({', '.join(others[:3])}): a study needs a new folder or one "
+                        "of its own; choose another --out")
+    steps = []
+    for s, new in zip(settings, configs):
+        folder = os.path.join(out, s["folder"])
+        config = os.path.join(folder, "config.json")
+        old = {"consistency": 0.0, **read_json(config)} # runs from before --consistency trained without it
+        if os.path.isfile(config) and len(old) == 1:
+            raise NadaError(f"{config} is damaged: remove {folder} to train that setting again, or choose another --out")
+        if os.path.isfile(config):
+            for k in (k for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)):
+                raise NadaError(f"{folder} was trained with --{k.replace('_', '-')} {old.get(k)!r}, not {new.get(k)!r}: "
+                                "rerun the study with the flags it was started with, or choose another --out")
+        steps.append(run_step(folder))
+        if steps[-1] > iters:
+            raise NadaError(f"{folder} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
+                            f"{steps[-1]} or more, or choose another --out")
+    return steps
 
 
 def run_step(folder):
@@ -2221,11 +2300,13 @@ def run_step(folder):
 
 
 def read_log(folder):
-    """log.jsonl's records (a line torn by a kill is skipped)."""
+    """log.jsonl's records (a line torn by a kill, or anything that is not a step's record, is skipped)."""
     path, records = os.path.join(folder, "log.jsonl"), []
     for line in open(path) if os.path.isfile(path) else ():
         with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
+            r = json.loads(line)
+            if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("iter", "loss", "seconds")):
+                records.append(r)
     return records
 
 
@@ -2233,20 +2314,21 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
           iters=300, batch=2, mixing=0.0, auto_k=None, clip="ViT-B/32", clip_weights=None, cls=None, seed=0,
           eval_clip=EVAL_CLIP, n=500, grid=8, trunc=1.0, out=None, device="auto", impl="auto", memory="auto",
           precision="fp32", wdir=None, offline=False, progress=True, clip_models=None, eval_models=None):
-    """Train one run per setting (the product of layers, lr and consistency lists) in OUT/<setting>/, evaluate each,
-    and write OUT/grid.png, loss.png, results.md and results.json. Settings already finished are skipped and
-    interrupted ones resume; under torchrun each process trains its share. -> the result rows."""
+    """Train one run per setting (the product of layers, lr and consistency lists) in OUT/<setting>/, evaluate each
+    (OUT/<setting>/eval.json, as `eval` writes it), and write OUT/grid.png, loss.png, results.md and results.json.
+    Settings already finished are skipped and interrupted ones resume; a setting that fails (a NaN loss) is
+    reported and the others go on; under torchrun each process trains its share. -> the result rows."""
     rank, world = distributed()
     settings = study_settings(layers, lr, consistency)
     out = out or os.path.join("studies", f"{_slug(src)}_to_{_slug('images' if tgt_img else tgt)}")
-    check_numbers(n=(n, 2, MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
+    check_numbers(n=(n, max(2, world), MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
     run_args = dict(src=src, tgt=tgt, tgt_img=tgt_img, ckpt=ckpt, iters=iters, batch=batch, mixing=mixing,
                     auto_k=auto_k, clip=clip, clip_weights=clip_weights, cls=cls, seed=seed, impl=impl, wdir=wdir,
                     offline=offline, memory=memory, precision=precision, sample_every=max(iters // 4, 1),
                     save_every=max(iters // 10, 1), progress=progress and rank == 0)
-    for s in settings:                                  # every setting's flags checked before anything runs
-        train_settings(**{k: v for k, v in run_args.items() if k not in ("impl", "wdir", "offline", "progress")},
-                       layers=s["layers"], lr=s["lr"], consistency=s["consistency"], n_sample=4)
+    configs = [train_settings(**{k: v for k, v in run_args.items() if k not in ("impl", "wdir", "offline", "progress")},
+                              layers=s["layers"], lr=s["lr"], consistency=s["consistency"], n_sample=4) for s in settings]
+    steps = study_steps(out, settings, configs, iters)  # every flag and folder checked before anything loads
     device = process_device(device, impl, world)
     base = load_generator(resolve_ckpt(ckpt, wdir, offline), device, impl).requires_grad_(False)
     for s in settings:
@@ -2255,34 +2337,41 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
     seeds = list(range(n))
     labels = class_labels(base, cls, n)
     names, weights, models = load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
-    eval_names, _, judges = load_clip_models(eval_clip, None, device, wdir, offline, eval_models)
+    eval_names, _, judges = load_clip_models(eval_clip, None, device, wdir, offline, eval_models, flag="--eval-clip")
     images = [load_image(p) for p in tgt_img or []]
     make_folder(out)
     if rank == 0:
         print(startup_line("study", device, impl, f"{len(settings)} settings", f"base {ckpt}",
                            f"eval CLIP {', '.join(eval_names)}, {n} samples", f"out {out}") +
               (f" | {world} processes" if world > 1 else ""), flush=True)
+    about = eval_about(seeds, trunc, configs[0]["ckpt"], src, None if tgt_img else tgt, configs[0]["tgt_img"], cls, iters)
     rows = []
-    for s in settings[rank::world]:
-        folder = os.path.join(out, s["folder"])
-        if run_step(folder) < iters:
-            if rank == 0 or world == 1:
+    for s, step in list(zip(settings, steps))[rank::world]:
+        folder, error = os.path.join(out, s["folder"]), None
+        try:
+            if step < iters:
                 print(f"--- {s['label']}: training in {folder}", flush=True)
-            train(**run_args, layers=s["layers"], lr=s["lr"], consistency=s["consistency"], out=folder,
-                  resume=folder if os.path.isfile(os.path.join(folder, "state.pt")) else None, device=device,
-                  generator=base, clip_models=models)
-        about = dict(n=n, trunc=trunc, eval_clip=eval_names)
+                train(**run_args, layers=s["layers"], lr=s["lr"], consistency=s["consistency"], out=folder,
+                      resume=folder if os.path.isfile(os.path.join(folder, "state.pt")) else None, device=device,
+                      generator=base, clip_models=models)
+        except NadaError as e:                          # e.g. a NaN loss at a high lr: the other settings still run
+            error = str(e)
+            print(f"--- {s['label']}: failed: {error}", flush=True)
+        except Interrupted:
+            print("the study stopped; run the same command again to continue it (finished settings are kept)", flush=True)
+            raise
         report = os.path.join(folder, "eval.json")
-        saved = json.load(open(report)) if os.path.isfile(report) else {}
-        if {k: saved.get(k) for k in about} != about or saved.get("iters") != iters:
+        saved = {} if error else read_json(report)
+        if not error and ({k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names or
+                          not all(k in saved for k in METRICS)):
             G = load_generator(os.path.join(folder, "generator.pt"), device, impl)
             results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
-            saved = dict(eval_report(results, eval_names, names)[0], **about, iters=iters)
+            saved = eval_report(results, eval_names, names, **about, ckpt=os.path.abspath(os.path.join(folder, "generator.pt")))[0]
             write_json(saved, report)
         log = read_log(folder)
         rows.append(dict(setting=s["label"], layers=s["layers"], lr=s["lr"], consistency=s["consistency"],
-                         **{k: saved[k] for k in METRICS}, final_loss=log[-1]["loss"] if log else None,
-                         seconds=log[-1]["seconds"] if log else None, folder=s["folder"]))
+                         **{k: saved.get(k) for k in METRICS}, final_loss=log[-1]["loss"] if log else None,
+                         seconds=log[-1]["seconds"] if log else None, folder=s["folder"], error=error))
     rows = [r for part in gather(rows, world) for r in part]
     rows.sort(key=lambda r: [s["folder"] for s in settings].index(r["folder"]))
     if rank == 0:
@@ -2298,15 +2387,17 @@ def write_study(out, rows, base, seeds, labels, trunc, device, impl, about):
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)
     table = [f"| setting | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     table += [f"| {r['setting']} | " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    table += [f"\n{r['setting']} failed: {r['error']}" for r in rows if r["error"]]
     title = f"# {about['src']} -> {about['tgt_img'] and 'images' or about['tgt']} on {about['base']}, {about['iters']} steps"
     note = f"Evaluated with {', '.join(about['eval_clip'])} on {about['n']} samples (seeds 0-{about['n'] - 1}), truncation {about['trunc']}."
     atomic_write_text(os.path.join(out, "results.md"), "\n".join([title, "", note, "", *table, ""]))
     with torch.no_grad():
         z = seed_latents(base, seeds).to(device)
         ws = base.mapping(z, None if labels is None else labels[:len(seeds)].to(device), trunc)
+        done = [r for r in rows if not r["error"]]     # a failed setting has no row in the grid
         images = [base.synthesis(ws).cpu()] + [load_generator(os.path.join(out, r["folder"], "generator.pt"), device, impl)
-                                               .synthesis(ws).cpu() for r in rows]
-    draw_labelled_grid(images, ["base"] + [r["setting"] for r in rows], os.path.join(out, "grid.png"))
+                                               .synthesis(ws).cpu() for r in done]
+    draw_labelled_grid(images, ["base"] + [r["setting"] for r in done], os.path.join(out, "grid.png"))
     draw_loss_plot({r["setting"]: [(e["iter"], e["loss"]) for e in read_log(os.path.join(out, r["folder"]))] for r in rows},
                    os.path.join(out, "loss.png"))
     print("\n".join(table) + f"\nwrote results.md, results.json, grid.png and loss.png to {out}")

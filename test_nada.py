@@ -1155,15 +1155,16 @@ def test_eval_renders_the_latents_sample_renders(tmp_path, colour_clip, monkeypa
 def red_and_blue_runs(tmp_path_factory, colour_clip, tiny_ckpt):
     root = tmp_path_factory.mktemp("runs")
     return {word: nada.train(src="photo", tgt=f"{word} photo", ckpt=tiny_ckpt, out=str(root / word), iters=30,
-                             layers="all", clip=colour_clip, progress=False, sample_every=1000) for word in ("red", "blue")}
+                             lr=0.02, layers="all", clip=colour_clip, progress=False, sample_every=1000)
+            for word in ("red", "blue")}
 
 
 def test_eval_scores_a_red_run_above_a_blue_run_for_red(tmp_path, colour_clip, red_and_blue_runs):
     scores = {w: nada.evaluate(run, clip=colour_clip, tgt="red photo", n=32, out=str(tmp_path / f"{w}.json"),
                                progress=False) for w, run in red_and_blue_runs.items()}
     print({w: (s["clip_score"], s["directional"]) for w, s in scores.items()})
-    assert scores["red"]["clip_score"] > scores["blue"]["clip_score"] + 0.02
-    assert scores["red"]["directional"] > 0.5 > scores["blue"]["directional"]
+    assert scores["red"]["clip_score"] > scores["blue"]["clip_score"] + 0.05     # measured: 0.533 and 0.362
+    assert scores["red"]["directional"] > 0.5 and scores["red"]["directional"] > scores["blue"]["directional"] + 0.3
     recorded = nada.evaluate(red_and_blue_runs["blue"], clip=colour_clip, n=32, out=str(tmp_path / "b.json"),
                              progress=False)                  # defaults: the run's own prompts and base
     assert recorded["tgt"] == "blue photo" and recorded["directional"] > 0.5
@@ -1183,20 +1184,23 @@ def test_eval_refusals_are_one_clear_error(tmp_path, colour_clip, tiny_ckpt, red
     assert_clean_error(rc, err, "torchrun", "study")
 
 
-def test_consistency_keeps_diversity_where_plain_nada_collapses(tmp_path, colour_clip, tiny_ckpt):
-    # A long run at a high lr toward "red" makes every image about as red as the others: their colour-reading
-    # embeddings crowd together (collapse). Measured over seeds 0-2, the ratio went 0.26-0.34 without the
-    # consistency loss and 0.68-0.83 with it, the directional score 0.59-0.66 and 0.50-0.60.
-    model, scores = nada.load_clip(colour_clip), {}
-    for w in (0, 1):
-        run = nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / f"w{w}"), iters=100, batch=4,
-                         lr=0.02, layers="all", clip=colour_clip, consistency=w, progress=False, sample_every=1000)
-        scores[w] = nada.evaluate(run, clip=colour_clip, clip_models=[model], n=64, out=str(tmp_path / f"{w}.json"),
+def test_consistency_keeps_diversity_where_plain_nada_collapses(tmp_path, tiny_ckpt):
+    # A high lr toward "red" makes every image about as red as the others: their colour-reading embeddings crowd
+    # together (collapse). The test CLIP's constant axis is larger here (0.03), so that images of one colour still
+    # differ in brightness. Over 13 seeds of this setting the ratio rose by 0.28 or more with the consistency loss,
+    # and its directional score kept 87% or more of plain NADA's (seed 0: ratio 0.29 -> 0.65, directional 0.64 -> 0.59).
+    clip_file = make_colour_clip(tmp_path / "clip.pt", const=0.03)
+    model, scores = nada.load_clip(clip_file), {}
+    for w in (0, 2):
+        run = nada.train(src="photo", tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / f"w{w}"), iters=60, batch=8,
+                         lr=0.1, layers="all", clip=clip_file, consistency=w, progress=False, sample_every=1000)
+        scores[w] = nada.evaluate(run, clip=clip_file, clip_models=[model], n=64, out=str(tmp_path / f"{w}.json"),
                                   progress=False)
-    assert scores[0]["diversity_ratio"] < 0.4                               # plain NADA collapsed ...
-    assert scores[1]["diversity_ratio"] > scores[0]["diversity_ratio"] + 0.25   # ... the consistency loss did not
-    assert scores[1]["directional"] > 0.75 * scores[0]["directional"] and scores[1]["directional"] > 0.45
-    assert json.loads((tmp_path / "w1" / "config.json").read_text())["consistency"] == 1
+    print({w: (s["diversity_ratio"], s["directional"]) for w, s in scores.items()})
+    assert scores[0]["diversity_ratio"] < 0.45                                  # plain NADA collapsed ...
+    assert scores[2]["diversity_ratio"] > scores[0]["diversity_ratio"] + 0.2    # ... the consistency loss did not
+    assert scores[0]["directional"] > 0.5 and scores[2]["directional"] > 0.8 * scores[0]["directional"]
+    assert json.loads((tmp_path / "w2" / "config.json").read_text())["consistency"] == 2
 
 
 def _study(tmp_path, colour_clip, tiny_ckpt, **kw):
@@ -1255,6 +1259,101 @@ def test_study_refuses_bad_settings_before_training(tmp_path, colour_clip, tiny_
                              "--iters", 2, "--n", 4, "--out", tmp_path / "s", *flags)
         assert_clean_error(rc, err, *words)
         assert not os.path.exists(tmp_path / "s")
+
+
+def test_study_rerun_with_other_flags_or_fewer_iters_is_refused(tmp_path, colour_clip, tiny_ckpt, capsys):
+    _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=2)
+    flags = ["--ckpt", tiny_ckpt, "--clip", colour_clip, "--eval-clip", colour_clip, "--tgt", "red photo", "--layers",
+             "all", "--batch", 3, "--samples", 16, "--out", tmp_path / "study"]
+    before = sorted(p.name for p in (tmp_path / "study").rglob("*"))
+    for extra, words in ((["--iters", 2, "--lr", "0.01"], ["was trained with --lr 0.0016, not 0.01", "rerun the study"]),
+                         (["--iters", 2, "--seed", "5"], ["--seed 0, not 5"]),
+                         (["--iters", 1], ["is at step 2, past --iters 1", "--iters 2 or more"])):
+        rc, _, err = main_in_process(capsys, "study", *flags, *extra)
+        assert_clean_error(rc, err, *words)
+    assert sorted(p.name for p in (tmp_path / "study").rglob("*")) == before
+
+
+def test_study_measures_again_when_eval_json_is_damaged_or_from_other_settings(tmp_path, colour_clip, tiny_ckpt):
+    rows = _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=2)
+    report = tmp_path / "study" / "all" / "eval.json"
+    for damage in ("{not json", "[1, 2]", json.dumps({"n": 16})):
+        report.write_text(damage)
+        assert _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=2) == rows
+        assert json.loads(report.read_text())["clip_score"] == rows[0]["clip_score"]
+    record = json.loads(report.read_text())                # the record `eval` writes, so each reads the other's
+    assert record["iterations"] == 2 and record["seeds"] == "0-15" and record["tgt"] == "red photo"
+    assert record["base"] == os.path.abspath(tiny_ckpt) and record["clip"] == [colour_clip]
+    fewer = _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=2, n=8)
+    assert json.loads(report.read_text())["n"] == 8 and fewer[0]["clip_score"] != rows[0]["clip_score"]
+    with open(tmp_path / "study" / "all" / "log.jsonl", "a") as f:
+        f.write('[1, 2]\n{"iter": "x", "loss": 1, "seconds": 1}\n"text"\n')
+    assert [e["iter"] for e in nada.read_log(tmp_path / "study" / "all")] == [0, 1]
+
+
+def test_a_setting_that_fails_is_reported_and_the_others_finish(tmp_path, colour_clip, tiny_ckpt):
+    rows = _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", lr="0.002,1e30", iters=3)
+    ok, failed = rows
+    assert ok["error"] is None and ok["clip_score"] is not None and ok["setting"] == "all, lr 0.002"
+    assert "became nan" in failed["error"] and failed["clip_score"] is None and failed["setting"] == "all, lr 1e+30"
+    assert nada.run_step(tmp_path / "study" / failed["folder"]) == 1        # saved every step: step 1 was saved
+    from PIL import Image
+    assert Image.open(tmp_path / "study" / "grid.png").size[1] == 64 * 2     # the base and the setting that ran
+    assert "all, lr 1e+30 failed: the loss became nan" in (tmp_path / "study" / "results.md").read_text()
+    assert json.loads((tmp_path / "study" / "results.json").read_text())["results"][1]["error"] == failed["error"]
+    again = _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", lr="0.002,1e30", iters=3)
+    assert again[0] == ok and "became nan at step 1" in again[1]["error"]   # the rerun resumes it, and it fails again
+
+
+def test_study_folder_refusals(tmp_path, colour_clip, tiny_ckpt):
+    with pytest.raises(nada.NadaError, match="share the folder 'all_lr_0p001'"):
+        nada.study_settings("all", "0.001,0.00100000000001", "0")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "thesis.tex").write_text("mine")
+    with pytest.raises(nada.NadaError, match=r"holds other files \(thesis.tex\)"):
+        _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=1)
+    assert sorted(os.listdir(tmp_path / "study")) == ["thesis.tex"]
+    (tmp_path / "study" / "thesis.tex").unlink()
+    (tmp_path / "study" / "all").mkdir()
+    (tmp_path / "study" / "all" / "config.json").write_text("{torn")
+    with pytest.raises(nada.NadaError, match="config.json is damaged: remove"):
+        _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=1)
+
+
+def test_eval_out_base_and_prompt_refusals(tmp_path, colour_clip, tiny_ckpt, red_and_blue_runs):
+    run = red_and_blue_runs["red"]
+    (tmp_path / "notes.txt").write_text("mine")
+    cond = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
+    for flags, words in ((["--out", tmp_path], ["is a folder"]), (["--out", tmp_path / "notes.txt"], ["other than .json"]),
+                         (["--out", tiny_ckpt], ["other than .json"]),
+                         (["--base", cond], ["has another architecture than", "pass the generator the run adapted"]),
+                         (["--src", "red photo", "--tgt", "Red Photo"], ["the same"]),
+                         (["--clip", f"{colour_clip},{colour_clip}"], ["different CLIP models"]),
+                         (["--clip", ","], ["name one or more"])):
+        rc, _, err = run_cli("eval", "--ckpt", run, "--clip", colour_clip, "--n", 4, *flags)
+        assert_clean_error(rc, err, *words)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not os.path.exists(os.path.join(run, "eval.json"))
+    base = tmp_path / "base.pt"                                # a run whose recorded base has gone
+    shutil.copy(tiny_ckpt, base)
+    gone = nada.train(tgt="red photo", ckpt=str(base), out=str(tmp_path / "r"), iters=1, clip=colour_clip, progress=False)
+    base.unlink()
+    rc, _, err = run_cli("eval", "--ckpt", gone, "--clip", colour_clip, "--n", 4)
+    assert_clean_error(rc, err, f"the base this run recorded ({base}) cannot be loaded", "pass --base")
+    rc, _, err = run_cli("eval", "--ckpt", gone, "--clip", colour_clip, "--n", 4, "--base", tiny_ckpt)
+    assert rc == 0, err
+
+
+def test_torchrun_needs_a_sample_per_process_and_a_gpu_per_process(tmp_path, colour_clip, monkeypatch, red_and_blue_runs):
+    monkeypatch.setattr(nada, "distributed", lambda: (0, 3))
+    with pytest.raises(nada.NadaError, match="--samples 2: must be at least 3"):
+        nada.evaluate(red_and_blue_runs["red"], clip=colour_clip, n=2, out=str(tmp_path / "e.json"))
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(nada.NadaError, match="torchrun started process 1 on this machine, but torch sees 1 GPUs"):
+        nada.distributed()
 
 
 def test_torchrun_study_and_eval_match_one_process(tmp_path, colour_clip, tiny_ckpt):
@@ -2144,6 +2243,8 @@ LONG_PROMPT = "a very long prompt " * 30
     (["--auto-k", "0"], "--auto-k 0: must be 1..8"),
     (["--tgt", LONG_PROMPT], "does not fit CLIP's 77 tokens"),
     (["--iters", "0"], "--iters 0: must be at least 1"),
+    (["--consistency", "1", "--batch", "1"], "--consistency compares the images of a batch with each other"),
+    (["--clip", ","], "name one or more different CLIP models"),
 ])
 def test_train_flags_are_checked_before_anything_is_written(tmp_path, capsys, colour_clip, tiny_ckpt, extra, words):
     if "--device" in extra and extra[extra.index("--device") + 1] == "cuda:3" and torch.cuda.device_count() > 3:
