@@ -1173,6 +1173,8 @@ def test_eval_scores_a_red_run_above_a_blue_run_for_red(tmp_path, colour_clip, r
 
 def test_eval_refusals_are_one_clear_error(tmp_path, colour_clip, tiny_ckpt, red_and_blue_runs):
     rc, _, err = run_cli("eval", "--ckpt", tiny_ckpt, "--clip", colour_clip)
+    assert_clean_error(rc, err, "records no prompts", "--src and --tgt")
+    rc, _, err = run_cli("eval", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--src", "photo", "--tgt", "red photo")
     assert_clean_error(rc, err, "records no base", "--base")
     rc, _, err = run_cli("eval", "--ckpt", tmp_path, "--clip", colour_clip)
     assert_clean_error(rc, err, "no generator.pt")
