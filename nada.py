@@ -1465,14 +1465,14 @@ def weights_dir(override=None):
     return os.path.abspath(override or os.environ.get("NADA_WEIGHTS") or os.path.join(HERE, "weights"))
 
 
-def resolve_ckpt(name_or_path, wdir=None, offline=False):
+def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
     """A file path as it is, or a known model name, downloaded on first use -> a local path."""
     if name_or_path and os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path in GENERATORS:
         url = GENERATORS[name_or_path][0]
         return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), offline=offline)
-    raise NadaError(f"--ckpt {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
+    raise NadaError(f"{flag} {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
                     f"the names ({', '.join(GENERATORS)})")
 
 
@@ -2158,9 +2158,11 @@ def eval_paths(ckpt, out, wdir, offline):
     name = os.path.basename(path)
     out = out or os.path.join(os.path.dirname(path), "eval.json" if name == "generator.pt"
                               else _slug(os.path.splitext(name)[0]) + "_eval.json")
-    if os.path.isdir(out) or (os.path.exists(out) and not out.endswith(".json")):
-        raise NadaError(f"--out {out} is {'a folder' if os.path.isdir(out) else 'a file other than .json'}: eval writes "
-                        "its results to a .json file; choose another --out")
+    if os.path.isdir(out) or not os.path.basename(out):
+        raise NadaError(f"--out {out} names a folder: eval writes its results to a .json file; choose another --out")
+    record = read_json(out)                             # replace an earlier eval's record, and nothing else
+    if os.path.exists(out) and not (set(METRICS) <= set(record) and "per_clip" in record):
+        raise NadaError(f"--out {out} is a file other than an eval record; choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -2180,12 +2182,9 @@ def load_base(base, G, path, device, impl, wdir, offline):
     given, base = base, base or recorded(G, "base")
     if not base:
         raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base NAME|FILE")
-    try:
-        B = load_generator(resolve_ckpt(base, wdir, offline), device, impl)
-    except NadaError as e:
-        if given:
-            raise
-        raise NadaError(f"the base this run recorded ({base}) cannot be loaded ({e}): pass --base NAME|FILE") from None
+    if not given and not os.path.isfile(base) and base not in GENERATORS:
+        raise NadaError(f"the base this run recorded ({base}) is missing: pass --base NAME|FILE")
+    B = load_generator(resolve_ckpt(base, wdir, offline, "--base"), device, impl)
     theirs, ours = B.state_dict(), G.state_dict()
     if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
         raise NadaError(f"--base {base} has another architecture than {path}: pass the generator the run adapted")
@@ -2206,6 +2205,8 @@ def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, se
     src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
     if not images and not (src and tgt):
         raise NadaError(f"{path} records no prompts: pass --src and --tgt")
+    if not images and not (src.strip() and tgt.strip()):
+        raise NadaError("--src and --tgt must both be non-empty prompts")
     if not images and src.strip().lower() == tgt.strip().lower():
         raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to measure")
     images = [load_image(p) for p in images]
@@ -2268,8 +2269,9 @@ def study_steps(out, settings, configs, iters):
     was started with the same settings and is not past --iters. -> the step each setting's run has reached."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise NadaError(f"--out {out} is a file, not a folder; choose another --out")
-    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in STUDY_FILES and
-                    not n.startswith(".tmp-") and not os.path.isfile(os.path.join(out, n, "config.json")))
+    ours = set(STUDY_FILES) | {s["folder"] for s in settings}   # and runs of other settings, dotfiles, empty folders
+    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in ours and not n.startswith(".")
+                    and not os.path.isfile(os.path.join(out, n, "config.json")) and not _empty_folder(os.path.join(out, n)))
     if others:
         raise NadaError(f"--out {out} holds other files ({', '.join(others[:3])}): a study needs a new folder or one "
                         "of its own; choose another --out")
@@ -2289,6 +2291,10 @@ def study_steps(out, settings, configs, iters):
             raise NadaError(f"{folder} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
                             f"{steps[-1]} or more, or choose another --out")
     return steps
+
+
+def _empty_folder(path):
+    return os.path.isdir(path) and not os.listdir(path)
 
 
 def run_step(folder):
@@ -2321,7 +2327,7 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
     rank, world = distributed()
     settings = study_settings(layers, lr, consistency)
     out = out or os.path.join("studies", f"{_slug(src)}_to_{_slug('images' if tgt_img else tgt)}")
-    check_numbers(n=(n, max(2, world), MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
+    check_numbers(n=(n, 2, MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
     run_args = dict(src=src, tgt=tgt, tgt_img=tgt_img, ckpt=ckpt, iters=iters, batch=batch, mixing=mixing,
                     auto_k=auto_k, clip=clip, clip_weights=clip_weights, cls=cls, seed=seed, impl=impl, wdir=wdir,
                     offline=offline, memory=memory, precision=precision, sample_every=max(iters // 4, 1),
@@ -2347,27 +2353,29 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
     about = eval_about(seeds, trunc, configs[0]["ckpt"], src, None if tgt_img else tgt, configs[0]["tgt_img"], cls, iters)
     rows = []
     for s, step in list(zip(settings, steps))[rank::world]:
-        folder, error = os.path.join(out, s["folder"]), None
+        folder, error, saved = os.path.join(out, s["folder"]), None, {}
+        generator, report = os.path.join(folder, "generator.pt"), os.path.join(folder, "eval.json")
         try:
             if step < iters:
                 print(f"--- {s['label']}: training in {folder}", flush=True)
                 train(**run_args, layers=s["layers"], lr=s["lr"], consistency=s["consistency"], out=folder,
                       resume=folder if os.path.isfile(os.path.join(folder, "state.pt")) else None, device=device,
                       generator=base, clip_models=models)
+            try:
+                G = load_generator(generator, device, impl)   # a finished run's file is checked too: the grid needs it
+            except NadaError as e:
+                raise NadaError(f"{e}; remove {folder} to train that setting again") from None
+            saved = read_json(report)
+            if {k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names or not set(METRICS) <= set(saved):
+                results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
+                saved = eval_report(results, eval_names, names, **about, ckpt=os.path.abspath(generator))[0]
+                write_json(saved, report)
         except NadaError as e:                          # e.g. a NaN loss at a high lr: the other settings still run
-            error = str(e)
+            error, saved = str(e), {}
             print(f"--- {s['label']}: failed: {error}", flush=True)
         except Interrupted:
             print("the study stopped; run the same command again to continue it (finished settings are kept)", flush=True)
             raise
-        report = os.path.join(folder, "eval.json")
-        saved = {} if error else read_json(report)
-        if not error and ({k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names or
-                          not all(k in saved for k in METRICS)):
-            G = load_generator(os.path.join(folder, "generator.pt"), device, impl)
-            results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
-            saved = eval_report(results, eval_names, names, **about, ckpt=os.path.abspath(os.path.join(folder, "generator.pt")))[0]
-            write_json(saved, report)
         log = read_log(folder)
         rows.append(dict(setting=s["label"], layers=s["layers"], lr=s["lr"], consistency=s["consistency"],
                          **{k: saved.get(k) for k in METRICS}, final_loss=log[-1]["loss"] if log else None,
@@ -2377,6 +2385,8 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
     if rank == 0:
         write_study(out, rows, base, seeds[:grid], labels, trunc, device, impl, dict(
             base=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, iters=iters, clip=names, eval_clip=eval_names, n=n, trunc=trunc))
+    if all(r["error"] for r in rows):
+        raise NadaError(f"every setting failed; {os.path.join(out, 'results.md')} says why")
     return rows
 
 

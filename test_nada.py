@@ -1305,16 +1305,22 @@ def test_a_setting_that_fails_is_reported_and_the_others_finish(tmp_path, colour
     assert json.loads((tmp_path / "study" / "results.json").read_text())["results"][1]["error"] == failed["error"]
     again = _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", lr="0.002,1e30", iters=3)
     assert again[0] == ok and "became nan at step 1" in again[1]["error"]   # the rerun resumes it, and it fails again
+    (tmp_path / "study" / ok["folder"] / "generator.pt").write_bytes(b"damaged")   # now neither setting can be shown
+    with pytest.raises(nada.NadaError, match="every setting failed; .*results.md says why"):
+        _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", lr="0.002,1e30", iters=3)
+    first = json.loads((tmp_path / "study" / "results.json").read_text())["results"][0]
+    assert "generator.pt" in first["error"] and "remove" in first["error"] and first["clip_score"] is None
 
 
 def test_study_folder_refusals(tmp_path, colour_clip, tiny_ckpt):
     with pytest.raises(nada.NadaError, match="share the folder 'all_lr_0p001'"):
         nada.study_settings("all", "0.001,0.00100000000001", "0")
-    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "figures").mkdir(parents=True)     # an empty folder and a dotfile are no one's work
+    (tmp_path / "study" / ".DS_Store").write_text("finder")
     (tmp_path / "study" / "thesis.tex").write_text("mine")
     with pytest.raises(nada.NadaError, match=r"holds other files \(thesis.tex\)"):
         _study(tmp_path, colour_clip, tiny_ckpt, layers="all", consistency="0", iters=1)
-    assert sorted(os.listdir(tmp_path / "study")) == ["thesis.tex"]
+    assert sorted(os.listdir(tmp_path / "study")) == [".DS_Store", "figures", "thesis.tex"]
     (tmp_path / "study" / "thesis.tex").unlink()
     (tmp_path / "study" / "all").mkdir()
     (tmp_path / "study" / "all" / "config.json").write_text("{torn")
@@ -1326,21 +1332,26 @@ def test_eval_out_base_and_prompt_refusals(tmp_path, colour_clip, tiny_ckpt, red
     run = red_and_blue_runs["red"]
     (tmp_path / "notes.txt").write_text("mine")
     cond = os.path.join(FIXTURES, "nvidia_32_cond.pkl")
-    for flags, words in ((["--out", tmp_path], ["is a folder"]), (["--out", tmp_path / "notes.txt"], ["other than .json"]),
-                         (["--out", tiny_ckpt], ["other than .json"]),
+    for flags, words in ((["--out", tmp_path], ["names a folder"]), (["--out", f"{tmp_path}/new/"], ["names a folder"]),
+                         (["--out", tmp_path / "notes.txt"], ["a file other than an eval record"]),
+                         (["--out", tiny_ckpt], ["other than an eval record"]),
+                         (["--out", os.path.join(run, "config.json")], ["other than an eval record"]),
                          (["--base", cond], ["has another architecture than", "pass the generator the run adapted"]),
+                         (["--base", tmp_path / "none.pt"], ["--base", "is neither a file nor a known model"]),
                          (["--src", "red photo", "--tgt", "Red Photo"], ["the same"]),
+                         (["--tgt", " "], ["non-empty prompts"]),
                          (["--clip", f"{colour_clip},{colour_clip}"], ["different CLIP models"]),
                          (["--clip", ","], ["name one or more"])):
         rc, _, err = run_cli("eval", "--ckpt", run, "--clip", colour_clip, "--n", 4, *flags)
         assert_clean_error(rc, err, *words)
     assert (tmp_path / "notes.txt").read_text() == "mine" and not os.path.exists(os.path.join(run, "eval.json"))
+    assert not os.path.exists(tmp_path / "new") and json.loads(open(os.path.join(run, "config.json")).read())["iters"] == 30
     base = tmp_path / "base.pt"                                # a run whose recorded base has gone
     shutil.copy(tiny_ckpt, base)
     gone = nada.train(tgt="red photo", ckpt=str(base), out=str(tmp_path / "r"), iters=1, clip=colour_clip, progress=False)
     base.unlink()
     rc, _, err = run_cli("eval", "--ckpt", gone, "--clip", colour_clip, "--n", 4)
-    assert_clean_error(rc, err, f"the base this run recorded ({base}) cannot be loaded", "pass --base")
+    assert_clean_error(rc, err, f"the base this run recorded ({base}) is missing: pass --base")
     rc, _, err = run_cli("eval", "--ckpt", gone, "--clip", colour_clip, "--n", 4, "--base", tiny_ckpt)
     assert rc == 0, err
 
