@@ -1732,16 +1732,21 @@ def train_settings(**s):
         missing = [p for p in s["tgt_img"] if not os.path.isfile(p)]
         if missing:
             raise NadaError(f"--tgt-img: no such file: {missing[0]}")
-    elif not (s["src"] or "").strip() or not (s["tgt"] or "").strip():
-        raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
-    elif s["src"].strip().lower() == s["tgt"].strip().lower():
-        raise NadaError(f"--src and --tgt are the same ({s['src']!r}): there is no direction to move in")
+    else:
+        check_prompts(s["src"], s["tgt"])
     if s["consistency"] and s["batch"] < 2:
         raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
     check_numbers(iters=(s["iters"], 1, None), batch=(s["batch"], 1, None), lr=(s["lr"], 1e-12, None),
                   mixing=(s["mixing"], 0, 1), consistency=(s["consistency"], 0, None), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
                   **{k: (s.pop(k), 1, None) for k in ("sample_every", "save_every")})
     return s
+
+
+def check_prompts(src, tgt):
+    if not (src or "").strip() or not (tgt or "").strip():
+        raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
+    if src.strip().lower() == tgt.strip().lower():
+        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
 
 
 def check_sample_settings(seeds, n, trunc, noise_mode):
@@ -1811,16 +1816,26 @@ def describe_layers(spec, layers, G, n_params):
     return f"layers {chosen} ({len(layers)} layers, {n_params / 1e6:.2f}M params)"
 
 
+def run_config(folder):
+    """The settings a run folder was started with (config.json), or None if that file is damaged."""
+    cfg = read_json(os.path.join(folder, "config.json"))   # runs from before --consistency trained without it
+    return {"consistency": 0.0, **{k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}} if cfg else None
+
+
+def changed_setting(old, new):
+    """'--flag old, not new' for the first setting that a run's continuation must keep but `new` changes, else None."""
+    for k in (k for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)):
+        return f"--{k.replace('_', '-')} {old.get(k)!r}, not {new.get(k)!r}"
+
+
 def run_settings(run):
     """The settings a run was started with (its config.json); one clear error if `run` is not a run folder."""
     if not all(os.path.isfile(os.path.join(run, f)) for f in ("state.pt", "config.json")):
         raise NadaError(f"--resume {run}: no interrupted run there (needs config.json and state.pt)")
-    try:
-        cfg = json.load(open(os.path.join(run, "config.json")))
-        cfg.setdefault("consistency", 0.0)             # runs from before --consistency trained without it
-        return {k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}
-    except (OSError, ValueError, TypeError) as e:
-        raise NadaError(f"--resume {run}: config.json is unreadable ({_first_line(e)}); start a new --out") from None
+    cfg = run_config(run)
+    if cfg is None:
+        raise NadaError(f"--resume {run}: config.json is unreadable; start a new --out")
+    return cfg
 
 
 RUN_FILES = ("config.json", "log.jsonl", "samples", "generator.pt", "state.pt", ".lock", "eval.json", "sample")
@@ -1838,10 +1853,9 @@ class RunFolder:
     def __init__(self, out, resume, settings):
         self.settings, self.resume, self.lock = settings, resume, None
         if resume:
-            self.path, old = resume, run_settings(resume)
-            for k in (k for k in RESUME_MUST_MATCH if old.get(k) != settings.get(k)):
-                raise NadaError(f"--resume {resume}: the run used --{k.replace('_', '-')} {old.get(k)!r}, not "
-                                f"{settings.get(k)!r}; resume with the same settings or start a new --out")
+            self.path, changed = resume, changed_setting(run_settings(resume), settings)
+            if changed:
+                raise NadaError(f"--resume {resume}: the run used {changed}; resume with the same settings or start a new --out")
             return
         src, tgt = settings["src"], "images" if settings["tgt_img"] else settings["tgt"]
         self.path = out or os.path.join("runs", f"{_slug(src)}_to_{_slug(tgt)}")
@@ -2160,8 +2174,7 @@ def eval_paths(ckpt, out, wdir, offline):
                               else _slug(os.path.splitext(name)[0]) + "_eval.json")
     if os.path.isdir(out) or not os.path.basename(out):
         raise NadaError(f"--out {out} names a folder: eval writes its results to a .json file; choose another --out")
-    record = read_json(out)                             # replace an earlier eval's record, and nothing else
-    if os.path.exists(out) and not (set(METRICS) <= set(record) and "per_clip" in record):
+    if os.path.exists(out) and not read_eval(out):     # replace an earlier eval's record, and nothing else
         raise NadaError(f"--out {out} is a file other than an eval record; choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):
@@ -2169,6 +2182,12 @@ def eval_paths(ckpt, out, wdir, offline):
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         raise NadaError(f"--out {out}: cannot write in {parent}; choose another --out")
     return path, out
+
+
+def read_eval(path):
+    """The record `eval` (or a study) wrote at path, or {} if there is none."""
+    record = read_json(path)
+    return record if set(METRICS) <= set(record) and "per_clip" in record else {}
 
 
 def recorded(G, key, kind=str):
@@ -2205,10 +2224,8 @@ def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, se
     src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
     if not images and not (src and tgt):
         raise NadaError(f"{path} records no prompts: pass --src and --tgt")
-    if not images and not (src.strip() and tgt.strip()):
-        raise NadaError("--src and --tgt must both be non-empty prompts")
-    if not images and src.strip().lower() == tgt.strip().lower():
-        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to measure")
+    if not images:
+        check_prompts(src, tgt)
     images = [load_image(p) for p in images]
     cls = cls if cls is not None else G.meta.get("cls")
     labels = class_labels(G, cls, len(seeds))
@@ -2278,14 +2295,15 @@ def study_steps(out, settings, configs, iters):
     steps = []
     for s, new in zip(settings, configs):
         folder = os.path.join(out, s["folder"])
-        config = os.path.join(folder, "config.json")
-        old = {"consistency": 0.0, **read_json(config)} # runs from before --consistency trained without it
-        if os.path.isfile(config) and len(old) == 1:
-            raise NadaError(f"{config} is damaged: remove {folder} to train that setting again, or choose another --out")
-        if os.path.isfile(config):
-            for k in (k for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)):
-                raise NadaError(f"{folder} was trained with --{k.replace('_', '-')} {old.get(k)!r}, not {new.get(k)!r}: "
-                                "rerun the study with the flags it was started with, or choose another --out")
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            old = run_config(folder)
+            if old is None:
+                raise NadaError(f"{folder}/config.json is damaged: remove {folder} to train that setting again, or "
+                                "choose another --out")
+            changed = changed_setting(old, new)
+            if changed:
+                raise NadaError(f"{folder} was trained with {changed}: rerun the study with the flags it was started "
+                                "with, or choose another --out")
         steps.append(run_step(folder))
         if steps[-1] > iters:
             raise NadaError(f"{folder} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
@@ -2365,8 +2383,8 @@ def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEF
                 G = load_generator(generator, device, impl)   # a finished run's file is checked too: the grid needs it
             except NadaError as e:
                 raise NadaError(f"{e}; remove {folder} to train that setting again") from None
-            saved = read_json(report)
-            if {k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names or not set(METRICS) <= set(saved):
+            saved = read_eval(report)
+            if {k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names:
                 results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
                 saved = eval_report(results, eval_names, names, **about, ckpt=os.path.abspath(generator))[0]
                 write_json(saved, report)
