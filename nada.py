@@ -20,6 +20,7 @@ NVlabs/stylegan2-ada-pytorch (read for facts, no code copied); we write rosinali
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import io
@@ -653,23 +654,27 @@ and the unit target embedding [D] that adaptive layer selection pulls images tow
 
 
 def class_labels(G, cls, n, generator=None):
-    """One-hot labels [n, c_dim] for --class NAME|INDEX|all, or None for an unconditional generator."""
+    """One-hot labels [n, c_dim] for --class NAME|INDEX|all, or None for an unconditional generator.
+    all: random classes when `generator` draws them, else cycling through the classes."""
     if not G.c_dim:
         if cls is not None:
             raise NadaError(f"--class {cls}: this generator is unconditional")
         return None
     names = CIFAR10_CLASSES if G.c_dim == 10 else ()
+    choices = (f"one of {', '.join(names)}, " if names else "") + f"an index 0-{G.c_dim - 1}, or all"
     if cls is None:
-        raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class "
-                        f"{'NAME, ' if names else ''}INDEX (0-{G.c_dim - 1}) or all" + (f"; names: {', '.join(names)}" if names else ""))
+        raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class with {choices}")
     cls = str(cls)
-    if cls == "all":                                    # random classes when drawing, else cycling through them
-        idx = torch.randint(G.c_dim, (n,), generator=generator) if generator is not None else torch.arange(n) % G.c_dim
-    elif cls in names or (cls.isdigit() and int(cls) < G.c_dim):
-        idx = torch.full((n,), names.index(cls) if cls in names else int(cls))
+    if cls == "all" and generator is not None:
+        idx = torch.randint(G.c_dim, (n,), generator=generator)
+    elif cls == "all":
+        idx = torch.arange(n) % G.c_dim
+    elif cls in names:
+        idx = torch.full((n,), names.index(cls))
+    elif cls.isdigit() and int(cls) < G.c_dim:
+        idx = torch.full((n,), int(cls))
     else:
-        raise NadaError(f"--class {cls}: unknown class; use " + (f"one of {', '.join(names)}, " if names else "")
-                        + f"an index 0-{G.c_dim - 1}, or all")
+        raise NadaError(f"--class {cls}: unknown class; use {choices}")
     return F.one_hot(idx, G.c_dim).float()
 
 
@@ -685,32 +690,45 @@ def draw_ws(G, n, cls, rng, device, c=None):
         return G.mapping(z, c), c
 
 
-def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
-    """A ClipTarget per CLIP model, computed once per run: the text direction src -> tgt (NADA eq. 2), or, with
+def clip_targets(models, weights, G, s, images, device):
+    """A ClipTarget per CLIP model, computed once per run: the text direction s.src -> s.tgt (NADA eq. 2), or, with
     target images, the direction from the generator's images toward theirs."""
     if images:
+        rng = torch.Generator().manual_seed(s.seed + 1)
         with torch.no_grad():
-            generated = G.synthesis(draw_ws(G, 16, cls, rng, device)[0])
+            generated = G.synthesis(draw_ws(G, 16, s.cls, rng, device)[0])
     targets = []
     for model, weight in zip(models, weights):
         if images:
             direction, target = image_direction(model, [img.to(device) for img in images], generated)
         else:                                           # the target prompt, template-averaged, guides auto layers
-            direction, target = text_direction(model, src, tgt), F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
+            direction = text_direction(model, s.src, s.tgt)
+            target = F.normalize(encode_prompts(model, s.tgt).mean(0), dim=0)
         targets.append(ClipTarget(model, weight, direction, target))
     return targets
 
 
-def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device, precision="fp32", consistency=0.0):
-    """One step of NADA on a fresh batch. layers: names to train, or k to choose them adaptively this step.
-    precision: fp32, or bf16 for the generators' convolutions (autocast; weights and Adam stay float32).
-    consistency: the weight of consistency_loss beside each directional loss (0: NADA as published).
-
-    -> (trained layer names, loss, per-CLIP-model losses)
-    """
+def autocast(device, precision):
+    """bfloat16 autocast for --precision bf16 on CUDA or the CPU (weights and Adam stay float32); else a no-op."""
     kind = torch.device(device).type
-    autocast = functools.partial(torch.autocast, kind if kind in ("cuda", "cpu") else "cpu", torch.bfloat16,
-                                 enabled=precision == "bf16" and kind in ("cuda", "cpu"))
+    if precision != "bf16" or kind not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, torch.bfloat16)
+
+
+def number(t):
+    """A scalar tensor's value; 0.0 on the meta device, where the dry run has shapes and no numbers."""
+    return 0.0 if t.is_meta else t.item()
+
+
+def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, device, precision="fp32",
+               consistency=0.0):
+    """One step of NADA on a fresh batch. layers: names to train, or k to choose them adaptively this step.
+    precision: fp32, or bf16 for the generators' convolutions. consistency: the weight of consistency_loss
+    beside each directional loss (0: NADA as published).
+
+    -> (trained layer names, loss, per-CLIP-model losses); on the meta device (the dry run) the losses are 0.0
+    """
     ws, c = draw_ws(G_frozen, batch, cls, rng, device)                                # [B, num_ws, w_dim]
     noise = [n.to(device) for n in G.make_noise(batch, generator=rng, device="cpu")]   # the same noise in both
     if mixing > 0 and torch.rand((), generator=rng).item() < mixing:                   # style mixing: later
@@ -718,15 +736,15 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
         ws = torch.cat([ws[:, :cut], draw_ws(G_frozen, batch, cls, rng, device, c)[0][:, cut:]], dim=1)
     adaptive = isinstance(layers, int)
     if adaptive:                                        # the k W+ entries that matter most right now
-        with autocast():
+        with autocast(device, precision):
             layers = select_layers_auto(G, draw_ws(G_frozen, SELECTION_BATCH, cls, rng, device)[0], targets, layers,
                                         chunk=batch)   # never more memory than the step itself
     set_trainable(G, layers)
     shared = 0 if adaptive else first_trained_block(G, layers)   # blocks before it never train: render them once
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(device, precision):
         start = G_frozen.synthesis(ws, noise=noise, stop=shared) if shared else None
         img_frozen = G_frozen.synthesis(ws, noise=noise, start=start)                # [B, 3, H, W]
-    with autocast():
+    with autocast(device, precision):
         img = G.synthesis(ws, noise=noise, start=start)                              # same latents, adapted
     losses = []
     for t in targets:
@@ -734,73 +752,75 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
             emb_frozen = encode_images(t.model, img_frozen)                           # [B, D]
         emb = encode_images(t.model, img)
         loss = directional_loss(emb_frozen, emb, t.direction)
-        losses.append(t.weight * (loss + consistency * consistency_loss(emb_frozen, emb) if consistency else loss))
+        if consistency:
+            loss = loss + consistency * consistency_loss(emb_frozen, emb)
+        losses.append(t.weight * loss)
     loss = sum(losses)
     if loss.is_meta or torch.isfinite(loss):            # a NaN stops the run (train) before any weight changes
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    value = lambda t: 0.0 if t.is_meta else t.item()   # meta: the dry run, shapes without numbers
-    return layers, value(loss), [value(l) for l in losses]
+    return layers, number(loss), [number(part) for part in losses]
 
 
-def train(src="photo", tgt="sketch", ckpt="ffhq", out=None, iters=300, batch=2, lr=LR, mixing=0.0, layers="auto",
-          auto_k=None, clip="ViT-B/32", clip_weights=None, tgt_img=None, cls=None, seed=0, device="auto",
-          impl="auto", sample_every=50, save_every=50, n_sample=4, resume=None, wdir=None, offline=False,
-          progress=True, clip_models=None, memory="auto", precision="fp32", dry_run=False, consistency=0.0,
-          generator=None):
-    """Adapt a generator from `src` to `tgt` (or toward the images `tgt_img`); returns the run folder.
+Training = namedtuple("Training", "G_frozen G opt rng step layers names weights models images")
 
-    The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
-    (optimizer and RNG state for --resume). `clip_models` and `generator` may pass CLIP modules and the base
-    generator already loaded (study, tests); they are not changed. consistency: see train_step.
-    memory: fast; low (each synthesis layer recomputed in backward, CLIP in float16 on CUDA); auto (low only when
-    fast would not fit the GPU's free memory). precision: bf16 runs the generators under autocast.
-    dry_run: the same setup and two steps on the meta device, nothing read, downloaded or written -> the memory
-    estimate for `device` (a dict, see estimate_memory), instead of the run folder."""
-    args = dict(locals())
-    settings = train_settings(ckpt=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, clip=clip, clip_weights=clip_weights,
-                              layers=layers, auto_k=auto_k, batch=batch, lr=lr, mixing=mixing, seed=seed, cls=cls,
-                              iters=iters, sample_every=sample_every, save_every=save_every, n_sample=n_sample,
-                              memory=memory, precision=precision, consistency=consistency)
-    run = None if dry_run else RunFolder(out, resume, settings)   # checked now; written once everything has loaded
-    images = [load_image(p) for p in settings["tgt_img"]]
-    target = estimated_device(device) if dry_run else check_device(device, impl)
-    memory, why = choose_memory(memory, target, lambda: train(**{**args, "memory": "fast", "dry_run": True}))
-    device = "meta" if dry_run else target             # meta: tensors with shapes and no data
-    G_frozen = (meta_generator(settings["ckpt"], wdir) if dry_run else generator if generator is not None else
-                load_generator(resolve_ckpt(settings["ckpt"], wdir, offline), device, impl)).requires_grad_(False)
-    class_labels(G_frozen, cls, 1)                      # a bad --class fails before anything is written
-    layers = parse_layers(layers, G_frozen, auto_k)
-    names, weights, models = load_clip_models(settings["clip"], clip_weights, device, wdir, offline,
-                                              None if dry_run else clip_models, load=meta_clip if dry_run else load_clip)
-    if memory == "low" and target.startswith("cuda"):   # as clip.load on CUDA: half, LayerNorms stay float32
-        models = [copy.deepcopy(m) if clip_models else m for m in models]   # a caller's modules stay as they are
-        for m in models:
-            _import_clip().model.convert_weights(m)
+
+def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
+    """Everything a run of settings `s` needs: the frozen base, its trainable copy, the optimizer, the CLIP targets
+    and the step. meta: the dry run's twin of a run on `device`, on the meta device (shapes, no data).
+    generator, clip_models: a base and CLIP modules already loaded (study, tests); they are not changed."""
+    G_frozen = base_generator(s, device, meta, generator).requires_grad_(False)
+    layers = parse_layers(s.layers, G_frozen, s.auto_k)
+    names, weights, models = run_clip_models(s, device, memory, meta, clip_models)
+    here = "meta" if meta else device
     G = copy.deepcopy(G_frozen)                         # the copy that adapts; G_frozen stays the base
     G.checkpointing = memory == "low"
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
-                           lr=lr, betas=BETAS)          # the mapping network never trains
-    rng = torch.Generator().manual_seed(seed)           # every random draw of the run, so resume replays exactly
-    targets = clip_targets(models, weights, G_frozen, src, tgt, images, cls, torch.Generator().manual_seed(seed + 1), device)
+                           lr=s.lr, betas=BETAS)        # the mapping network never trains
+    images = [load_image(p) for p in s.tgt_img]
+    targets = clip_targets(models, weights, G_frozen, s, images, here)
     for m in models if clip_models is None else ():     # the directions are computed: training reads images only
         drop_text_tower(m)
-    n_params = None if isinstance(layers, int) else set_trainable(G, layers)
-    step = functools.partial(train_step, G_frozen, G, opt, targets, layers=layers, batch=batch, mixing=mixing,
-                             cls=cls, rng=rng, device=device, precision=precision, consistency=consistency)
-    if dry_run:
-        return dict(estimate_memory(step, [G_frozen, G, *models], opt), device=target, memory=memory, why=why)
-    print(startup_line("train", device, impl, "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)),
-                       describe_layers(settings["layers"], layers, G, n_params), f"memory {memory} ({why})",
-                       f"{G.size} px, {'images' if images else repr(src)} -> {settings['tgt_img'] or repr(tgt)}",
-                       f"out {run.path}"), flush=True)
-    meta = dict(src=src, tgt=tgt, tgt_img=settings["tgt_img"], base=settings["ckpt"], layers=settings["layers"],
-                clip=names, clip_weights=weights, seed=seed, cls=cls, consistency=consistency)
+    rng = torch.Generator().manual_seed(s.seed)         # every random draw of the run, so resume replays exactly
+    step = functools.partial(train_step, G_frozen, G, opt, targets, layers=layers, batch=s.batch, mixing=s.mixing,
+                             cls=s.cls, rng=rng, device=here, precision=s.precision, consistency=s.consistency)
+    return Training(G_frozen, G, opt, rng, step, layers, names, weights, models, images)
+
+
+def train(*, generator=None, clip_models=None, **settings):
+    """Adapt a generator from `src` to `tgt` (or toward the images `tgt_img`) -> the run folder.
+
+    settings: the fields of TrainSettings, as keywords: nada.train(src="photo", tgt="sketch", iters=300).
+    generator, clip_models: a base generator and CLIP modules already loaded (study, tests); they are not changed.
+    The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
+    (optimizer and RNG state for --resume). With dry_run: the same setup and two steps on the meta device, nothing
+    read, downloaded or written -> the memory estimate (a dict, see estimate_memory) instead of the folder."""
+    s = train_settings(**settings)                      # every setting checked before anything loads
+    if s.dry_run:
+        return dry_run(s)
+    run = RunFolder(s)                                  # checked now; written once everything has loaded
+    device = check_device(s.device, s.impl)
+    memory, why = choose_memory(s, device)
+    t = prepare(s, device, memory, generator=generator, clip_models=clip_models)
+    print(startup_line("train", device, s.impl, *describe_run(s, t, f"memory {memory} ({why})"), f"out {run.path}"),
+          flush=True)
     with run:                                           # its lock; a new run that fails before a save leaves nothing
-        for i in run.steps(G_frozen, G, opt, rng, meta, (sample_every, save_every), n_sample, cls, progress):
-            trained, loss, losses = step()
-            run.log(i, loss, dict(zip(names, losses)), trained)                      # stops on a NaN loss
+        start = run.resume(t.G, t.opt, t.rng)
+        if start == 0:
+            run.preview(t.G_frozen, t.G, 0)
+        for step in range(start, s.iters):
+            layers, loss, losses = t.step()
+            run.log(step, loss, dict(zip(t.names, losses)), layers)             # stops on a NaN loss
+            done = step + 1
+            if done % s.sample_every == 0 or done == s.iters:
+                run.preview(t.G_frozen, t.G, done)
+            if done % s.save_every == 0 or done == s.iters or run.stop_signal:
+                run.save(t.G, t.opt, t.rng, done, t.names, t.weights)
+            if run.stop_signal:                         # Ctrl-C or SIGTERM: saved, now stop
+                run.interrupt(done)
+    print(f"done: {s.iters - start} steps in {run.seconds():.1f} s, {s.iters} in all; adapted generator: "
+          f"{os.path.join(run.path, 'generator.pt')}")
     return run.path
 
 
@@ -813,45 +833,288 @@ def seed_latents(G, seeds):
 
 
 @torch.no_grad()
-def sample(ckpt=None, seeds=None, n=8, trunc=1.0, noise_mode="const", cls=None, device="auto", out=None,
-           compare=False, impl="auto", wdir=None, offline=False):
-    """Render one PNG per seed and a grid.png; with compare, the base generator beside the adapted one."""
-    seeds = check_sample_settings(seeds, n, trunc, noise_mode)
-    path, out = sample_paths(ckpt, out, wdir, offline)
-    device = check_device(device, impl)
-    G = load_generator(path, device, impl)
+def sample(**settings):
+    """Render one PNG per seed and a grid.png -> the output folder. settings: the fields of SampleSettings, as
+    keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base generator beside the adapted one."""
+    s = SampleSettings(**settings)
+    seeds = check_sample_settings(s.seeds, s.n, s.trunc, s.noise_mode)
+    path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
+    device = check_device(s.device, s.impl)
+    G = load_generator(path, device, s.impl)
     generators = [G]
-    if compare:
-        base = G.meta.get("base")
-        if not base:
+    if s.compare:
+        if not G.meta.get("base"):
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
-        generators = [load_generator(resolve_ckpt(base, wdir, offline), device, impl), G]
-    labels = class_labels(G, cls, len(seeds))
+        generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
+    labels = class_labels(G, s.cls, len(seeds))
     make_folder(out)
-    print(startup_line("sample", device, impl, path, f"{len(seeds)} seeds, truncation {trunc}, noise {noise_mode}"), flush=True)
+    print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, noise {s.noise_mode}"),
+          flush=True)
     rows = [[] for _ in generators]
-    for i, s in enumerate(seeds):
-        z = seed_latents(G, [s]).to(device)
+    for i, seed in enumerate(seeds):
+        z = seed_latents(G, [seed]).to(device)
         c = None if labels is None else labels[i:i + 1].to(device)
-        noise = G.make_noise(1, torch.Generator().manual_seed(s), "cpu") if noise_mode == "random" else None
-        ws = generators[0].mapping(z, c, trunc)         # compare: the same ws (from the base) for both
-        imgs = [g.synthesis(ws, noise_mode, None if noise is None else [t.to(device) for t in noise]).cpu()
-                for g in generators]
-        save_image(torch.cat(imgs, dim=3), os.path.join(out, f"seed{s:04d}.png"))
-        if i < GRID_MAX:                                # the grid shows the first seeds
-            for row, img in zip(rows, imgs):
-                row.append(img)
-    shown = len(rows[0])
-    ncol = shown if compare else math.ceil(math.sqrt(shown))
+        ws = generators[0].mapping(z, c, s.trunc)       # compare: the same ws (from the base) for both
+        noise = None
+        if s.noise_mode == "random":                    # seeded per image, on the CPU: the same on every machine
+            noise = [t.to(device) for t in G.make_noise(1, torch.Generator().manual_seed(seed), "cpu")]
+        imgs = [g.synthesis(ws, s.noise_mode, noise).cpu() for g in generators]
+        save_image(torch.cat(imgs, dim=3), os.path.join(out, f"seed{seed:04d}.png"))
+        for row, img in zip(rows, imgs if i < GRID_MAX else ()):   # the grid shows the first seeds
+            row.append(img)
+    ncol = len(rows[0]) if s.compare else math.ceil(math.sqrt(len(rows[0])))
     save_image(make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=ncol), os.path.join(out, "grid.png"))
     print(f"wrote {len(seeds)} images and grid.png to {out}")
     return out
 
 
 # ==========================================================================================================
-# Plumbing. Everything below serves the method above, which reaches it through load_generator, resolve_ckpt,
-# load_clip_models and RunFolder: checkpoint files, downloads, run folders, doctor, the command line.
+# Plumbing. Everything below serves the method above, which reaches it through: the settings records
+# (TrainSettings, SampleSettings, train_settings), the loaders (load_generator, resolve_ckpt,
+# base_generator, run_clip_models, load_clip, load_image), the run folder (RunFolder), the dry run (dry_run,
+# choose_memory), the checks and outputs of the commands (check_device, check_sample_settings, sample_paths,
+# make_folder, save_image, make_grid, startup_line, describe_run, GRID_MAX) and NadaError, defined at the top.
 # ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# settings: every flag once, with its default and its help. The command line is built from these records, a run
+# records its own in config.json, --resume and a study's rerun compare them, and nada.train(...) takes them.
+
+MEMORY_MODES, PRECISIONS, NOISE_MODES = ("auto", "fast", "low"), ("fp32", "bf16"), ("const", "random", "none")
+EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
+STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
+
+
+def setting(default, help=None, kind=None, **cli):
+    """One field of a settings record. help: its --help line (None: no flag, Python only). kind: "run" for what
+    defines a run (recorded in config.json; a continuation must keep it), "steps" for how long and how often
+    (recorded; a continuation may change it), None for this process only. cli: argparse's extras."""
+    return dataclasses.field(default=default, metadata=dict(help=help, kind=kind, cli=cli))
+
+
+@dataclasses.dataclass
+class Common:
+    """Where a command runs: every command's flags."""
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    impl: str = setting("auto", "ops path: auto = CUDA kernels when they build", choices=IMPLS)
+    wdir: str = setting(None, "where named weights are kept (default: $NADA_WEIGHTS, else weights/ beside nada.py)",
+                        flags=("--weights-dir",))
+    offline: bool = setting(False, "never touch the network (also NADA_OFFLINE=1)")
+    progress: bool = setting(True)                     # progress bars (the command line shows them on a terminal)
+
+
+@dataclasses.dataclass
+class TrainSettings(Common):
+    """A training run: `train`."""
+    src: str = setting("photo", "source prompt", "run")
+    tgt: str = setting("sketch", "target prompt", "run")
+    tgt_img: list = setting(None, "target images instead of a target prompt", "run", nargs="+")
+    ckpt: str = setting("ffhq", "base generator: a file or a name from `nada.py models`", "run")
+    cls: str = setting(None, "class-conditional generators: NAME, INDEX or all", "run", flags=("--class",))
+    clip: str = setting("ViT-B/32", "CLIP models, comma-separated names or files", "run")
+    clip_weights: str = setting(None, "their loss weights, comma-separated (default: 1 each)", "run")
+    layers: str = setting("auto", "auto | all | last:N | first:N | resolutions like 16,32", "run")
+    auto_k: int = setting(None, "auto: train the layers of the top K W+ entries (default: all of them)", "run")
+    batch: int = setting(2, "latents per step", "run")
+    lr: float = setting(LR, "Adam, betas (0, 0.99^0.8): NADA's effective values", "run")
+    mixing: float = setting(0.0, "style-mixing probability (0.9 helps shape changes)", "run")
+    consistency: float = setting(0.0, "weight of the pairwise-cosine consistency loss that keeps images diverse "
+                                 "(HyperDomainNet; 0 = NADA as published)", "run")
+    seed: int = setting(0, "seeds every random draw; same seed, same run", "run")
+    iters: int = setting(300, "training steps", "steps")
+    sample_every: int = setting(50, "write a preview grid every N steps", "steps")
+    save_every: int = setting(50, "write generator.pt and state.pt every N steps", "steps")
+    n_sample: int = setting(4, "preview columns (fixed seeds)", "steps")
+    out: str = setting(None, "run folder (default: runs/<src>_to_<tgt>)")
+    resume: str = setting(None, "continue an interrupted run (its settings are the defaults)", metavar="DIR")
+    memory: str = setting("auto", "low: recompute layers in backward, CLIP in float16 on CUDA; auto: low only when "
+                          "fast would not fit the GPU", choices=MEMORY_MODES)
+    precision: str = setting("fp32", "the generators' arithmetic (bf16: autocast)", choices=PRECISIONS)
+    dry_run: bool = setting(False, "estimate the GPU memory (meta device: nothing read, downloaded or written) and "
+                            "stop")
+
+
+@dataclasses.dataclass
+class StudySettings(TrainSettings):
+    """A study: train's settings, but lists of --layers, --lr and --consistency whose product is one run each."""
+    layers: str = setting(STUDY_DEFAULT_LAYERS, "settings, comma-separated (resolutions as 16+32)")
+    lr: str = setting(f"{LR:g}", "learning rates, comma-separated")
+    consistency: str = setting("0", "consistency weights, comma-separated")
+    eval_clip: str = setting(EVAL_CLIP, "CLIP models that measure the runs")
+    n: int = setting(500, "samples each setting is measured on (under torchrun, which claims --n, write --samples)",
+                     flags=("--n", "--samples"))
+    grid: int = setting(8, "columns of grid.png (its first seeds)")
+    trunc: float = setting(1.0, "truncation psi of the measure and the grid")
+    out: str = setting(None, "study folder (default: studies/<src>_to_<tgt>)")
+    sample_every: int = setting(None)                   # each setting's run: previews at every quarter of --iters,
+    save_every: int = setting(None)                     # saves at every tenth, 4 preview columns; a rerun resumes
+    n_sample: int = setting(4)
+    resume: str = setting(None)
+    dry_run: bool = setting(False)
+
+
+@dataclasses.dataclass
+class EvalSettings(Common):
+    """A measure of an adapted generator against its base: `eval`."""
+    ckpt: str = setting(None, "a run folder or generator file (default: the newest runs/*)")
+    base: str = setting(None, "the base generator, NAME or FILE (default: the one the run recorded)")
+    src: str = setting(None, "source prompt (default: the run's)")
+    tgt: str = setting(None, "target prompt (default: the run's)")
+    clip: str = setting(EVAL_CLIP, "CLIP models, comma-separated; better one that did not train the run")
+    n: int = setting(500, "samples (seeds 0..n-1) when --seeds is not given (under torchrun, which claims --n, "
+                     "write --samples)", flags=("--n", "--samples"))
+    seeds: str = setting(None, "e.g. 0-499, drawn exactly as `sample` draws them")
+    trunc: float = setting(1.0, "truncation psi (1: the full diversity)")
+    cls: str = setting(None, "conditional generators (default: the run's)", flags=("--class",))
+    batch: int = setting(8, "images per forward pass")
+    out: str = setting(None, "the JSON file (default: RUN/eval.json)")
+
+
+@dataclasses.dataclass
+class SampleSettings(Common):
+    """Images from a generator: `sample`."""
+    ckpt: str = setting(None, "a file or a model name (default: the newest runs/*/generator.pt)")
+    n: int = setting(8, "number of images (seeds 0..n-1) when --seeds is not given")
+    seeds: str = setting(None, "e.g. 0-15 or 1,5,9")
+    trunc: float = setting(1.0, "truncation psi toward the average w")
+    noise_mode: str = setting("const", "const: the checkpoint's stored noise; random: seeded per image",
+                              choices=NOISE_MODES)
+    cls: str = setting(None, "conditional generators: NAME or INDEX (or all)", flags=("--class",))
+    compare: bool = setting(False, "the base generator beside the adapted one")
+    out: str = setting(None, "output folder (default: RUN/sample or samples/<ckpt>)")
+
+
+@dataclasses.dataclass
+class DoctorSettings(Common):
+    build_ops: bool = setting(False, "compile the CUDA ops now (no GPU needed)")
+
+
+def recorded_fields(kinds=("run", "steps")):
+    """The TrainSettings fields a run records in config.json (of these kinds)."""
+    return [f for f in dataclasses.fields(TrainSettings) if f.metadata["kind"] in kinds]
+
+
+def train_settings(**kw):
+    """A run's settings (TrainSettings' fields), checked before anything is loaded or written. With
+    resume, what is not given comes from the run's config.json, and what defines the run must not change. Files
+    become absolute paths, so that a run resumes from any folder."""
+    recorded = run_settings(kw["resume"]) if kw.get("resume") else {}
+    s = TrainSettings(**{**recorded, **kw})
+    for flag, value, choices in (("memory", s.memory, MEMORY_MODES), ("precision", s.precision, PRECISIONS)):
+        if value not in choices:
+            raise NadaError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
+    s.tgt_img = [os.path.abspath(p) for p in s.tgt_img or []]
+    s.ckpt = _absolute(s.ckpt)
+    s.clip = ",".join(_absolute(n.strip()) for n in str(s.clip).split(","))
+    missing = [p for p in s.tgt_img if not os.path.isfile(p)]
+    if missing:
+        raise NadaError(f"--tgt-img: no such file: {missing[0]}")
+    if not s.tgt_img:
+        check_prompts(s.src, s.tgt)
+    if s.consistency and s.batch < 2:
+        raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
+    check_numbers(iters=(s.iters, 1, None), batch=(s.batch, 1, None), lr=(s.lr, 1e-12, None),
+                  mixing=(s.mixing, 0, 1), consistency=(s.consistency, 0, None), seed=(s.seed, 0, 2 ** 63 - 4),
+                  n_sample=(s.n_sample, 1, GRID_MAX), sample_every=(s.sample_every, 1, None),
+                  save_every=(s.save_every, 1, None))
+    changed = recorded and changed_setting(recorded, s)
+    if changed:
+        raise NadaError(f"--resume {s.resume}: the run used {changed}; resume with the same settings or start a new "
+                        "--out")
+    return s
+
+
+def _absolute(path):
+    """A file's absolute path; a name (of a model to download) as it is."""
+    return os.path.abspath(path) if os.path.isfile(path) else path
+
+
+def run_settings(run):
+    """The settings a run was started with (its config.json); one clear error if `run` is not a run folder."""
+    if not all(os.path.isfile(os.path.join(run, f)) for f in ("state.pt", "config.json")):
+        raise NadaError(f"--resume {run}: no interrupted run there (needs config.json and state.pt)")
+    cfg = run_config(run)
+    if cfg is None:
+        raise NadaError(f"--resume {run}: config.json is unreadable; start a new --out")
+    return cfg
+
+
+def run_config(folder):
+    """The recorded settings of a run folder (config.json; what an older run did not record takes today's default,
+    as --consistency, 0, did before it existed), or None if that file is damaged."""
+    cfg = read_json(os.path.join(folder, "config.json"))
+    return {f.name: cfg.get(f.name, f.default) for f in recorded_fields()} if cfg else None
+
+
+def changed_setting(old, new):
+    """'--flag old, not new' for the first setting that defines a run (old: recorded) and `new` changes, else None."""
+    for f in recorded_fields(("run",)):
+        if old[f.name] != getattr(new, f.name):
+            return f"--{f.name.replace('_', '-')} {old[f.name]!r}, not {getattr(new, f.name)!r}"
+    return None
+
+
+def check_numbers(**values):
+    """Each value is (number, lowest allowed, highest allowed or None); NaN and infinities are refused."""
+    for name, (v, lo, hi) in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise NadaError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+        if v < lo or (hi is not None and v > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
+
+
+def check_prompts(src, tgt):
+    if not (src or "").strip() or not (tgt or "").strip():
+        raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
+    if src.strip().lower() == tgt.strip().lower():
+        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
+
+
+def check_device(device, impl="auto"):
+    """--device and --impl -> the device, or one clear error: no such GPU, or CUDA kernels asked for but unusable."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        device = "cuda" if count else "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device != "cpu" and not m:
+        raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if m and int(m.group(1) or 0) >= count:
+        raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device cpu, "
+                        "or check `python nada.py doctor`)")
+    if impl == "cuda":
+        if device == "cpu":
+            raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
+        for op in OPS:
+            if load_op(op)[0] is None:
+                raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
+    return device
+
+
+
+
+def check_sample_settings(seeds, n, trunc, noise_mode):
+    """-> the seeds to render: --seeds, else 0..n-1."""
+    check_numbers(n=(n, 1, MAX_IMAGES), trunc=(trunc, -10, 10))
+    if noise_mode not in ("const", "random", "none"):
+        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
+    return parse_seeds(seeds) if seeds is not None else list(range(n))
+
+
+def parse_seeds(spec):
+    """'0-15' or '1,5,9' (or a mix) -> [int], each a seed NumPy takes, at most MAX_IMAGES of them."""
+    ranges = []
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise NadaError(f"--seeds {spec!r}: use a range like 0-15 or a list like 1,5,9")
+        ranges.append(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    if max(r[-1] for r in ranges) > MAX_SEED or sum(len(r) for r in ranges) > MAX_IMAGES:
+        raise NadaError(f"--seeds {spec!r}: seeds go up to {MAX_SEED}, and one call renders at most {MAX_IMAGES} images")
+    return [s for r in ranges for s in r]
+
+
+
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint files: rosinality .pt, NVIDIA .pkl and our own, read without ever executing code from the file
@@ -1674,100 +1937,235 @@ def _fetch(url, part, hand):
                         f"bytes; run again to resume, or {hand}")
 
 
+def base_generator(s, device, meta=False, generator=None):
+    """A run's base generator: `generator` if one is given (already loaded), else s.ckpt loaded onto `device`; for the
+    dry run (meta), its twin on the meta device: a named model's known architecture, or the file's tensor shapes."""
+    if meta:
+        G = meta_generator(s.ckpt, s.wdir)
+    else:
+        G = generator if generator is not None else load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device,
+                                                                    s.impl)
+    class_labels(G, s.cls, 1)                           # a bad --class fails before anything is written
+    return G
+
+
+def run_clip_models(s, device, memory, meta=False, preloaded=None):
+    """A run's CLIP models -> (names, loss weights, modules): s.clip loaded onto `device` (or `preloaded`, which are not
+    changed), for the dry run their meta twins; with --memory low on CUDA in float16 (LayerNorms stay float32), as
+    clip.load does on CUDA."""
+    names, weights, models = load_clip_models(s.clip, s.clip_weights, "meta" if meta else device, s.wdir, s.offline,
+                                              None if meta else preloaded, load=meta_clip if meta else load_clip)
+    if memory == "low" and device.startswith("cuda"):
+        models = [copy.deepcopy(m) if preloaded else m for m in models]
+        for m in models:
+            _import_clip().model.convert_weights(m)
+    return names, weights, models
 
 
 # ----------------------------------------------------------------------------------------------------------
-# run folders: settings checked before any work, config, log, previews, atomic saves, resume, Ctrl-C
-
-RESUME_MUST_MATCH = ("ckpt", "src", "tgt", "tgt_img", "clip", "clip_weights", "layers", "auto_k", "batch", "lr",
-                     "mixing", "seed", "cls", "consistency")
-
+# run folders: config, lock, resume, log, previews, atomic saves, Ctrl-C
 
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
 SAMPLE_TRUNCATION = 0.7                # run previews, as in NADA
+RUN_FILES = ("config.json", "log.jsonl", "samples", "generator.pt", "state.pt", ".lock", "eval.json", "sample")
 
 
-def check_device(device, impl="auto"):
-    """--device and --impl -> the device, or one clear error: no such GPU, or CUDA kernels asked for but unusable."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "auto":
-        device = "cuda" if count else "cpu"
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if device != "cpu" and not m:
-        raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if m and int(m.group(1) or 0) >= count:
-        raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device cpu, "
-                        "or check `python nada.py doctor`)")
-    if impl == "cuda":
-        if device == "cpu":
-            raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
-        for op in OPS:
-            if load_op(op)[0] is None:
-                raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
-    return device
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the step was saved: the CLI exits with 128 + the signal's number."""
 
 
-def check_numbers(**values):
-    """Each value is (number, lowest allowed, highest allowed or None); NaN and infinities are refused."""
-    for name, (v, lo, hi) in values.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise NadaError(f"--{name.replace('_', '-')} {v}: must be a finite number")
-        if v < lo or (hi is not None and v > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
+class RunFolder:
+    """A run's folder: config.json (settings), log.jsonl (a line per step), samples/ (previews), generator.pt (the
+    adapted generator), state.pt (optimizer and RNG state: everything --resume needs) and .lock, held while a
+    process trains in it. Checked when made, before any work; written only inside `with`."""
+
+    def __init__(self, settings):
+        self.settings, self.path = settings, settings.resume or settings.out or os.path.join("runs", run_name(settings))
+        self.lock, self.handlers, self.stop_signal, self.bar, self.saved, self.frozen_row = None, {}, None, None, None, None
+        if settings.resume:
+            return
+        if os.path.isfile(os.path.join(self.path, "state.pt")):
+            raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
+                            "another --out")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise NadaError(f"--out {self.path} is a file, not a folder; choose another --out")
+        others = [n for n in os.listdir(self.path) if n not in RUN_FILES and not n.startswith(".tmp-")] \
+            if os.path.isdir(self.path) else []
+        if others:                                      # a run writes config.json and log.jsonl: not over other files
+            raise NadaError(f"--out {self.path} holds other files ({', '.join(sorted(others)[:3])}): a run needs a new "
+                            "or empty folder; choose another --out")
+
+    def __enter__(self):
+        """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json,
+        and catch Ctrl-C and SIGTERM. If any of it fails, __exit__ runs: the lock is let go, a new folder removed."""
+        self.created = not os.path.isdir(self.path)
+        with contextlib.ExitStack() as undo:
+            undo.push(self.__exit__)
+            make_folder(self.path)
+            self.take_lock()
+            make_folder(self.path, "samples")
+            for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
+                for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
+                    os.remove(os.path.join(folder, name))
+            if not self.settings.resume and self.has_state():                # it finished while we loaded
+                raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
+                                "another --out")
+            recorded = {f.name: getattr(self.settings, f.name) for f in recorded_fields()}
+            atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(recorded, indent=1))
+            self.catch_signals()
+            undo.pop_all()
+        return self
+
+    def __exit__(self, kind, error, tb):
+        """Give the signals and the lock back; a new run that failed before its first save leaves nothing behind."""
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        if self.bar is not None:
+            self.bar.close()
+        if kind is not None and self.created and not self.has_state():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock:
+            self.lock.close()
+
+    def has_state(self):
+        return os.path.isfile(os.path.join(self.path, "state.pt"))
+
+    def take_lock(self):
+        """An flock on .lock, which holds our pid; it goes when this process ends, however it ends."""
+        import fcntl
+        self.lock = open(os.path.join(self.path, ".lock"), "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "?"
+            self.lock.close()
+            self.lock = None
+            raise NadaError(f"{self.path} is in use by another nada process (pid {holder}); wait for it to finish, "
+                            "or choose another --out") from None
+        self.lock.truncate(0)
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
+    def catch_signals(self):
+        """The first Ctrl-C or SIGTERM sets stop_signal, and the loop saves and stops after its step; a second one
+        stops at once. Outside the main thread signals are left alone."""
+        def on_signal(signum, _):
+            if self.stop_signal:
+                raise Interrupted(128 + signum)
+            self.stop_signal = signum
+        with contextlib.suppress(ValueError):
+            self.handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def resume(self, G, opt, rng):
+        """Load state.pt into G, opt and rng (for --resume), keep the log's lines before that step, and start the
+        progress bar. -> the step to start from (0 for a new run)"""
+        start, s, self.t0 = 0, self.settings, time.time()
+        if s.resume:
+            try:
+                state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
+                G.load_state_dict(state["g_ema"], strict=True)
+                opt.load_state_dict(state["optimizer"])
+                rng.set_state(state["rng"])
+                start = self.saved = int(state["step"])
+            except Exception as e:
+                raise NadaError(f"--resume {self.path}: state.pt is unreadable or from another setup "
+                                f"({_first_line(e)[:120]}); the run cannot continue: start a new --out") from None
+            if start > s.iters:
+                raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {s.iters} would go back: "
+                                f"pass --iters {start} or more")
+        self.log_path = os.path.join(self.path, "log.jsonl")
+        if os.path.isfile(self.log_path):             # keep the steps before `start`; a line torn by a kill goes
+            kept = [ln for ln in open(self.log_path) if _logged_before(ln, start)]
+            atomic_write_text(self.log_path, "".join(kept))
+            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):   # seconds: the whole run's
+                self.t0 -= max(float(json.loads(kept[-1])["seconds"]), 0.0)
+        self.started = time.time()
+        from tqdm import tqdm
+        self.bar = tqdm(total=s.iters, initial=start, disable=None if s.progress else True, dynamic_ncols=True,
+                        desc="train")
+        return start
+
+    def seconds(self):
+        """Seconds this process has trained."""
+        return time.time() - self.started
+
+    def log(self, step, loss, losses, layers):
+        """A line of log.jsonl, and the progress bar; a loss that is not finite stops the run, saying why."""
+        if not math.isfinite(loss):
+            raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
+                f"The last good checkpoint (step {self.saved}) is in {self.path}." if self.saved is not None else
+                "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
+                                    seconds=round(time.time() - self.t0, 3))) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    @torch.no_grad()
+    def preview(self, G_frozen, G, step):
+        """samples/STEP.png: the frozen generator's row above the adapted one's, the same latents at every step
+        (seeded by the run's seed), truncation 0.7."""
+        s, device = self.settings, G.latent_avg.device
+        z = torch.randn(s.n_sample, G.z_dim, generator=torch.Generator().manual_seed(s.seed + 2)).to(device)
+        c = class_labels(G, s.cls, s.n_sample, torch.Generator().manual_seed(s.seed + 3))
+        ws = G_frozen.mapping(z, None if c is None else c.to(device), SAMPLE_TRUNCATION)
+        if self.frozen_row is None:                     # the frozen generator never changes: rendered once
+            self.frozen_row = G_frozen.synthesis(ws)
+        adapted = G.synthesis(ws) if step else self.frozen_row   # at step 0 the two generators are equal
+        save_image(make_grid(torch.cat([self.frozen_row, adapted]), ncol=s.n_sample),
+                   os.path.join(self.path, "samples", f"{step:06d}.png"))
+
+    def save(self, G, opt, rng, step, clip_names, clip_weights):
+        """generator.pt (the adapted generator and what made it), then state.pt (what --resume reads), atomically."""
+        s = self.settings
+        save_generator(G, os.path.join(self.path, "generator.pt"), iterations=step, src=s.src, tgt=s.tgt,
+                       tgt_img=s.tgt_img, base=s.ckpt, layers=s.layers, clip=clip_names, clip_weights=clip_weights,
+                       seed=s.seed, cls=s.cls, consistency=s.consistency)
+        atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
+                     "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
+                    os.path.join(self.path, "state.pt"))
+        self.saved = step
+
+    def interrupt(self, step):
+        """After a signal and the save of `step`: say how to continue, and stop."""
+        self.bar.close()
+        print(f"\ninterrupted: saved at step {step} in {self.path}; continue with "
+              f"`python nada.py train --resume {self.path}`", flush=True)
+        raise Interrupted(128 + self.stop_signal)
 
 
-def train_settings(**s):
-    """Check the settings before anything is loaded or written -> the run's settings, files as absolute paths
-    (a run then resumes from any folder)."""
-    absolute = lambda p: os.path.abspath(p) if os.path.isfile(p) else p
-    for flag, value, choices in (("memory", s.pop("memory"), MEMORY_MODES), ("precision", s.pop("precision"), PRECISIONS)):
-        if value not in choices:
-            raise NadaError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
-    s["tgt_img"] = [os.path.abspath(p) for p in s["tgt_img"] or []]
-    s["ckpt"], s["clip"] = absolute(s["ckpt"]), ",".join(absolute(n.strip()) for n in str(s["clip"]).split(","))
-    if s["tgt_img"]:
-        missing = [p for p in s["tgt_img"] if not os.path.isfile(p)]
-        if missing:
-            raise NadaError(f"--tgt-img: no such file: {missing[0]}")
-    else:
-        check_prompts(s["src"], s["tgt"])
-    if s["consistency"] and s["batch"] < 2:
-        raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
-    check_numbers(iters=(s["iters"], 1, None), batch=(s["batch"], 1, None), lr=(s["lr"], 1e-12, None),
-                  mixing=(s["mixing"], 0, 1), consistency=(s["consistency"], 0, None), seed=(s["seed"], 0, 2 ** 63 - 4), n_sample=(s.pop("n_sample"), 1, GRID_MAX),
-                  **{k: (s.pop(k), 1, None) for k in ("sample_every", "save_every")})
-    return s
+def run_name(s):
+    """runs/<src>_to_<tgt> (or studies/...): the default folder name of a run or a study."""
+    return f"{_slug(s.src)}_to_{_slug('images' if s.tgt_img else s.tgt)}"
 
 
-def check_prompts(src, tgt):
-    if not (src or "").strip() or not (tgt or "").strip():
-        raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
-    if src.strip().lower() == tgt.strip().lower():
-        raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
+def _logged_before(line, start):
+    """Whether a log.jsonl line is a whole record of a step before `start` (a kill can tear the last line)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return json.loads(line)["iter"] < start
+    return False
 
 
-def check_sample_settings(seeds, n, trunc, noise_mode):
-    """-> the seeds to render: --seeds, else 0..n-1."""
-    check_numbers(n=(n, 1, MAX_IMAGES), trunc=(trunc, -10, 10))
-    if noise_mode not in ("const", "random", "none"):
-        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
-    return parse_seeds(seeds) if seeds is not None else list(range(n))
+def run_step(folder):
+    """The step a run folder's state.pt has reached (0 if none)."""
+    state = os.path.join(folder, "state.pt")
+    with contextlib.suppress(Exception):
+        return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"])
+    return 0
 
 
-def parse_seeds(spec):
-    """'0-15' or '1,5,9' (or a mix) -> [int], each a seed NumPy takes, at most MAX_IMAGES of them."""
-    ranges = []
-    for part in str(spec).split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-            raise NadaError(f"--seeds {spec!r}: use a range like 0-15 or a list like 1,5,9")
-        ranges.append(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    if max(r[-1] for r in ranges) > MAX_SEED or sum(len(r) for r in ranges) > MAX_IMAGES:
-        raise NadaError(f"--seeds {spec!r}: seeds go up to {MAX_SEED}, and one call renders at most {MAX_IMAGES} images")
-    return [s for r in ranges for s in r]
+def read_log(folder):
+    """log.jsonl's records (a line torn by a kill, or anything that is not a step's record, is skipped)."""
+    path, records = os.path.join(folder, "log.jsonl"), []
+    for line in open(path) if os.path.isfile(path) else ():
+        with contextlib.suppress(ValueError):
+            r = json.loads(line)
+            if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("iter", "loss", "seconds")):
+                records.append(r)
+    return records
 
 
 def sample_paths(ckpt, out, wdir, offline, runs="runs"):
@@ -1809,196 +2207,21 @@ def startup_line(cmd, device, impl, *parts):
     return " | ".join([f"nada {cmd}", f"device {device}", f"ops {ops_status(device, impl)}", *map(str, parts)])
 
 
-def describe_layers(spec, layers, G, n_params):
+def describe_run(s, t, memory):
+    """The startup line's account of a run (t: its Training): CLIP models, layers, memory, resolution, prompts."""
+    clip = "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(t.names, t.weights))
+    goal = f"{'images' if t.images else repr(s.src)} -> {s.tgt_img or repr(s.tgt)}"
+    return clip, describe_layers(s.layers, t.layers, t.G), memory, f"{t.G.size} px, {goal}"
+
+
+def describe_layers(spec, layers, G):
     if isinstance(layers, int):
         return f"layers auto, top {layers} of {G.num_ws} W+ entries per step"
     chosen = f"auto, all {G.num_ws} W+ entries" if spec == "auto" else spec
+    prefixes = tuple(name + "." for name in layers)
+    n_params = sum(p.numel() for name, p in G.named_parameters() if name.startswith(prefixes))
     return f"layers {chosen} ({len(layers)} layers, {n_params / 1e6:.2f}M params)"
 
-
-def run_config(folder):
-    """The settings a run folder was started with (config.json), or None if that file is damaged."""
-    cfg = read_json(os.path.join(folder, "config.json"))   # runs from before --consistency trained without it
-    return {"consistency": 0.0, **{k: cfg[k] for k in RESUME_MUST_MATCH + ("iters",) if k in cfg}} if cfg else None
-
-
-def changed_setting(old, new):
-    """'--flag old, not new' for the first setting that a run's continuation must keep but `new` changes, else None."""
-    for k in (k for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)):
-        return f"--{k.replace('_', '-')} {old.get(k)!r}, not {new.get(k)!r}"
-
-
-def run_settings(run):
-    """The settings a run was started with (its config.json); one clear error if `run` is not a run folder."""
-    if not all(os.path.isfile(os.path.join(run, f)) for f in ("state.pt", "config.json")):
-        raise NadaError(f"--resume {run}: no interrupted run there (needs config.json and state.pt)")
-    cfg = run_config(run)
-    if cfg is None:
-        raise NadaError(f"--resume {run}: config.json is unreadable; start a new --out")
-    return cfg
-
-
-RUN_FILES = ("config.json", "log.jsonl", "samples", "generator.pt", "state.pt", ".lock", "eval.json", "sample")
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM after the step was saved: the CLI exits with 128 + the signal's number."""
-
-
-class RunFolder:
-    """A run's folder: config.json (settings), log.jsonl (a line per step), samples/ (previews), generator.pt (the
-    adapted generator), state.pt (optimizer and RNG state: everything --resume needs) and .lock, held while a
-    process trains in it. Checked when made, before any work; written only inside `with`."""
-
-    def __init__(self, out, resume, settings):
-        self.settings, self.resume, self.lock = settings, resume, None
-        if resume:
-            self.path, changed = resume, changed_setting(run_settings(resume), settings)
-            if changed:
-                raise NadaError(f"--resume {resume}: the run used {changed}; resume with the same settings or start a new --out")
-            return
-        src, tgt = settings["src"], "images" if settings["tgt_img"] else settings["tgt"]
-        self.path = out or os.path.join("runs", f"{_slug(src)}_to_{_slug(tgt)}")
-        if os.path.isfile(os.path.join(self.path, "state.pt")):
-            raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose another --out")
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise NadaError(f"--out {self.path} is a file, not a folder; choose another --out")
-        others = sorted(n for n in os.listdir(self.path) if n not in RUN_FILES and not n.startswith(".tmp-")) \
-            if os.path.isdir(self.path) else []
-        if others:                                      # a run writes config.json and log.jsonl: not over other files
-            raise NadaError(f"--out {self.path} holds other files ({', '.join(others[:3])}): a run needs a new or "
-                            "empty folder; choose another --out")
-
-    def __enter__(self):
-        """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json.
-        If any of it fails, __exit__ still runs: the lock is let go and a folder made here is removed."""
-        self.created = False
-        with contextlib.suppress(OSError):             # made here, so removed again if the run fails before a save
-            os.makedirs(self.path)
-            self.created = True
-        try:
-            return self._open()
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-
-    def _open(self):
-        import fcntl
-        make_folder(self.path)
-        self.lock = open(os.path.join(self.path, ".lock"), "a+")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.seek(0)
-            holder, self.lock = self.lock.read().strip() or "?", self.lock.close()
-            raise NadaError(f"{self.path} is in use by another nada process (pid {holder}); wait for it to finish, "
-                            "or choose another --out") from None
-        self.lock.truncate(0)
-        self.lock.write(str(os.getpid()))
-        self.lock.flush()
-        make_folder(self.path, "samples")
-        for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
-            for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
-                os.remove(os.path.join(folder, name))
-        if not self.resume and os.path.isfile(os.path.join(self.path, "state.pt")):   # it finished while we loaded
-            raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose another --out")
-        atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(self.settings, indent=1))
-        return self
-
-    def __exit__(self, kind, error, tb):
-        """Release the lock; a new run that failed before its first save leaves nothing behind."""
-        if kind is not None and self.created and not os.path.isfile(os.path.join(self.path, "state.pt")):
-            shutil.rmtree(self.path, ignore_errors=True)
-        if self.lock:
-            self.lock.close()
-
-    def steps(self, G_frozen, G, opt, rng, meta, every, n_sample, cls, show=True):
-        """The steps still to run (after --resume, from the saved one). Around each: a progress bar, previews and
-        checkpoints every (sample, save) steps, and Ctrl-C or SIGTERM, which land between steps: save, then stop."""
-        start, iters, self.t0 = 0, self.settings["iters"], time.time()
-        t_start = self.t0
-        if self.resume:
-            try:
-                state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
-                G.load_state_dict(state["g_ema"], strict=True)
-                opt.load_state_dict(state["optimizer"])
-                rng.set_state(state["rng"])
-                start = int(state["step"])
-            except Exception as e:
-                raise NadaError(f"--resume {self.path}: state.pt is unreadable or from another setup "
-                                f"({_first_line(e)[:120]}); the run cannot continue: start a new --out") from None
-            if start > iters:
-                raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {iters} would go back: "
-                                f"pass --iters {start} or more")
-        seed = self.settings["seed"]                    # previews: the same latents at every step
-        z = torch.randn(n_sample, G.z_dim, generator=torch.Generator().manual_seed(seed + 2))
-        c = class_labels(G, cls, n_sample, torch.Generator().manual_seed(seed + 3))
-        self.log_path = os.path.join(self.path, "log.jsonl")
-        if os.path.isfile(self.log_path):             # keep the steps before `start`; a line torn by a kill goes
-            kept = [ln for ln in open(self.log_path) if _logged_before(ln, start)]
-            atomic_write_text(self.log_path, "".join(kept))
-            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):   # seconds: the whole run's
-                self.t0 -= max(float(json.loads(kept[-1])["seconds"]), 0.0)
-        if start == 0:
-            self.preview(G_frozen, G, z, c, 0)
-        stop, previous = [], {}
-
-        def interrupt(signum, _):                       # the first signal waits for the step's end, a second doesn't
-            if stop:
-                raise Interrupted(128 + signum)
-            stop.append(signum)
-        with contextlib.suppress(ValueError):           # not the main thread: leave signals alone
-            previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-        from tqdm import tqdm
-        try:
-            with tqdm(total=iters, initial=start, disable=None if show else True, dynamic_ncols=True, desc="train") as self.bar:
-                for step in range(start, iters):
-                    yield step
-                    done = step + 1
-                    if done % every[0] == 0 or done == iters:
-                        self.preview(G_frozen, G, z, c, done)
-                    if done % every[1] == 0 or done == iters or stop:
-                        save_generator(G, os.path.join(self.path, "generator.pt"), iterations=done, **meta)
-                        atomic_save({"step": done, "optimizer": opt.state_dict(), "rng": rng.get_state(),
-                                     "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
-                                    os.path.join(self.path, "state.pt"))
-                    if stop:
-                        self.bar.close()
-                        print(f"\ninterrupted: saved at step {done} in {self.path}; continue with "
-                              f"`python nada.py train --resume {self.path}`", flush=True)
-                        raise Interrupted(128 + stop[0])
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        print(f"done: {iters - start} steps in {time.time() - t_start:.1f} s, {iters} in all; adapted generator: "
-              f"{os.path.join(self.path, 'generator.pt')}")
-
-    def log(self, step, loss, losses, layers):
-        if not math.isfinite(loss):
-            state = os.path.join(self.path, "state.pt")
-            saved = torch.load(state, weights_only=True, mmap=True)["step"] if os.path.isfile(state) else None
-            raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
-                f"The last good checkpoint (step {saved}) is in {self.path}." if saved is not None else
-                "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
-                                    seconds=round(time.time() - self.t0, 3))) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-
-    @torch.no_grad()
-    def preview(self, G_frozen, G, z, c, step):
-        """samples/STEP.png: the frozen generator's row above the adapted one's, same latents, truncation 0.7."""
-        z, c = z.to(G.latent_avg.device), None if c is None else c.to(G.latent_avg.device)
-        rows = [g.synthesis(G_frozen.mapping(z, c, SAMPLE_TRUNCATION)) for g in (G_frozen, G)]
-        save_image(make_grid(torch.cat(rows), ncol=len(z)), os.path.join(self.path, "samples", f"{step:06d}.png"))
-
-
-def _logged_before(line, start):
-    """Whether a log.jsonl line is a whole record of a step before `start` (a kill can tear the last line)."""
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        return json.loads(line)["iter"] < start
-    return False
 
 
 def to_uint8(img):
@@ -2031,12 +2254,18 @@ def load_image(path):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# eval and study: CLIP-only metrics of an adapted generator against its base (beyond-nada.md 3a), and a study
-# that trains and compares several settings; several GPUs share the work under torchrun
 
-EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
+# ----------------------------------------------------------------------------------------------------------
+# eval and study: CLIP-only metrics of an adapted generator against its base, those of HyperDomainNet (Alanov et
+# al., arXiv 2210.08884) and StyleDomain (arXiv 2212.10229), and a study that trains and compares several settings;
+# under torchrun several GPUs share the work
+
 METRICS = ("clip_score", "directional", "diversity", "base_diversity", "diversity_ratio", "pair_similarity")
+Samples = namedtuple("Samples", "seeds labels trunc batch")
+Samples.__doc__ = """What eval and a study render: one z per seed (as `sample` draws them), one-hot classes or None,
+the truncation, and the images per forward pass."""
+Goal = namedtuple("Goal", "src tgt images")
+Goal.__doc__ = """What a run was adapted toward: the prompts src -> tgt, or target images (a list; then tgt is None)."""
 
 
 def diversity(emb):
@@ -2053,9 +2282,9 @@ def clip_metrics(base, adapted, target, direction):
     diversity and base_diversity, diversity_ratio (the collapse index: 1 = none), pair_similarity (content kept)."""
     change = F.normalize(adapted - base, dim=-1)       # an unchanged image has change 0, not NaN
     d, d_base = diversity(adapted), diversity(base)
+    ratio = d / d_base if d_base > 1e-6 else torch.tensor(float("nan"))
     metrics = dict(clip_score=(adapted @ target).mean(), directional=(change @ direction).mean(), diversity=d,
-                   base_diversity=d_base, diversity_ratio=d / d_base if d_base > 1e-6 else torch.tensor(float("nan")),
-                   pair_similarity=(adapted * base).sum(-1).mean())
+                   base_diversity=d_base, diversity_ratio=ratio, pair_similarity=(adapted * base).sum(-1).mean())
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -2072,7 +2301,8 @@ def distributed():
         if torch.cuda.is_available():
             if local >= torch.cuda.device_count():
                 raise NadaError(f"torchrun started process {local} on this machine, but torch sees "
-                                f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node {torch.cuda.device_count()} or fewer")
+                                f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node {torch.cuda.device_count()} "
+                                "or fewer")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=2))
     return dist.get_rank(), dist.get_world_size()
@@ -2095,14 +2325,15 @@ def gather(obj, world):
 
 
 @torch.no_grad()
-def embed_samples(generators, models, seeds, labels, trunc, batch, device, show=True):
-    """Unit CLIP embeddings of each generator's images at `seeds`, drawn as `sample` draws them (z per seed, the
-    first generator's mapping, constant noise). -> [model][generator] -> [N, D] on the CPU"""
+def embed_samples(generators, models, samples, device, show=True):
+    """Unit CLIP embeddings of each generator's images of `samples` (ws from the first generator's mapping, constant
+    noise). -> [model][generator] -> [N, D] on the CPU"""
     from tqdm import tqdm
     embs = [[[] for _ in generators] for _ in models]
-    for i in tqdm(range(0, len(seeds), batch), desc="eval", disable=None if show else True, dynamic_ncols=True):
-        z = seed_latents(generators[0], seeds[i:i + batch]).to(device)
-        ws = generators[0].mapping(z, None if labels is None else labels[i:i + batch].to(device), trunc)
+    seeds, labels, n = samples.seeds, samples.labels, samples.batch
+    for i in tqdm(range(0, len(seeds), n), desc="eval", disable=None if show else True, dynamic_ncols=True):
+        z = seed_latents(generators[0], seeds[i:i + n]).to(device)
+        ws = generators[0].mapping(z, None if labels is None else labels[i:i + n].to(device), samples.trunc)
         for j, g in enumerate(generators):
             img = g.synthesis(ws)
             for m, model in enumerate(models):
@@ -2111,31 +2342,38 @@ def embed_samples(generators, models, seeds, labels, trunc, batch, device, show=
 
 
 @torch.no_grad()
-def measure(base, G, models, src, tgt, images, seeds, labels, trunc, batch, device, shard=(0, 1), show=True):
-    """clip_metrics per CLIP model (a list of dicts) of G against base at `seeds`; under torchrun each process
-    embeds its share of the seeds and every process gets the merged result."""
+def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
+    """clip_metrics per CLIP model (a list of dicts) of G against base; under torchrun (shard: rank, world size)
+    each process embeds its share of the samples and every process gets the merged result."""
     rank, world = shard
-    mine = list(range(rank, len(seeds), world))
-    embs = embed_samples([base, G], models, [seeds[i] for i in mine], None if labels is None else labels[mine],
-                         trunc, batch, device, show)
+    mine = list(range(rank, len(samples.seeds), world))
+    labels = None if samples.labels is None else samples.labels[mine]
+    embs = embed_samples([base, G], models, samples._replace(seeds=[samples.seeds[i] for i in mine], labels=labels),
+                         device, show)
     parts = gather((mine, embs), world)
     order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()   # back into seed order
     results = []
     for m, model in enumerate(models):
         base_emb, emb = (torch.cat([e[m][j] for _, e in parts])[order] for j in (0, 1))
-        if images:                                      # image targets: the direction from the base's images
-            target = F.normalize(torch.cat([encode_images(model, img.to(device)) for img in images]).mean(0), dim=0).cpu()
+        if goal.images:                                 # image targets: the direction from the base's images
+            target = torch.cat([encode_images(model, img.to(device)) for img in goal.images]).mean(0)
+            target = F.normalize(target, dim=0).cpu()
             direction = F.normalize(target - base_emb.mean(0), dim=0)
         else:
-            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0).cpu()
-            direction = text_direction(model, src, tgt).cpu()
+            target = F.normalize(encode_prompts(model, goal.tgt).mean(0), dim=0).cpu()
+            direction = text_direction(model, goal.src, goal.tgt).cpu()
         results.append(clip_metrics(base_emb, emb, target, direction))
     return results
 
 
 def format_seeds(seeds):
     """[0, 1, 2, 5] -> '0-2,5'"""
-    runs = [list(g) for _, g in itertools.groupby(seeds, key=lambda s, c=itertools.count(): s - next(c))]
+    runs = [[seeds[0]]] if seeds else []
+    for s in seeds[1:]:
+        if s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
@@ -2154,11 +2392,24 @@ def eval_report(results, names, trained_with, **about):
     return record, "\n".join(lines)
 
 
+def eval_about(samples, base, goal, tgt_img, cls, iterations):
+    """What an eval record says it measured (eval and study write the same record; a study reuses one that matches)."""
+    return dict(n=len(samples.seeds), seeds=format_seeds(samples.seeds), trunc=samples.trunc, base=base, src=goal.src,
+                tgt=goal.tgt, tgt_img=tgt_img, cls=cls, iterations=iterations)
+
+
 def write_json(obj, path):
     """Atomically; NaN (e.g. a diversity ratio over a base of identical images) is written as null."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-    fix = lambda o: {k: fix(v) for k, v in o.items()} if isinstance(o, dict) else [fix(v) for v in o] if isinstance(o, list) else clean(o)
-    atomic_write_text(path, json.dumps(fix(obj), indent=1))
+    atomic_write_text(path, json.dumps(_finite_or_null(obj), indent=1))
+
+
+def _finite_or_null(obj):
+    """obj with every NaN or infinite float, inside dicts and lists too, replaced by None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_null(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def eval_paths(ckpt, out, wdir, offline):
@@ -2167,11 +2418,12 @@ def eval_paths(ckpt, out, wdir, offline):
     if ckpt and os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "generator.pt")
         if not os.path.isfile(ckpt):
-            raise NadaError(f"--ckpt {os.path.dirname(ckpt)}: no generator.pt there (a run saves it every --save-every steps)")
+            raise NadaError(f"--ckpt {os.path.dirname(ckpt)}: no generator.pt there (a run saves it every --save-every "
+                            "steps)")
     path = sample_paths(ckpt, None, wdir, offline)[0]
     name = os.path.basename(path)
-    out = out or os.path.join(os.path.dirname(path), "eval.json" if name == "generator.pt"
-                              else _slug(os.path.splitext(name)[0]) + "_eval.json")
+    default = "eval.json" if name == "generator.pt" else _slug(os.path.splitext(name)[0]) + "_eval.json"
+    out = out or os.path.join(os.path.dirname(path), default)
     if os.path.isdir(out) or not os.path.basename(out):
         raise NadaError(f"--out {out} names a folder: eval writes its results to a .json file; choose another --out")
     if os.path.exists(out) and not read_eval(out):     # replace an earlier eval's record, and nothing else
@@ -2196,62 +2448,61 @@ def recorded(G, key, kind=str):
     return value if isinstance(value, kind) else None
 
 
-def load_base(base, G, path, device, impl, wdir, offline):
-    """The base generator to compare G with: --base, else the one the run recorded; it must share G's architecture."""
-    given, base = base, base or recorded(G, "base")
+def eval_goal(G, path, src, tgt):
+    """What eval measures toward: --src/--tgt, else the run's prompts, else the run's target images."""
+    paths = [] if tgt else recorded(G, "tgt_img", list) or []
+    src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
+    if not paths and not (src and tgt):
+        raise NadaError(f"{path} records no prompts: pass --src and --tgt")
+    if not paths:
+        check_prompts(src, tgt)
+    return Goal(src, None if paths else tgt, [load_image(p) for p in paths])
+
+
+def load_base(s, G, path, device):
+    """The base generator to compare G with: --base, else the one the run recorded; it must share G's architecture.
+    -> (its name or file, the generator)"""
+    base = s.base or recorded(G, "base")
     if not base:
-        raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base NAME|FILE")
-    if not given and not os.path.isfile(base) and base not in GENERATORS:
+        raise NadaError(f"{path} records no base generator (only checkpoints written by `train` do): pass --base "
+                        "NAME|FILE")
+    if not s.base and not os.path.isfile(base) and base not in GENERATORS:
         raise NadaError(f"the base this run recorded ({base}) is missing: pass --base NAME|FILE")
-    B = load_generator(resolve_ckpt(base, wdir, offline, "--base"), device, impl)
+    B = load_generator(resolve_ckpt(base, s.wdir, s.offline, "--base"), device, s.impl)
     theirs, ours = B.state_dict(), G.state_dict()
     if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
         raise NadaError(f"--base {base} has another architecture than {path}: pass the generator the run adapted")
     return base, B
 
 
-def evaluate(ckpt=None, base=None, src=None, tgt=None, clip=EVAL_CLIP, n=500, seeds=None, trunc=1.0, cls=None,
-             batch=8, out=None, device="auto", impl="auto", wdir=None, offline=False, progress=True, clip_models=None):
-    """Measure an adapted generator against its base with CLIP (clip_metrics) -> the JSON record, also written to
-    `out`. base, src, tgt and cls default to what the run recorded; `clip_models` may pass CLIP modules (tests)."""
+def evaluate(ckpt=None, *, clip_models=None, **settings):
+    """Measure an adapted generator (a run folder or a file; default: the newest run) against its base with CLIP
+    (clip_metrics) -> the JSON record, also written to `out`. settings: the other fields of EvalSettings, as
+    keywords; base, src, tgt and cls default to what the run recorded. clip_models: CLIP modules already loaded."""
+    s = EvalSettings(ckpt=ckpt, **settings)
     rank, world = distributed()
-    seeds = check_sample_settings(seeds, n, trunc, "const")
-    check_numbers(batch=(batch, 1, None), samples=(len(seeds), max(2, world), None))   # each process embeds some
-    path, out = eval_paths(ckpt, out, wdir, offline)
-    device = process_device(device, impl, world)
-    G = load_generator(path, device, impl)
-    images = [] if tgt else recorded(G, "tgt_img", list) or []
-    src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
-    if not images and not (src and tgt):
-        raise NadaError(f"{path} records no prompts: pass --src and --tgt")
-    if not images:
-        check_prompts(src, tgt)
-    images = [load_image(p) for p in images]
-    cls = cls if cls is not None else G.meta.get("cls")
-    labels = class_labels(G, cls, len(seeds))
-    base, B = load_base(base, G, path, device, impl, wdir, offline)
-    names, _, models = load_clip_models(clip, None, device, wdir, offline, clip_models)
+    seeds = check_sample_settings(s.seeds, s.n, s.trunc, "const")
+    check_numbers(batch=(s.batch, 1, None), samples=(len(seeds), max(2, world), None))   # each process embeds some
+    path, out = eval_paths(s.ckpt, s.out, s.wdir, s.offline)
+    device = process_device(s.device, s.impl, world)
+    G = load_generator(path, device, s.impl)
+    goal = eval_goal(G, path, s.src, s.tgt)
+    cls = s.cls if s.cls is not None else G.meta.get("cls")
+    samples = Samples(seeds, class_labels(G, cls, len(seeds)), s.trunc, s.batch)
+    base, B = load_base(s, G, path, device)
+    names, _, models = load_clip_models(s.clip, None, device, s.wdir, s.offline, clip_models)
     if rank == 0:
-        print(startup_line("eval", device, impl, path, f"base {base}", "CLIP " + ", ".join(names),
-                           f"{len(seeds)} samples, truncation {trunc}" + (f", {world} processes" if world > 1 else "")), flush=True)
-    results = measure(B, G, models, src, tgt, images, seeds, labels, trunc, batch, device, (rank, world), progress and rank == 0)
-    record, table = eval_report(results, names, recorded(G, "clip", list) or [], **eval_about(
-        seeds, trunc, base, src, None if images else tgt, recorded(G, "tgt_img", list), cls, G.meta.get("iterations")),
-        ckpt=os.path.abspath(path))
+        print(startup_line("eval", device, s.impl, path, f"base {base}", "CLIP " + ", ".join(names),
+                           f"{len(seeds)} samples, truncation {s.trunc}" + (f", {world} processes" if world > 1 else "")),
+              flush=True)
+    results = measure(B, G, models, goal, samples, device, (rank, world), s.progress and rank == 0)
+    about = eval_about(samples, base, goal, recorded(G, "tgt_img", list), cls, G.meta.get("iterations"))
+    record, table = eval_report(results, names, recorded(G, "clip", list) or [], **about, ckpt=os.path.abspath(path))
     if rank == 0:
         make_folder(os.path.dirname(os.path.abspath(out)))
         write_json(record, out)
         print(table + f"\nwrote {out}")
     return record
-
-
-def eval_about(seeds, trunc, base, src, tgt, tgt_img, cls, iterations):
-    """What an eval record says it measured (eval and study write the same record; a study reuses one that matches)."""
-    return dict(n=len(seeds), seeds=format_seeds(seeds), trunc=trunc, base=base, src=src, tgt=tgt, tgt_img=tgt_img,
-                cls=cls, iterations=iterations)
-
-
-STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
 
 
 def study_settings(layers, lr, consistency):
@@ -2281,32 +2532,40 @@ def study_settings(layers, lr, consistency):
 STUDY_FILES = ("results.json", "results.md", "grid.png", "loss.png")
 
 
-def study_steps(out, settings, configs, iters):
+def setting_run(s, setting, out):
+    """The TrainSettings of one study setting, checked: the study's, with the setting's layers, lr and consistency, in
+    OUT/<setting>/, previews at every quarter of --iters and saves at every tenth."""
+    shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(TrainSettings)}
+    return train_settings(**{**shared, "layers": setting["layers"], "lr": setting["lr"],
+                             "consistency": setting["consistency"], "out": os.path.join(out, setting["folder"]),
+                             "sample_every": max(s.iters // 4, 1), "save_every": max(s.iters // 10, 1)})
+
+
+def study_steps(out, runs, iters):
     """Before anything loads: OUT holds only a study's files and runs, and each setting's run, if one exists,
     was started with the same settings and is not past --iters. -> the step each setting's run has reached."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise NadaError(f"--out {out} is a file, not a folder; choose another --out")
-    ours = set(STUDY_FILES) | {s["folder"] for s in settings}   # and runs of other settings, dotfiles, empty folders
+    ours = set(STUDY_FILES) | {os.path.basename(r.out) for r in runs}   # and other runs, dotfiles, empty folders
     others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in ours and not n.startswith(".")
                     and not os.path.isfile(os.path.join(out, n, "config.json")) and not _empty_folder(os.path.join(out, n)))
     if others:
         raise NadaError(f"--out {out} holds other files ({', '.join(others[:3])}): a study needs a new folder or one "
                         "of its own; choose another --out")
     steps = []
-    for s, new in zip(settings, configs):
-        folder = os.path.join(out, s["folder"])
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            old = run_config(folder)
+    for run in runs:
+        if os.path.isfile(os.path.join(run.out, "config.json")):
+            old = run_config(run.out)
             if old is None:
-                raise NadaError(f"{folder}/config.json is damaged: remove {folder} to train that setting again, or "
+                raise NadaError(f"{run.out}/config.json is damaged: remove {run.out} to train that setting again, or "
                                 "choose another --out")
-            changed = changed_setting(old, new)
+            changed = changed_setting(old, run)
             if changed:
-                raise NadaError(f"{folder} was trained with {changed}: rerun the study with the flags it was started "
+                raise NadaError(f"{run.out} was trained with {changed}: rerun the study with the flags it was started "
                                 "with, or choose another --out")
-        steps.append(run_step(folder))
+        steps.append(run_step(run.out))
         if steps[-1] > iters:
-            raise NadaError(f"{folder} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
+            raise NadaError(f"{run.out} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
                             f"{steps[-1]} or more, or choose another --out")
     return steps
 
@@ -2315,120 +2574,120 @@ def _empty_folder(path):
     return os.path.isdir(path) and not os.listdir(path)
 
 
-def run_step(folder):
-    """The step a run folder's state.pt has reached (0 if none)."""
-    state = os.path.join(folder, "state.pt")
-    with contextlib.suppress(Exception):
-        return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"])
-    return 0
+Judges = namedtuple("Judges", "models names trained_with goal samples about")
+Judges.__doc__ = """How a study measures each setting: the CLIP models and their names, the names of those that trained
+the runs, the goal, the samples, and what the eval record says it measured."""
 
 
-def read_log(folder):
-    """log.jsonl's records (a line torn by a kill, or anything that is not a step's record, is skipped)."""
-    path, records = os.path.join(folder, "log.jsonl"), []
-    for line in open(path) if os.path.isfile(path) else ():
-        with contextlib.suppress(ValueError):
-            r = json.loads(line)
-            if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("iter", "loss", "seconds")):
-                records.append(r)
-    return records
-
-
-def study(ckpt="ffhq", src="photo", tgt="sketch", tgt_img=None, layers=STUDY_DEFAULT_LAYERS, lr=LR, consistency=0.0,
-          iters=300, batch=2, mixing=0.0, auto_k=None, clip="ViT-B/32", clip_weights=None, cls=None, seed=0,
-          eval_clip=EVAL_CLIP, n=500, grid=8, trunc=1.0, out=None, device="auto", impl="auto", memory="auto",
-          precision="fp32", wdir=None, offline=False, progress=True, clip_models=None, eval_models=None):
+def study(*, clip_models=None, eval_models=None, **settings):
     """Train one run per setting (the product of layers, lr and consistency lists) in OUT/<setting>/, evaluate each
     (OUT/<setting>/eval.json, as `eval` writes it), and write OUT/grid.png, loss.png, results.md and results.json.
-    Settings already finished are skipped and interrupted ones resume; a setting that fails (a NaN loss) is
-    reported and the others go on; under torchrun each process trains its share. -> the result rows."""
+    settings: the fields of StudySettings, as keywords. Settings already finished are skipped and interrupted
+    ones resume; a setting that fails (a NaN loss) is reported and the others go on; under torchrun each process
+    trains its share. clip_models, eval_models: CLIP modules already loaded (tests). -> the result rows."""
+    s = StudySettings(**settings)
     rank, world = distributed()
-    settings = study_settings(layers, lr, consistency)
-    out = out or os.path.join("studies", f"{_slug(src)}_to_{_slug('images' if tgt_img else tgt)}")
-    check_numbers(n=(n, 2, MAX_IMAGES), grid=(grid, 1, GRID_MAX), trunc=(trunc, -10, 10))
-    run_args = dict(src=src, tgt=tgt, tgt_img=tgt_img, ckpt=ckpt, iters=iters, batch=batch, mixing=mixing,
-                    auto_k=auto_k, clip=clip, clip_weights=clip_weights, cls=cls, seed=seed, impl=impl, wdir=wdir,
-                    offline=offline, memory=memory, precision=precision, sample_every=max(iters // 4, 1),
-                    save_every=max(iters // 10, 1), progress=progress and rank == 0)
-    configs = [train_settings(**{k: v for k, v in run_args.items() if k not in ("impl", "wdir", "offline", "progress")},
-                              layers=s["layers"], lr=s["lr"], consistency=s["consistency"], n_sample=4) for s in settings]
-    steps = study_steps(out, settings, configs, iters)  # every flag and folder checked before anything loads
-    device = process_device(device, impl, world)
-    base = load_generator(resolve_ckpt(ckpt, wdir, offline), device, impl).requires_grad_(False)
-    for s in settings:
-        parse_layers(s["layers"], base, auto_k)
-    class_labels(base, cls, 1)
-    seeds = list(range(n))
-    labels = class_labels(base, cls, n)
-    names, weights, models = load_clip_models(clip, clip_weights, device, wdir, offline, clip_models)
-    eval_names, _, judges = load_clip_models(eval_clip, None, device, wdir, offline, eval_models, flag="--eval-clip")
-    images = [load_image(p) for p in tgt_img or []]
+    grid = study_settings(s.layers, s.lr, s.consistency)
+    out = s.out or os.path.join("studies", run_name(s))
+    check_numbers(n=(s.n, 2, MAX_IMAGES), grid=(s.grid, 1, GRID_MAX), trunc=(s.trunc, -10, 10))
+    runs = [setting_run(s, g, out) for g in grid]
+    steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
+    device = process_device(s.device, s.impl, world)
+    base = load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device, s.impl).requires_grad_(False)
+    for g in grid:
+        parse_layers(g["layers"], base, s.auto_k)
+    class_labels(base, s.cls, 1)
+    samples = Samples(list(range(s.n)), class_labels(base, s.cls, s.n), s.trunc, s.batch)
+    names, _, models = load_clip_models(s.clip, s.clip_weights, device, s.wdir, s.offline, clip_models)
+    eval_names, _, judges = load_clip_models(s.eval_clip, None, device, s.wdir, s.offline, eval_models,
+                                             flag="--eval-clip")
+    goal = Goal(s.src, None if s.tgt_img else s.tgt, [load_image(p) for p in s.tgt_img or []])
     make_folder(out)
     if rank == 0:
-        print(startup_line("study", device, impl, f"{len(settings)} settings", f"base {ckpt}",
-                           f"eval CLIP {', '.join(eval_names)}, {n} samples", f"out {out}") +
+        print(startup_line("study", device, s.impl, f"{len(grid)} settings", f"base {s.ckpt}",
+                           f"eval CLIP {', '.join(eval_names)}, {s.n} samples", f"out {out}") +
               (f" | {world} processes" if world > 1 else ""), flush=True)
-    about = eval_about(seeds, trunc, configs[0]["ckpt"], src, None if tgt_img else tgt, configs[0]["tgt_img"], cls, iters)
-    rows = []
-    for s, step in list(zip(settings, steps))[rank::world]:
-        folder, error, saved = os.path.join(out, s["folder"]), None, {}
-        generator, report = os.path.join(folder, "generator.pt"), os.path.join(folder, "eval.json")
-        try:
-            if step < iters:
-                print(f"--- {s['label']}: training in {folder}", flush=True)
-                train(**run_args, layers=s["layers"], lr=s["lr"], consistency=s["consistency"], out=folder,
-                      resume=folder if os.path.isfile(os.path.join(folder, "state.pt")) else None, device=device,
-                      generator=base, clip_models=models)
-            try:
-                G = load_generator(generator, device, impl)   # a finished run's file is checked too: the grid needs it
-            except NadaError as e:
-                raise NadaError(f"{e}; remove {folder} to train that setting again") from None
-            saved = read_eval(report)
-            if {k: saved.get(k) for k in about} != about or saved.get("clip") != eval_names:
-                results = measure(base, G, judges, src, tgt, images, seeds, labels, trunc, batch, device, show=progress and rank == 0)
-                saved = eval_report(results, eval_names, names, **about, ckpt=os.path.abspath(generator))[0]
-                write_json(saved, report)
-        except NadaError as e:                          # e.g. a NaN loss at a high lr: the other settings still run
-            error, saved = str(e), {}
-            print(f"--- {s['label']}: failed: {error}", flush=True)
-        except Interrupted:
-            print("the study stopped; run the same command again to continue it (finished settings are kept)", flush=True)
-            raise
-        log = read_log(folder)
-        rows.append(dict(setting=s["label"], layers=s["layers"], lr=s["lr"], consistency=s["consistency"],
-                         **{k: saved.get(k) for k in METRICS}, final_loss=log[-1]["loss"] if log else None,
-                         seconds=log[-1]["seconds"] if log else None, folder=s["folder"], error=error))
-    rows = [r for part in gather(rows, world) for r in part]
-    rows.sort(key=lambda r: [s["folder"] for s in settings].index(r["folder"]))
+    about = eval_about(samples, runs[0].ckpt, goal, runs[0].tgt_img, s.cls, s.iters)
+    judging = Judges(judges, eval_names, names, goal, samples, about)
+    mine = list(zip(grid, runs, steps))[rank::world]
+    rows = [study_row(run, g, step, base, device, judging, models, s.progress and rank == 0) for g, run, step in mine]
+    order = [g["folder"] for g in grid]
+    rows = sorted((r for part in gather(rows, world) for r in part), key=lambda r: order.index(r["folder"]))
     if rank == 0:
-        write_study(out, rows, base, seeds[:grid], labels, trunc, device, impl, dict(
-            base=ckpt, src=src, tgt=tgt, tgt_img=tgt_img, iters=iters, clip=names, eval_clip=eval_names, n=n, trunc=trunc))
+        write_study(out, rows, base, samples._replace(seeds=samples.seeds[:s.grid]), device, s.impl, dict(
+            base=s.ckpt, src=s.src, tgt=s.tgt, tgt_img=s.tgt_img, iters=s.iters, clip=names, eval_clip=eval_names,
+            n=s.n, trunc=s.trunc))
     if all(r["error"] for r in rows):
         raise NadaError(f"every setting failed; {os.path.join(out, 'results.md')} says why")
     return rows
 
 
-def write_study(out, rows, base, seeds, labels, trunc, device, impl, about):
+def study_row(run, setting, step, base, device, judging, clip_models, show):
+    """One setting of a study: trained (resumed where it stopped, skipped when finished), then measured unless its
+    eval.json already holds this measure -> its row; a setting that fails (a NaN loss, a damaged generator.pt)
+    is a row that says why, and the study goes on."""
+    folder, label, error, saved = run.out, setting["label"], None, {}
+    generator, report = os.path.join(folder, "generator.pt"), os.path.join(folder, "eval.json")
+    try:
+        if step < run.iters:
+            print(f"--- {label}: training in {folder}", flush=True)
+            resume = folder if os.path.isfile(os.path.join(folder, "state.pt")) else None
+            train(**{**vars(run), "resume": resume, "device": device, "progress": show}, generator=base,
+                  clip_models=clip_models)
+        try:
+            G = load_generator(generator, device, run.impl)   # a finished run's file is checked too: the grid needs it
+        except NadaError as e:
+            raise NadaError(f"{e}; remove {folder} to train that setting again") from None
+        saved = read_eval(report)
+        if {k: saved.get(k) for k in judging.about} != judging.about or saved.get("clip") != judging.names:
+            results = measure(base, G, judging.models, judging.goal, judging.samples, device, show=show)
+            saved = eval_report(results, judging.names, judging.trained_with, **judging.about,
+                                ckpt=os.path.abspath(generator))[0]
+            write_json(saved, report)
+    except NadaError as e:                              # e.g. a NaN loss at a high lr: the other settings still run
+        error, saved = str(e), {}
+        print(f"--- {label}: failed: {error}", flush=True)
+    except Interrupted:
+        print("the study stopped; run the same command again to continue it (finished settings are kept)", flush=True)
+        raise
+    last = (read_log(folder) or [{}])[-1]
+    return dict(setting=label, layers=setting["layers"], lr=setting["lr"], consistency=setting["consistency"],
+                **{k: saved.get(k) for k in METRICS}, final_loss=last.get("loss"), seconds=last.get("seconds"),
+                folder=setting["folder"], error=error)
+
+
+def write_study(out, rows, base, samples, device, impl, about):
     """OUT/results.json, results.md, grid.png (the base row, then a row per setting, same seeds) and loss.png."""
     write_json(dict(about, results=rows), os.path.join(out, "results.json"))
     cols = ("clip_score", "directional", "diversity_ratio", "pair_similarity", "final_loss", "seconds")
-    fmt = lambda v: "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)
     table = [f"| setting | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    table += [f"| {r['setting']} | " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    table += [f"| {r['setting']} | " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
     table += [f"\n{r['setting']} failed: {r['error']}" for r in rows if r["error"]]
-    title = f"# {about['src']} -> {about['tgt_img'] and 'images' or about['tgt']} on {about['base']}, {about['iters']} steps"
-    note = f"Evaluated with {', '.join(about['eval_clip'])} on {about['n']} samples (seeds 0-{about['n'] - 1}), truncation {about['trunc']}."
+    target = "images" if about["tgt_img"] else about["tgt"]
+    title = f"# {about['src']} -> {target} on {about['base']}, {about['iters']} steps"
+    note = (f"Evaluated with {', '.join(about['eval_clip'])} on {about['n']} samples (seeds 0-{about['n'] - 1}), "
+            f"truncation {about['trunc']}.")
     atomic_write_text(os.path.join(out, "results.md"), "\n".join([title, "", note, "", *table, ""]))
+    done = [r for r in rows if not r["error"]]         # a failed setting has no row in the grid
     with torch.no_grad():
-        z = seed_latents(base, seeds).to(device)
-        ws = base.mapping(z, None if labels is None else labels[:len(seeds)].to(device), trunc)
-        done = [r for r in rows if not r["error"]]     # a failed setting has no row in the grid
-        images = [base.synthesis(ws).cpu()] + [load_generator(os.path.join(out, r["folder"], "generator.pt"), device, impl)
-                                               .synthesis(ws).cpu() for r in done]
+        z = seed_latents(base, samples.seeds).to(device)
+        labels = None if samples.labels is None else samples.labels[:len(samples.seeds)].to(device)
+        ws = base.mapping(z, labels, samples.trunc)
+        images = [base.synthesis(ws).cpu()]
+        for r in done:
+            G = load_generator(os.path.join(out, r["folder"], "generator.pt"), device, impl)
+            images.append(G.synthesis(ws).cpu())
     draw_labelled_grid(images, ["base"] + [r["setting"] for r in done], os.path.join(out, "grid.png"))
-    draw_loss_plot({r["setting"]: [(e["iter"], e["loss"]) for e in read_log(os.path.join(out, r["folder"]))] for r in rows},
-                   os.path.join(out, "loss.png"))
+    curves = {r["setting"]: [(e["iter"], e["loss"]) for e in read_log(os.path.join(out, r["folder"]))] for r in rows}
+    draw_loss_plot(curves, os.path.join(out, "loss.png"))
     print("\n".join(table) + f"\nwrote results.md, results.json, grid.png and loss.png to {out}")
+
+
+def _cell(v):
+    """A number of results.md: 4 decimals, '-' where there is none."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def _font(size):
@@ -2487,7 +2746,6 @@ def draw_loss_plot(curves, path, size=(720, 420)):
 # ----------------------------------------------------------------------------------------------------------
 # dry run: the memory a run needs, counted on the meta device (shapes, no data) over the real setup and steps
 
-MEMORY_MODES, PRECISIONS = ("auto", "fast", "low"), ("fp32", "bf16")
 CUDA_CONTEXT = 2 ** 29                 # ~0.5 GiB that the CUDA context and kernels take on top, a stated constant
 CLIP_ARCHITECTURES = {  # embed, resolution, vision layers, vision width, patch, text width, heads, text layers
     "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12), "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
@@ -2510,17 +2768,27 @@ def free_gpu_bytes(device):
     return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
 
 
-def choose_memory(memory, device, estimate_fast):
+def choose_memory(s, device):
     """--memory auto -> low exactly when fast's estimated peak (plus the CUDA context) exceeds the free GPU memory.
     -> (mode, why), why for the startup line."""
-    if memory != "auto":
-        return memory, "as asked"
+    if s.memory != "auto":
+        return s.memory, "as asked"
     if not device.startswith("cuda"):
         return "fast", "on the CPU"
-    need, free = estimate_fast()["peak_bytes"] + CUDA_CONTEXT, free_gpu_bytes(device)
+    need = dry_run(dataclasses.replace(s, memory="fast", device=device))["peak_bytes"] + CUDA_CONTEXT
+    free = free_gpu_bytes(device)
     if free is None:
         return "fast", f"needs {need / 2 ** 30:.1f} GiB; no GPU here to compare"
     return ("low" if need > free else "fast"), f"fast needs {need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free"
+
+
+def dry_run(s):
+    """What a run of settings `s` needs on s.device (a GPU need not be here): the run's own setup and two of its steps
+    on the meta device, counted by estimate_memory; nothing is read, downloaded or written. -> a dict of bytes"""
+    device = estimated_device(s.device)
+    memory, why = choose_memory(s, device)
+    t = prepare(s, device, memory, meta=True)
+    return dict(estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt), device=device, memory=memory, why=why)
 
 
 def named_architecture(name):
@@ -2653,150 +2921,82 @@ def doctor(device="auto", build_ops=False, wdir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line
+# command line: a subcommand per settings record, a flag per setting
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one and the help text does not already say it."""
+COMMANDS = {  # name: (its settings, its line in --help, its description)
+    "train": (TrainSettings, "adapt a generator from text",
+              "Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss."),
+    "sample": (SampleSettings, "render images from a generator", None),
+    "eval": (EvalSettings, "measure an adapted generator with CLIP", "CLIP scores of an adapted generator against its "
+             "base (clip_score, directional, diversity and the diversity ratio, pair similarity); several GPUs: "
+             "torchrun ... nada.py eval."),
+    "study": (StudySettings, "train and compare several settings", "One run per setting (the product of --layers, "
+              "--lr and --consistency lists), each evaluated; writes grid.png, loss.png, results.md and results.json. "
+              "Rerun to resume; several GPUs: torchrun --nproc_per_node N nada.py study ..."),
+    "models": (Common, "list the named generators", None),
+    "doctor": (DoctorSettings, "check the environment", None),
+}
 
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in action.help:
-            return action.help
-        return super()._get_help_string(action)
 
-
-def build_parser(run_defaults=None):
-    """The CLI. run_defaults: settings of the run that `train --resume` continues, as train's defaults."""
-    fmt = _HelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    common.add_argument("--impl", default="auto", choices=IMPLS, help="ops path: auto = CUDA kernels when they build")
-    common.add_argument("--weights-dir", dest="wdir", default=None, help="where named weights are kept "
-                        "(default: $NADA_WEIGHTS, else weights/ beside nada.py)")
-    common.add_argument("--offline", action="store_true", help="never touch the network (also NADA_OFFLINE=1)")
-    p = argparse.ArgumentParser(prog="nada.py", description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="adapt a generator from text",
-                       description="Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss.")
-    t.add_argument("--src", default="photo", help="source prompt")
-    t.add_argument("--tgt", default="sketch", help="target prompt")
-    t.add_argument("--tgt-img", nargs="+", default=None, help="target images instead of a target prompt")
-    t.add_argument("--ckpt", default="ffhq", help="base generator: a file or a name from `nada.py models`")
-    t.add_argument("--class", dest="cls", default=None, help="class-conditional generators: NAME, INDEX or all")
-    t.add_argument("--clip", default="ViT-B/32", help="CLIP models, comma-separated names or files")
-    t.add_argument("--clip-weights", default=None, help="their loss weights, comma-separated (default: 1 each)")
-    t.add_argument("--layers", default="auto", help="auto | all | last:N | first:N | resolutions like 16,32")
-    t.add_argument("--auto-k", type=int, default=None, help="auto: train the layers of the top K W+ entries "
-                   "(default: all of them)")
-    t.add_argument("--iters", type=int, default=300, help="training steps")
-    t.add_argument("--batch", type=int, default=2, help="latents per step")
-    t.add_argument("--lr", type=float, default=LR, help="Adam, betas (0, 0.99^0.8): NADA's effective values")
-    t.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability (0.9 helps shape changes)")
-    t.add_argument("--consistency", type=float, default=0.0, help="weight of the pairwise-cosine consistency loss "
-                   "that keeps images diverse (HyperDomainNet; 0 = NADA as published)")
-    t.add_argument("--seed", type=int, default=0, help="seeds every random draw; same seed, same run")
-    t.add_argument("--out", default=None, help="run folder (default: runs/<src>_to_<tgt>)")
-    t.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
-    t.add_argument("--sample-every", type=int, default=50, help="write a preview grid every N steps")
-    t.add_argument("--save-every", type=int, default=50, help="write generator.pt and state.pt every N steps")
-    t.add_argument("--n-sample", type=int, default=4, help="preview columns (fixed seeds)")
-    t.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="low: recompute layers in backward, CLIP in "
-                   "float16 on CUDA; auto: low only when fast would not fit the GPU")
-    t.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the generators' arithmetic (bf16: autocast)")
-    t.add_argument("--dry-run", action="store_true", help="estimate the GPU memory (meta device: nothing read, "
-                   "downloaded or written) and stop")
-    t.set_defaults(**(run_defaults or {}))
-
-    s = sub.add_parser("sample", parents=[common], formatter_class=fmt, help="render images from a generator")
-    s.add_argument("--ckpt", default=None, help="a file or a model name (default: the newest runs/*/generator.pt)")
-    s.add_argument("--n", type=int, default=8, help="number of images (seeds 0..n-1) when --seeds is not given")
-    s.add_argument("--seeds", default=None, help="e.g. 0-15 or 1,5,9")
-    s.add_argument("--trunc", type=float, default=1.0, help="truncation psi toward the average w")
-    s.add_argument("--noise-mode", default="const", choices=("const", "random", "none"),
-                   help="const: the checkpoint's stored noise; random: seeded per image")
-    s.add_argument("--class", dest="cls", default=None, help="conditional generators: NAME or INDEX (or all)")
-    s.add_argument("--compare", action="store_true", help="the base generator beside the adapted one")
-    s.add_argument("--out", default=None, help="output folder (default: RUN/sample or samples/<ckpt>)")
-
-    e = sub.add_parser("eval", parents=[common], formatter_class=fmt, help="measure an adapted generator with CLIP",
-                       description="CLIP scores of an adapted generator against its base (clip_score, directional, "
-                       "diversity and the diversity ratio, pair similarity); several GPUs: torchrun ... nada.py eval.")
-    e.add_argument("--ckpt", default=None, help="a run folder or generator file (default: the newest runs/*)")
-    e.add_argument("--base", default=None, help="the base generator, NAME or FILE (default: the one the run recorded)")
-    e.add_argument("--src", default=None, help="source prompt (default: the run's)")
-    e.add_argument("--tgt", default=None, help="target prompt (default: the run's)")
-    e.add_argument("--clip", default=EVAL_CLIP, help="CLIP models, comma-separated; better one that did not train the run")
-    e.add_argument("--n", "--samples", dest="n", type=int, default=500, help="samples (seeds 0..n-1) when --seeds is "
-                   "not given (under torchrun, which claims --n, write --samples)")
-    e.add_argument("--seeds", default=None, help="e.g. 0-499, drawn exactly as `sample` draws them")
-    e.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1: the full diversity)")
-    e.add_argument("--class", dest="cls", default=None, help="conditional generators (default: the run's)")
-    e.add_argument("--batch", type=int, default=8, help="images per forward pass")
-    e.add_argument("--out", default=None, help="the JSON file (default: RUN/eval.json)")
-
-    st = sub.add_parser("study", parents=[common], formatter_class=fmt, help="train and compare several settings",
-                        description="One run per setting (the product of --layers, --lr and --consistency lists), "
-                        "each evaluated; writes grid.png, loss.png, results.md and results.json. Rerun to resume; "
-                        "several GPUs: torchrun --nproc_per_node N nada.py study ...")
-    st.add_argument("--ckpt", default="ffhq", help="base generator: a file or a name from `nada.py models`")
-    st.add_argument("--src", default="photo", help="source prompt")
-    st.add_argument("--tgt", default="sketch", help="target prompt")
-    st.add_argument("--tgt-img", nargs="+", default=None, help="target images instead of a target prompt")
-    st.add_argument("--class", dest="cls", default=None, help="class-conditional generators: NAME, INDEX or all")
-    st.add_argument("--layers", default=STUDY_DEFAULT_LAYERS, help="settings, comma-separated (resolutions as 16+32)")
-    st.add_argument("--lr", default=f"{LR:g}", help="learning rates, comma-separated")
-    st.add_argument("--consistency", default="0", help="consistency weights, comma-separated")
-    st.add_argument("--iters", type=int, default=300, help="training steps per setting")
-    st.add_argument("--batch", type=int, default=2, help="latents per step")
-    st.add_argument("--mixing", type=float, default=0.0, help="style-mixing probability")
-    st.add_argument("--auto-k", type=int, default=None, help="for auto layers: the top K W+ entries")
-    st.add_argument("--clip", default="ViT-B/32", help="CLIP models of the training loss")
-    st.add_argument("--clip-weights", default=None, help="their loss weights, comma-separated")
-    st.add_argument("--seed", type=int, default=0, help="the same seed for every setting")
-    st.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="as for train")
-    st.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as for train")
-    st.add_argument("--eval-clip", default=EVAL_CLIP, help="CLIP models that measure the runs")
-    st.add_argument("--n", "--samples", dest="n", type=int, default=500, help="samples each setting is measured on "
-                    "(under torchrun, which claims --n, write --samples)")
-    st.add_argument("--grid", type=int, default=8, help="columns of grid.png (its first seeds)")
-    st.add_argument("--trunc", type=float, default=1.0, help="truncation psi of the measure and the grid")
-    st.add_argument("--out", default=None, help="study folder (default: studies/<src>_to_<tgt>)")
-
-    sub.add_parser("models", parents=[common], formatter_class=fmt, help="list the named generators")
-    d = sub.add_parser("doctor", parents=[common], formatter_class=fmt, help="check the environment")
-    d.add_argument("--build-ops", action="store_true", help="compile the CUDA ops now (no GPU needed)")
+def build_parser():
+    """The command line. A flag that is not typed stays out of the parsed arguments (argparse.SUPPRESS), so the
+    record's default applies, or, for `train --resume`, the run's own setting."""
+    p = argparse.ArgumentParser(prog="nada.py", description=__doc__.split("\n\n")[0].strip())
+    commands = p.add_subparsers(dest="cmd", required=True)
+    for cmd, (record, summary, description) in COMMANDS.items():
+        c = commands.add_parser(cmd, help=summary, description=description or summary)
+        for f in dataclasses.fields(record):
+            if f.metadata["help"]:
+                add_flag(c, f)
     return p
 
 
+def add_flag(parser, f):
+    """A setting as a flag: its type from the record's annotation, its default shown in its help."""
+    cli = dict(f.metadata["cli"])
+    names = cli.pop("flags", ("--" + f.name.replace("_", "-"),))
+    if f.type is bool:
+        cli["action"] = "store_true"
+    elif f.type is not list:
+        cli["type"] = f.type
+    shown = "" if f.default in (None, False) or "default" in f.metadata["help"] else f" (default: {f.default})"
+    parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown, **cli)
+
+
+def run_command(cmd, args):
+    """One command with the flags typed -> its exit code."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cmd not in ("eval", "study"):
+        raise NadaError(f"`{cmd}` runs in one process; torchrun shares out the work of `eval` and `study`")
+    if cmd == "doctor":
+        s = DoctorSettings(**args)
+        return doctor(s.device, s.build_ops, s.wdir)
+    if cmd == "models":
+        list_models(Common(**args).wdir)
+    elif cmd == "train" and args.get("dry_run"):
+        print_estimate(train(**args))
+    else:
+        dict(train=train, sample=sample, eval=evaluate, study=study)[cmd](**args)
+    return 0
+
+
+def out_of_memory(e):
+    """Whether an error is an allocation too large for this machine: a MemoryError, torch's OutOfMemoryError (GPU),
+    or the plain RuntimeError of torch's CPU allocator, which only its text tells apart."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    resume = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    resume.add_argument("--resume")
+    """The command line -> exit code: 0 done, 1 doctor found a problem, 2 bad input (one line on stderr),
+    128 + N stopped by signal N (the run saved first)."""
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv]))
     try:
-        run = resume.parse_known_args(argv)[0].resume if argv[:1] == ["train"] else None
-        args = build_parser(run_settings(run) if run else None).parse_args(argv)   # a run's settings, unless typed
-        opts = {k: v for k, v in vars(args).items() if k != "cmd"}
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.cmd not in ("eval", "study"):
-            raise NadaError(f"`{args.cmd}` runs in one process; torchrun shares out the work of `eval` and `study`")
-        if args.cmd == "train" and args.dry_run:
-            print_estimate(train(**opts))
-        elif args.cmd == "train":
-            train(**opts)
-        elif args.cmd == "sample":
-            sample(**opts)
-        elif args.cmd == "eval":
-            evaluate(**opts)
-        elif args.cmd == "study":
-            study(**opts)
-        elif args.cmd == "models":
-            list_models(args.wdir)
-        elif args.cmd == "doctor":
-            return doctor(args.device, args.build_ops, args.wdir)
+        return run_command(args.pop("cmd"), args)
     except NadaError as e:
         print(f"nada: error: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:            # an allocation too large for this machine, CPU or GPU
-        if not isinstance(e, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(e)):
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
             raise
         print(f"nada: error: out of memory ({_first_line(e)[:160]}); lower --batch, --n-sample or --n, or use a "
               "smaller model", file=sys.stderr)
@@ -2806,7 +3006,6 @@ def main(argv=None):
     finally:
         if "WORLD_SIZE" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

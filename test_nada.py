@@ -1147,8 +1147,10 @@ def test_eval_renders_the_latents_sample_renders(tmp_path, colour_clip, monkeypa
     from PIL import Image
     rendered = nada.to_uint8(torch.cat(seen[0::2]))        # per batch: the base's images, then the adapted ones
     assert len(seen) == 6 and len(rendered) == 5
-    for k, s in enumerate(range(3, 8)):
-        assert np.array_equal(rendered[k], np.asarray(Image.open(tmp_path / "s" / f"seed{s:04d}.png")))
+    for k, s in enumerate(range(3, 8)):                    # eval renders 2 at a time, sample 1: the convolutions
+        png = np.asarray(Image.open(tmp_path / "s" / f"seed{s:04d}.png")).astype(int)   # may round a value
+        diff = np.abs(rendered[k].astype(int) - png)          # across a uint8 step (seen: 1 pixel of 1024)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (s, diff.max(), (diff > 0).sum())
 
 
 @pytest.fixture(scope="module")
