@@ -1171,31 +1171,21 @@ def _fit(path, sd, config):
         got, need = (f"{tuple(d[k].shape)} {d[k].dtype}" if k in d else "none" for d in (sd, want))
         raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator ({k[:80]} is {got}; the architecture "
                         f"needs {need})")
-    _check_storage(path, sd, os.path.getsize(path), owners=dict(G.named_parameters()))
+    _check_storage(path, sd, os.path.getsize(path))
     G.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
     return G
 
 
-def _check_storage(path, tensors, budget, owners=()):
-    """Refuse tensors that show more bytes than they store (a stride-0 view of a huge size) or, all together, than
-    the file holds, and a tensor named in `owners` (parameters) that shares its bytes with another."""
-    total, spans = 0, []
+def _check_storage(path, tensors, budget):
+    """Refuse tensors that show more bytes than they store (a stride-0 view of a huge size) or, all together, more
+    than the file holds: what a load builds (a copy of each tensor) never exceeds the file's size."""
+    total = 0
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
         total += nbytes
         if nbytes > v.untyped_storage().nbytes() or total > budget:
             raise NadaError(f"{path}: tensor {k[:80]} shows more bytes than are stored ({nbytes} from a storage of "
                             f"{v.untyped_storage().nbytes()}, {total} in all from a file of {budget}); it is damaged")
-        if nbytes:
-            start = v.untyped_storage().data_ptr() + v.storage_offset() * v.element_size()
-            extent = (1 + sum((n - 1) * s for n, s in zip(v.shape, v.stride()))) * v.element_size()
-            spans.append((start, start + extent, k))
-    reach = (0, 0, None)                                # the span reaching furthest so far
-    for start, end, k in sorted(spans):
-        if start < reach[1] and (k in owners or reach[2] in owners):
-            raise NadaError(f"{path}: tensors {reach[2][:80]} and {k[:80]} share their bytes; a saved generator "
-                            "never does (the file is damaged or was made to mislead)")
-        reach = max(reach, (start, end, k), key=lambda s: s[1])
 
 
 def _refusal(e):
@@ -1315,7 +1305,9 @@ def _is_name(x):
 
 
 class _PickleFile:
-    """A pickle's file that knows the bytes left; lazy: large reads return a _Blob and skip (tensor bytes stay on disk)."""
+    """A pickle's file that never reads past its end. Pickle allocates what a length field claims before it reads (a
+    13-byte file can ask for 6 GB), so every read is checked against the bytes left first. lazy: reads of BLOB_MIN
+    bytes or more return a _Blob and skip them (the tensors' bytes stay on disk until they are needed)."""
 
     def __init__(self, f, lazy=False):
         self.f, self.lazy, self.readline = f, lazy, f.readline
@@ -1326,8 +1318,10 @@ class _PickleFile:
     def left(self):
         return self.size - self.f.tell()
 
-    def read(self, n=-1):
-        if not self.lazy or n is None or n < BLOB_MIN:
+    def read(self, n):
+        if not 0 <= n <= self.left():
+            raise EOFError(TRUNCATED)
+        if not self.lazy or n < BLOB_MIN:
             return self.f.read(n)
         blob = _Blob(self.f, self.f.tell(), n)
         self.f.seek(n, 1)
@@ -1335,8 +1329,9 @@ class _PickleFile:
 
 
 class _SafeUnpickler(pickle._Unpickler):
-    """Python's own unpickler (not the C one, so that large reads can stay on disk), restricted: only allow-listed
-    globals resolve, lengths are checked before use and only plain values are hashed (see the opcodes below)."""
+    """Python's own unpickler (not the C one, whose reads the _PickleFile could not check), restricted: only
+    allow-listed globals resolve, and only plain values (str, bytes, numbers, None) are hashed as dictionary keys or
+    set items, since hashing a tuple nested through shared references takes exponential time."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, src, allowed, storage=None):
@@ -1344,6 +1339,7 @@ class _SafeUnpickler(pickle._Unpickler):
         self.src, self.allowed, self.storage = src, allowed, storage
 
     def left(self):
+        """The bytes left: in the file, and in the frame being read."""
         frame = self._unframer.current_frame
         return self.src.left() + (frame.getbuffer().nbytes - frame.tell() if frame else 0)
 
@@ -1360,6 +1356,35 @@ class _SafeUnpickler(pickle._Unpickler):
             raise _Refused("it refers to data outside the pickle")
         return self.storage(pid)
 
+    def load_setitem(self):                             # the stack ends: dict, key, value
+        _plain(self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):                            # the stack since the mark: key, value, key, value, ...
+        _plain(self.stack[::2])
+        pickle._Unpickler.load_setitems(self)
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_dict(self):
+        _plain(self.stack[::2])
+        pickle._Unpickler.load_dict(self)
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def load_additems(self):                            # the stack since the mark: a set's items
+        _plain(self.stack)
+        pickle._Unpickler.load_additems(self)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_frozenset(self):
+        _plain(self.stack)
+        pickle._Unpickler.load_frozenset(self)
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def load_bytearray8(self):                          # pickle's own makes the array before it reads the bytes
+        self.append(bytearray(self.read(int.from_bytes(self.read(8), "little"))))
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
 
 class _ArchiveUnpickler(_SafeUnpickler):
     """For TorchScript archives: the classes they name (`__torch__.…`) become inert _ScriptObject types."""
@@ -1370,47 +1395,11 @@ class _ArchiveUnpickler(_SafeUnpickler):
         return super().find_class(module, name)
 
 
-def _sized(nbytes, signed, what, push):
-    """An opcode with a length field. Pickle itself allocates what the field claims before reading (a 13-byte file
-    can ask for 6 GB), so the claim is checked against the bytes left first; only byte strings may be long."""
-    def load(self):
-        raw = self.read(nbytes)
-        n = int.from_bytes(raw, "little", signed=signed)
-        if len(raw) < nbytes or n < 0 or n > self.left():
-            raise EOFError(TRUNCATED)
-        if what and n >= BLOB_MIN:
-            raise _Refused(f"it holds a {what} of {n} bytes; checkpoints hold none that long")
-        push(self, n)
-    return load
-
-
 def _plain(items):
-    """Hashing a tuple nested through shared references takes exponential time: only plain values may be hashed
-    (dictionary keys, set items); checkpoints never use others."""
+    """Refuse dictionary keys or set items other than plain values: checkpoints never use others."""
     if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in items):
         raise _Refused("it uses a container as a dictionary key or set item; checkpoints never do")
     return items
-
-
-def _plain_keys(load, keys):
-    def checked(self):
-        _plain(keys(self))
-        load(self)
-    return checked
-
-
-_text = lambda u, n: u.append(str(u.read(n), "utf-8", "surrogatepass"))
-_SafeUnpickler.dispatch.update({op[0]: _sized(*spec) for op, spec in {
-    pickle.BINBYTES: (4, False, None, lambda u, n: u.append(u.read(n))),
-    pickle.BINBYTES8: (8, False, None, lambda u, n: u.append(u.read(n))),
-    pickle.BYTEARRAY8: (8, False, "byte array", lambda u, n: u.append(bytearray(u.read(n)))),
-    pickle.BINSTRING: (4, True, "text string", lambda u, n: u.append(u._decode_string(u.read(n)))),
-    pickle.BINUNICODE: (4, False, "text string", _text), pickle.BINUNICODE8: (8, False, "text string", _text),
-    pickle.LONG4: (4, True, "number", lambda u, n: u.append(pickle.decode_long(u.read(n)))),
-    pickle.FRAME: (8, False, "pickle frame", lambda u, n: u._unframer.load_frame(n))}.items()})
-_SafeUnpickler.dispatch.update({op[0]: _plain_keys(_SafeUnpickler.dispatch[op[0]], keys) for op, keys in {
-    pickle.SETITEM: lambda u: u.stack[-2:-1], pickle.SETITEMS: lambda u: u.stack[::2], pickle.DICT: lambda u: u.stack[::2],
-    pickle.ADDITEMS: lambda u: u.stack, pickle.FROZENSET: lambda u: u.stack}.items()})
 
 
 def _unpickle(src, allowed, storage=None, kind=_SafeUnpickler):
@@ -1784,52 +1773,73 @@ def read_clip_weights(path):
 
 
 def _read_torchscript(path):
-    """The parameters and buffers of a TorchScript archive (None for other zips), never run: a zip whose
-    <name>/data.pkl pickles the module tree, each tensor's bytes in the record <name>/data/<key>. The classes' code
-    is only read for the names of their parameters and buffers."""
-    size, storages, sd = os.path.getsize(path), {}, {}
+    """The parameters and buffers of a TorchScript archive (None for other zips), never run. The archive is a zip:
+    <root>/data.pkl pickles the module tree, <root>/data/<key> holds each tensor's bytes, and <root>/code/ each
+    class's code, which is only read, as text, for the names of its parameters and buffers."""
     with zipfile.ZipFile(path) as zf:
         root = zf.namelist()[0].split("/")[0]
-        if f"{root}/code/" not in {n[:len(root) + 6] for n in zf.namelist()}:
+        if not any(n.startswith(f"{root}/code/") for n in zf.namelist()):
             return None                                 # a torch.save zip, not an archive
-
-        def record(name):
-            info = zf.getinfo(f"{root}/{name}")
-            if info.file_size > size:
-                raise _Refused("a record larger than the file; the file is damaged")
-            return zf.read(info)
-
-        def storage(pid):                               # ('storage', dtype, key, location, numel)
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and _is_name(pid[2])):
-                raise _Refused("a tensor whose storage is not a record of the archive")
-            if pid[2] not in storages:
-                storages[pid[2]] = _storage(pid[1], record(f"data/{pid[2]}"))
-            if storages[pid[2]].numel() != pid[4]:
-                raise _Refused("a tensor record of the wrong size; the file is damaged")
-            return storages[pid[2]]
-        tree = _unpickle(_PickleFile(io.BytesIO(record("data.pkl"))), _tensor_arrays(), storage, _ArchiveUnpickler)
+        archive = _Archive(zf, root, os.path.getsize(path))
+        tree = _unpickle(_PickleFile(io.BytesIO(archive.record("data.pkl"))), _tensor_arrays(), archive.storage,
+                         _ArchiveUnpickler)
         if not isinstance(tree, _ScriptObject):
             raise _Refused("its data.pkl holds no module")
-        for prefix, m in _modules(tree, lambda m: [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)]
-                                  if isinstance(m.state, dict) else []):
+        sd = {}
+        for prefix, m in _modules(tree, _script_children):
             if not isinstance(m.state, dict):
                 raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
                                "__setstate__); nada reads archives of plain modules only")
-            names = _declared_tensors(zf, root, m.qualname)
-            sd.update({prefix + k: v for k, v in m.state.items() if isinstance(v, torch.Tensor)
-                       and (names is None or k in names)})
+            names = archive.declared_tensors(m.qualname)
+            sd.update({prefix + k: v for k, v in m.state.items()
+                       if isinstance(v, torch.Tensor) and (names is None or k in names)})
     return sd
 
 
-def _declared_tensors(zf, root, qualname):
-    """The parameters and buffers a TorchScript class declares in its code (read as text): other tensor attributes
-    are not in its state dict. None where the code says nothing (then every tensor attribute counts)."""
-    module, cls = qualname.rsplit(".", 1)
-    with contextlib.suppress(KeyError):
-        block = re.search(rf"^class {cls}\(Module\):\n((?:  .*\n)*)", zf.read(f"{root}/code/{module.replace('.', '/')}.py")
-                          .decode("utf-8", "replace"), re.M)
-        lists = re.findall(r"^  __(?:parameters|buffers)__ = \[(.*)\]$", block[1] if block else "", re.M)
-        return set(re.findall(r'"(\w+)"', " ".join(lists))) if lists else None
+def _script_children(m):
+    return [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)] if isinstance(m.state, dict) else []
+
+
+class _Archive:
+    """The records of a TorchScript archive (a zip), read as data."""
+
+    def __init__(self, zf, root, size):
+        self.zf, self.root, self.size, self.storages = zf, root, size, {}
+
+    def record(self, name):
+        info = self.zf.getinfo(f"{self.root}/{name}")
+        if info.file_size > self.size:
+            raise _Refused("a record larger than the file; the file is damaged")
+        return self.zf.read(info)
+
+    def storage(self, pid):
+        """A tensor storage named by the pickle: ('storage', dtype, key, location, numel) -> its 1-D tensor."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and _is_name(pid[2])):
+            raise _Refused("a tensor whose storage is not a record of the archive")
+        key = pid[2]
+        if key not in self.storages:
+            self.storages[key] = _storage(pid[1], self.record(f"data/{key}"))
+        if self.storages[key].numel() != pid[4]:
+            raise _Refused("a tensor record of the wrong size; the file is damaged")
+        return self.storages[key]
+
+    def declared_tensors(self, qualname):
+        """The parameters and buffers a class declares in its code (lines `  __parameters__ = ["weight", ]` in its
+        `class Name(Module):` block): its other tensor attributes are not state. None where the code says nothing;
+        then every tensor attribute counts."""
+        module, cls = qualname.rsplit(".", 1)
+        try:
+            code = self.record(f"code/{module.replace('.', '/')}.py").decode("utf-8", "replace")
+        except KeyError:
+            return None
+        names, declared, inside = set(), False, False
+        for line in code.splitlines():
+            if not line.startswith(" "):
+                inside = line == f"class {cls}(Module):"
+            elif inside and line.startswith(("  __parameters__ = [", "  __buffers__ = [")):
+                declared = True
+                names.update(re.findall(r'"(\w+)"', line))
+        return names if declared else None
 
 
 def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None, flag="--clip"):
