@@ -65,25 +65,6 @@ IMPLS = ("auto", "cuda", "ref")        # auto: the kernel for CUDA tensors when 
 OPS = ("bias_act", "upfirdn2d")
 
 
-@functools.lru_cache(maxsize=None)
-def ops_build():
-    """ops/build.py beside this file, imported at the first CUDA use of an op (never at import), or None."""
-    path = os.path.join(HERE, "ops", "build.py")
-    if not os.path.isfile(path):
-        return None
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("nada_ops_build", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_op(op, require_gpu=True):
-    """The compiled op, built on first use. -> (torch.ops.nada, None) or (None, the reason it is unavailable)."""
-    build = ops_build()
-    return build.load_op(op, require_gpu) if build else (None, "no ops/ folder beside nada.py")
-
-
 def _use_cuda(x, impl, op):
     """The dispatch rule: ref -> reference; cuda -> kernel or an error; auto -> kernel iff x is on CUDA and it builds."""
     if impl not in IMPLS:
@@ -654,8 +635,8 @@ and the unit target embedding [D] that adaptive layer selection pulls images tow
 
 
 def class_labels(G, cls, n, generator=None):
-    """One-hot labels [n, c_dim] for --class NAME|INDEX|all, or None for an unconditional generator.
-    all: random classes when `generator` draws them, else cycling through the classes."""
+    """One-hot labels [n, c_dim] for --class NAME|INDEX|all, or None for an unconditional generator. all: classes
+    drawn by `generator`, or without one cycling through them."""
     if not G.c_dim:
         if cls is not None:
             raise NadaError(f"--class {cls}: this generator is unconditional")
@@ -663,16 +644,13 @@ def class_labels(G, cls, n, generator=None):
     names = CIFAR10_CLASSES if G.c_dim == 10 else ()
     choices = (f"one of {', '.join(names)}, " if names else "") + f"an index 0-{G.c_dim - 1}, or all"
     if cls is None:
-        raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class with {choices}")
-    cls = str(cls)
-    if cls == "all" and generator is not None:
-        idx = torch.randint(G.c_dim, (n,), generator=generator)
-    elif cls == "all":
-        idx = torch.arange(n) % G.c_dim
-    elif cls in names:
-        idx = torch.full((n,), names.index(cls))
-    elif cls.isdigit() and int(cls) < G.c_dim:
-        idx = torch.full((n,), int(cls))
+        raise NadaError(f"this generator is class-conditional ({G.c_dim} classes): pass --class "
+                        + ("NAME, " if names else "") + f"INDEX (0-{G.c_dim - 1}) or all"
+                        + (f"; names: {', '.join(names)}" if names else ""))
+    if str(cls) == "all":
+        idx = torch.arange(n) % G.c_dim if generator is None else torch.randint(G.c_dim, (n,), generator=generator)
+    elif str(cls) in names or (str(cls).isdigit() and int(cls) < G.c_dim):
+        idx = torch.full((n,), names.index(cls) if cls in names else int(cls))
     else:
         raise NadaError(f"--class {cls}: unknown class; use {choices}")
     return F.one_hot(idx, G.c_dim).float()
@@ -837,7 +815,7 @@ def sample(**settings):
     """Render one PNG per seed and a grid.png -> the output folder. settings: the fields of SampleSettings, as
     keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base generator beside the adapted one."""
     s = SampleSettings(**settings)
-    seeds = check_sample_settings(s.seeds, s.n, s.trunc, s.noise_mode)
+    seeds = seeds_of(checked(s))
     path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
     device = check_device(s.device, s.impl)
     G = load_generator(path, device, s.impl)
@@ -872,24 +850,28 @@ def sample(**settings):
 # Plumbing. Everything below serves the method above, which reaches it through: the settings records
 # (TrainSettings, SampleSettings, train_settings), the loaders (load_generator, resolve_ckpt,
 # base_generator, run_clip_models, load_clip, load_image), the run folder (RunFolder), the dry run (dry_run,
-# choose_memory), the checks and outputs of the commands (check_device, check_sample_settings, sample_paths,
+# choose_memory), the checks and outputs of the commands (check_device, checked, seeds_of, sample_paths,
 # make_folder, save_image, make_grid, startup_line, describe_run, GRID_MAX) and NadaError, defined at the top.
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
-# settings: every flag once, with its default and its help. The command line is built from these records, a run
-# records its own in config.json, --resume and a study's rerun compare them, and nada.train(...) takes them.
+# settings: every flag once, with its default, its bounds and its help. The command line is built from these
+# records, a run records its own in config.json, and --resume and a study's rerun compare them.
 
 MEMORY_MODES, PRECISIONS, NOISE_MODES = ("auto", "fast", "low"), ("fp32", "bf16"), ("const", "random", "none")
 EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
 STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
+MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
+MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
+GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
 
 
-def setting(default, help=None, kind=None, **cli):
+def setting(default, help=None, kind=None, bounds=None, **cli):
     """One field of a settings record. help: its --help line (None: no flag, Python only). kind: "run" for what
     defines a run (recorded in config.json; a continuation must keep it), "steps" for how long and how often
-    (recorded; a continuation may change it), None for this process only. cli: argparse's extras."""
-    return dataclasses.field(default=default, metadata=dict(help=help, kind=kind, cli=cli))
+    (recorded; a continuation may change it), None for this process only. bounds: (lowest, highest or None) of a
+    number. cli: argparse's extras (choices, flags)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, kind=kind, bounds=bounds, cli=cli))
 
 
 @dataclasses.dataclass
@@ -915,23 +897,22 @@ class TrainSettings(Common):
     clip_weights: str = setting(None, "their loss weights, comma-separated (default: 1 each)", "run")
     layers: str = setting("auto", "auto | all | last:N | first:N | resolutions like 16,32", "run")
     auto_k: int = setting(None, "auto: train the layers of the top K W+ entries (default: all of them)", "run")
-    batch: int = setting(2, "latents per step", "run")
-    lr: float = setting(LR, "Adam, betas (0, 0.99^0.8): NADA's effective values", "run")
-    mixing: float = setting(0.0, "style-mixing probability (0.9 helps shape changes)", "run")
+    batch: int = setting(2, "latents per step", "run", (1, None))
+    lr: float = setting(LR, "Adam, betas (0, 0.99^0.8): NADA's effective values", "run", (1e-12, None))
+    mixing: float = setting(0.0, "style-mixing probability (0.9 helps shape changes)", "run", (0, 1))
     consistency: float = setting(0.0, "weight of the pairwise-cosine consistency loss that keeps images diverse "
-                                 "(HyperDomainNet; 0 = NADA as published)", "run")
-    seed: int = setting(0, "seeds every random draw; same seed, same run", "run")
-    iters: int = setting(300, "training steps", "steps")
-    sample_every: int = setting(50, "write a preview grid every N steps", "steps")
-    save_every: int = setting(50, "write generator.pt and state.pt every N steps", "steps")
-    n_sample: int = setting(4, "preview columns (fixed seeds)", "steps")
+                                 "(HyperDomainNet; 0 = NADA as published)", "run", (0, None))
+    seed: int = setting(0, "seeds every random draw; same seed, same run", "run", (0, 2 ** 63 - 4))
+    iters: int = setting(300, "training steps", "steps", (1, None))
+    sample_every: int = setting(50, "write a preview grid every N steps", "steps", (1, None))
+    save_every: int = setting(50, "write generator.pt and state.pt every N steps", "steps", (1, None))
+    n_sample: int = setting(4, "preview columns (fixed seeds)", "steps", (1, GRID_MAX))
     out: str = setting(None, "run folder (default: runs/<src>_to_<tgt>)")
     resume: str = setting(None, "continue an interrupted run (its settings are the defaults)", metavar="DIR")
     memory: str = setting("auto", "low: recompute layers in backward, CLIP in float16 on CUDA; auto: low only when "
                           "fast would not fit the GPU", choices=MEMORY_MODES)
     precision: str = setting("fp32", "the generators' arithmetic (bf16: autocast)", choices=PRECISIONS)
-    dry_run: bool = setting(False, "estimate the GPU memory (meta device: nothing read, downloaded or written) and "
-                            "stop")
+    dry_run: bool = setting(False, "estimate the GPU memory (meta device: nothing read, downloaded or written), stop")
 
 
 @dataclasses.dataclass
@@ -942,9 +923,9 @@ class StudySettings(TrainSettings):
     consistency: str = setting("0", "consistency weights, comma-separated")
     eval_clip: str = setting(EVAL_CLIP, "CLIP models that measure the runs")
     n: int = setting(500, "samples each setting is measured on (under torchrun, which claims --n, write --samples)",
-                     flags=("--n", "--samples"))
-    grid: int = setting(8, "columns of grid.png (its first seeds)")
-    trunc: float = setting(1.0, "truncation psi of the measure and the grid")
+                     bounds=(2, MAX_IMAGES), flags=("--n", "--samples"))
+    grid: int = setting(8, "columns of grid.png (its first seeds)", bounds=(1, GRID_MAX))
+    trunc: float = setting(1.0, "truncation psi of the measure and the grid", bounds=(-10, 10))
     out: str = setting(None, "study folder (default: studies/<src>_to_<tgt>)")
     sample_every: int = setting(None)                   # each setting's run: previews at every quarter of --iters,
     save_every: int = setting(None)                     # saves at every tenth, 4 preview columns; a rerun resumes
@@ -962,11 +943,11 @@ class EvalSettings(Common):
     tgt: str = setting(None, "target prompt (default: the run's)")
     clip: str = setting(EVAL_CLIP, "CLIP models, comma-separated; better one that did not train the run")
     n: int = setting(500, "samples (seeds 0..n-1) when --seeds is not given (under torchrun, which claims --n, "
-                     "write --samples)", flags=("--n", "--samples"))
+                     "write --samples)", bounds=(1, MAX_IMAGES), flags=("--n", "--samples"))
     seeds: str = setting(None, "e.g. 0-499, drawn exactly as `sample` draws them")
-    trunc: float = setting(1.0, "truncation psi (1: the full diversity)")
+    trunc: float = setting(1.0, "truncation psi (1: the full diversity)", bounds=(-10, 10))
     cls: str = setting(None, "conditional generators (default: the run's)", flags=("--class",))
-    batch: int = setting(8, "images per forward pass")
+    batch: int = setting(8, "images per forward pass", bounds=(1, None))
     out: str = setting(None, "the JSON file (default: RUN/eval.json)")
 
 
@@ -974,9 +955,9 @@ class EvalSettings(Common):
 class SampleSettings(Common):
     """Images from a generator: `sample`."""
     ckpt: str = setting(None, "a file or a model name (default: the newest runs/*/generator.pt)")
-    n: int = setting(8, "number of images (seeds 0..n-1) when --seeds is not given")
+    n: int = setting(8, "number of images (seeds 0..n-1) when --seeds is not given", bounds=(1, MAX_IMAGES))
     seeds: str = setting(None, "e.g. 0-15 or 1,5,9")
-    trunc: float = setting(1.0, "truncation psi toward the average w")
+    trunc: float = setting(1.0, "truncation psi toward the average w", bounds=(-10, 10))
     noise_mode: str = setting("const", "const: the checkpoint's stored noise; random: seeded per image",
                               choices=NOISE_MODES)
     cls: str = setting(None, "conditional generators: NAME or INDEX (or all)", flags=("--class",))
@@ -989,20 +970,36 @@ class DoctorSettings(Common):
     build_ops: bool = setting(False, "compile the CUDA ops now (no GPU needed)")
 
 
+def checked(s):
+    """A settings record, every field checked against its choices and its bounds (NaN and infinities refused) -> s."""
+    for f in dataclasses.fields(s):
+        value, flag = getattr(s, f.name), "--" + f.name.replace("_", "-")
+        choices = f.metadata["cli"].get("choices")
+        if choices and value not in choices:
+            raise NadaError(f"{flag} {value!r}: use one of {', '.join(choices)}")
+        if f.metadata["bounds"] and value is not None:
+            check_number(flag, value, *f.metadata["bounds"])
+    return s
+
+
+def check_number(flag, value, lo, hi=None):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NadaError(f"{flag} {value}: must be a finite number")
+    if value < lo or (hi is not None and value > hi):
+        raise NadaError(f"{flag} {value}: must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
+
+
 def recorded_fields(kinds=("run", "steps")):
     """The TrainSettings fields a run records in config.json (of these kinds)."""
     return [f for f in dataclasses.fields(TrainSettings) if f.metadata["kind"] in kinds]
 
 
 def train_settings(**kw):
-    """A run's settings (TrainSettings' fields), checked before anything is loaded or written. With
-    resume, what is not given comes from the run's config.json, and what defines the run must not change. Files
-    become absolute paths, so that a run resumes from any folder."""
+    """A run's settings (TrainSettings' fields), checked before anything is loaded or written. With resume, what is
+    not given comes from the run's config.json, and what defines the run must not change. Files become absolute
+    paths, so that a run resumes from any folder."""
     recorded = run_settings(kw["resume"]) if kw.get("resume") else {}
     s = TrainSettings(**{**recorded, **kw})
-    for flag, value, choices in (("memory", s.memory, MEMORY_MODES), ("precision", s.precision, PRECISIONS)):
-        if value not in choices:
-            raise NadaError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
     s.tgt_img = [os.path.abspath(p) for p in s.tgt_img or []]
     s.ckpt = _absolute(s.ckpt)
     s.clip = ",".join(_absolute(n.strip()) for n in str(s.clip).split(","))
@@ -1013,10 +1010,7 @@ def train_settings(**kw):
         check_prompts(s.src, s.tgt)
     if s.consistency and s.batch < 2:
         raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
-    check_numbers(iters=(s.iters, 1, None), batch=(s.batch, 1, None), lr=(s.lr, 1e-12, None),
-                  mixing=(s.mixing, 0, 1), consistency=(s.consistency, 0, None), seed=(s.seed, 0, 2 ** 63 - 4),
-                  n_sample=(s.n_sample, 1, GRID_MAX), sample_every=(s.sample_every, 1, None),
-                  save_every=(s.save_every, 1, None))
+    checked(s)
     changed = recorded and changed_setting(recorded, s)
     if changed:
         raise NadaError(f"--resume {s.resume}: the run used {changed}; resume with the same settings or start a new "
@@ -1054,16 +1048,6 @@ def changed_setting(old, new):
     return None
 
 
-def check_numbers(**values):
-    """Each value is (number, lowest allowed, highest allowed or None); NaN and infinities are refused."""
-    for name, (v, lo, hi) in values.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise NadaError(f"--{name.replace('_', '-')} {v}: must be a finite number")
-        if v < lo or (hi is not None and v > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise NadaError(f"--{name.replace('_', '-')} {v}: must be {bound}")
-
-
 def check_prompts(src, tgt):
     if not (src or "").strip() or not (tgt or "").strip():
         raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
@@ -1080,25 +1064,19 @@ def check_device(device, impl="auto"):
     if device != "cpu" and not m:
         raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if m and int(m.group(1) or 0) >= count:
-        raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device cpu, "
-                        "or check `python nada.py doctor`)")
-    if impl == "cuda":
-        if device == "cpu":
-            raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
-        for op in OPS:
-            if load_op(op)[0] is None:
-                raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
+        raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device "
+                        "cpu, or check `python nada.py doctor`)")
+    if impl == "cuda" and device == "cpu":
+        raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
+    for op in OPS if impl == "cuda" else ():
+        if load_op(op)[0] is None:
+            raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
     return device
 
 
-
-
-def check_sample_settings(seeds, n, trunc, noise_mode):
-    """-> the seeds to render: --seeds, else 0..n-1."""
-    check_numbers(n=(n, 1, MAX_IMAGES), trunc=(trunc, -10, 10))
-    if noise_mode not in ("const", "random", "none"):
-        raise NadaError(f"--noise-mode must be const, random or none, got {noise_mode!r}")
-    return parse_seeds(seeds) if seeds is not None else list(range(n))
+def seeds_of(s):
+    """The seeds a `sample` or `eval` renders: --seeds, else 0..n-1."""
+    return parse_seeds(s.seeds) if s.seeds is not None else list(range(s.n))
 
 
 def parse_seeds(spec):
@@ -1110,10 +1088,9 @@ def parse_seeds(spec):
             raise NadaError(f"--seeds {spec!r}: use a range like 0-15 or a list like 1,5,9")
         ranges.append(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     if max(r[-1] for r in ranges) > MAX_SEED or sum(len(r) for r in ranges) > MAX_IMAGES:
-        raise NadaError(f"--seeds {spec!r}: seeds go up to {MAX_SEED}, and one call renders at most {MAX_IMAGES} images")
+        raise NadaError(f"--seeds {spec!r}: seeds go up to {MAX_SEED}, and one call renders at most {MAX_IMAGES} "
+                        "images")
     return [s for r in ranges for s in r]
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1975,9 +1952,6 @@ def run_clip_models(s, device, memory, meta=False, preloaded=None):
 # ----------------------------------------------------------------------------------------------------------
 # run folders: config, lock, resume, log, previews, atomic saves, Ctrl-C
 
-MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
-MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
-GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
 SAMPLE_TRUNCATION = 0.7                # run previews, as in NADA
 RUN_FILES = ("config.json", "log.jsonl", "samples", "generator.pt", "state.pt", ".lock", "eval.json", "sample")
 
@@ -2489,10 +2463,10 @@ def evaluate(ckpt=None, *, clip_models=None, **settings):
     """Measure an adapted generator (a run folder or a file; default: the newest run) against its base with CLIP
     (clip_metrics) -> the JSON record, also written to `out`. settings: the other fields of EvalSettings, as
     keywords; base, src, tgt and cls default to what the run recorded. clip_models: CLIP modules already loaded."""
-    s = EvalSettings(ckpt=ckpt, **settings)
+    s = checked(EvalSettings(ckpt=ckpt, **settings))
     rank, world = distributed()
-    seeds = check_sample_settings(s.seeds, s.n, s.trunc, "const")
-    check_numbers(batch=(s.batch, 1, None), samples=(len(seeds), max(2, world), None))   # each process embeds some
+    seeds = seeds_of(s)
+    check_number("--samples", len(seeds), max(2, world))   # each process embeds some
     path, out = eval_paths(s.ckpt, s.out, s.wdir, s.offline)
     device = process_device(s.device, s.impl, world)
     G = load_generator(path, device, s.impl)
@@ -2595,11 +2569,10 @@ def study(*, clip_models=None, eval_models=None, **settings):
     settings: the fields of StudySettings, as keywords. Settings already finished are skipped and interrupted
     ones resume; a setting that fails (a NaN loss) is reported and the others go on; under torchrun each process
     trains its share. clip_models, eval_models: CLIP modules already loaded (tests). -> the result rows."""
-    s = StudySettings(**settings)
+    s = checked(StudySettings(**settings))
     rank, world = distributed()
     grid = study_settings(s.layers, s.lr, s.consistency)
     out = s.out or os.path.join("studies", run_name(s))
-    check_numbers(n=(s.n, 2, MAX_IMAGES), grid=(s.grid, 1, GRID_MAX), trunc=(s.trunc, -10, 10))
     runs = [setting_run(s, g, out) for g in grid]
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
     device = process_device(s.device, s.impl, world)
@@ -2889,7 +2862,26 @@ def print_estimate(e):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models and doctor: the named generators, and what this machine has
+# models, doctor and the kernels: the named generators, what this machine has, the CUDA ops' build
+
+@functools.lru_cache(maxsize=None)
+def ops_build():
+    """ops/build.py beside this file, imported at the first CUDA use of an op (never at import), or None."""
+    path = os.path.join(HERE, "ops", "build.py")
+    if not os.path.isfile(path):
+        return None
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nada_ops_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_op(op, require_gpu=True):
+    """The compiled op, built on first use. -> (torch.ops.nada, None) or (None, the reason it is unavailable)."""
+    build = ops_build()
+    return build.load_op(op, require_gpu) if build else (None, "no ops/ folder beside nada.py")
+
 
 def list_models(wdir=None):
     folder = weights_dir(wdir)
