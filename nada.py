@@ -38,6 +38,7 @@ import time
 import warnings
 import weakref
 import zipfile
+import zlib
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -1094,15 +1095,18 @@ def parse_seeds(spec):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoint files: rosinality .pt, NVIDIA .pkl and our own, read without ever executing code from the file
+# checkpoint files: rosinality .pt, NVIDIA .pkl, CLIP's TorchScript archives and our own, read as data
 #
-# Every file is untrusted. Nothing in it runs (only allow-listed globals resolve), and nothing it claims is
-# believed before it is checked against the bytes that are there: lengths against the bytes left, tensor shapes
-# against the architecture and their storage, trees walked once with bounded depth and size. So a load ends in
-# a model or a NadaError, in memory about one copy of the weights (test_nada.py fuzzes this).
+# Every file is untrusted. Nothing in it runs (only allow-listed globals resolve, to stand-ins that hold data), and
+# nothing it claims is believed before it is checked against the bytes that are there: lengths against the bytes
+# left, a zip's records against the file's size before they are inflated, tensors against their storage and the
+# architecture, trees walked once with bounded depth and size. So a load ends in a model or a NadaError, and the
+# tensors it builds never add up to more than the file holds (test_nada.py fuzzes this). Tensors stay references
+# until the part of the file a caller uses is known: a training checkpoint also holds D and the optimizers.
 
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 MAX_MODULES, MAX_DEPTH = 4096, 32      # a module tree in a file: a 1024 px G_ema has 60 modules 5 deep, CLIP < 1000
+ZIP_SLACK = 1 << 24                    # what a zip's compressed records (TorchScript code) may inflate beyond the file
 TRUNCATED = "the file ends early: it is truncated or damaged; download it again"
 
 
@@ -1135,7 +1139,8 @@ def _state_dict(x):
 
 
 def _fit(path, sd, config):
-    """A Generator holding a float32 copy of `sd`, made only once every tensor fits the architecture and its storage."""
+    """A Generator holding the tensors of `sd` as float32 weights of their own (no two share memory), made only once
+    every tensor fits the architecture and its storage."""
     try:                                                # on the meta device: no memory, no random init
         with torch.device("meta"):
             G = Generator(**config, impl="ref")
@@ -1149,7 +1154,14 @@ def _fit(path, sd, config):
         raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator ({k[:80]} is {got}; the architecture "
                         f"needs {need})")
     _check_storage(path, sd, os.path.getsize(path))
-    G.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
+    weights, taken = {}, set()                          # a float32 tensor that alone spans a storage nothing else has
+    for k, v in sd.items():                             # taken becomes the weight as it is; the others are copies
+        storage = v.untyped_storage()
+        whole = v.dtype == torch.float32 and v.is_contiguous() and v.storage_offset() == 0 and \
+            v.numel() * 4 == storage.nbytes()
+        weights[k] = v if whole and storage.data_ptr() not in taken else v.to(torch.float32, copy=True)
+        taken.add(storage.data_ptr())
+    G.load_state_dict(weights, strict=True, assign=True)
     return G
 
 
@@ -1166,19 +1178,12 @@ def _check_storage(path, tensors, budget):
 
 
 def _refusal(e):
-    """Why a file could not be read, in words (torch.load's own text suggests weights_only=False: never do that)."""
-    text = str(e)
+    """Why a file could not be read, in words."""
     if isinstance(e, _Refused):
-        return text
-    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]{1,200})", text)
-    if m:
-        return f"it asks for {m.group(1)}, which is not plain tensor data (refused; nothing ran)"
-    if "TorchScript" in text:
-        return "it is a TorchScript archive (a CLIP model?), not a state dict"
-    if isinstance(e, EOFError) or re.search(r"central directory|zip archive|corrupt|Ran out of input|EOF|truncated|"
-                                            r"unexpected end", text, re.I):
+        return str(e)
+    if isinstance(e, (EOFError, zipfile.BadZipFile, zlib.error)):
         return TRUNCATED
-    return "not plain tensor data (refused; nothing ran)" if re.search(r"weights.only", text, re.I) else _first_line(e)
+    return _first_line(e)
 
 
 def _first_line(e):
@@ -1187,22 +1192,25 @@ def _first_line(e):
 
 
 def read_torch_checkpoint(path):
-    """-> (rosinality state dict, Generator kwargs, latent_avg or None, our metadata or {}) from a .pt file.
-    The tensors are those of the (memory-mapped) file: _fit checks them, then copies."""
+    """-> (rosinality state dict, Generator kwargs, latent_avg or None, our metadata or {}) from a torch.save file;
+    only the generator's tensors are read."""
     try:
-        _dry_run(path)
-        safe = getattr(torch.serialization, "safe_globals", None)      # torch >= 2.5; before, Namespace is refused
-        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():   # rosinality training ckpts carry args
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with TorchFile(path) as tf:
+            if tf.archive:
+                raise _Refused("it is a TorchScript archive (a CLIP model?), not a state dict")
+            ckpt = tf.load()
+            if isinstance(ckpt, dict) and "g_ema" in ckpt:
+                sd, meta, latent_avg = ckpt["g_ema"], ckpt.get("nada"), ckpt.get("latent_avg")
+            elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
+                sd, meta, latent_avg = ckpt, {}, None
+            else:
+                keys = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+                raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {keys})")
+            sd, latent_avg = tf.build(sd), tf.build(latent_avg)
+    except NadaError:
+        raise
     except Exception as e:
         raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
-    if isinstance(ckpt, dict) and "g_ema" in ckpt:
-        sd, meta, latent_avg = ckpt["g_ema"], ckpt.get("nada"), ckpt.get("latent_avg")
-    elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
-        sd, meta, latent_avg = ckpt, {}, None
-    else:
-        keys = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {keys})")
     if not _state_dict(sd):
         raise NadaError(f"{path}: 'g_ema' is not a state dict of tensors")
     meta = meta if isinstance(meta, dict) else {}
@@ -1246,7 +1254,8 @@ def _infer_config(path, sd):
 
 BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames; no name or text is as long
 _Blob = namedtuple("_Blob", "f offset size")                 # a large byte string of the pickle, left on disk
-_TensorRef = namedtuple("_TensorRef", "storage_bytes args")  # a tensor not built yet: _rebuild_tensor_v2's arguments
+_TensorRef = namedtuple("_TensorRef", "storage args")       # a tensor not built yet: _rebuild_tensor_v2's arguments
+_Storage = namedtuple("_Storage", "key dtype numel")         # a storage of a torch.save file, not read yet
 STORAGE_DTYPES = {f"{n}Storage": getattr(torch, d) for n, d in (
     ("Float", "float32"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Double", "float64"), ("Long", "int64"),
     ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"))}
@@ -1395,64 +1404,152 @@ def _unpickle(src, allowed, storage=None, kind=_SafeUnpickler):
 
 
 def _pickle_allowlist():
-    """The globals an NVIDIA network pickle may name, mapped to safe stand-ins (formats.md 1.4)."""
+    """The globals an NVIDIA network pickle may name (those torch_utils.persistence and training write, as in
+    NVlabs/stylegan2-ada-pytorch), mapped to stand-ins that only hold data."""
     import importlib
     np_multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
-    as_data = lambda data, *args: data                  # requires_grad and hooks do not matter here
-    return {("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
-            ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("collections", "OrderedDict"): _ordered_dict,
-            ("builtins", "set"): _set, ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
-            ("torch._utils", "_rebuild_tensor_v2"): lambda storage_bytes, *args: _TensorRef(storage_bytes, args),
-            ("torch._utils", "_rebuild_parameter"): as_data, ("torch._utils", "_rebuild_parameter_with_state"): as_data,
+    return {**_torch_globals(), ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+            ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("builtins", "set"): _set,
+            ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
             ("numpy.core.multiarray", "scalar"): np_multiarray.scalar, ("numpy._core.multiarray", "scalar"): np_multiarray.scalar}
+
+
+def _torch_globals():
+    """The globals a torch.save file may name: tensors, their storages' types, OrderedDict, and the argparse.Namespace
+    of rosinality's training checkpoints."""
+    as_data = lambda data, *args: data                  # requires_grad and hooks do not matter here
+    return {("torch._utils", "_rebuild_tensor_v2"): lambda storage, *args: _TensorRef(storage, args),
+            ("torch._utils", "_rebuild_parameter"): as_data, ("torch._utils", "_rebuild_parameter_with_state"): as_data,
+            ("collections", "OrderedDict"): _ordered_dict, ("argparse", "Namespace"): type("Namespace", (), {}),
+            **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
 
 
 _ordered_dict = lambda: OrderedDict()                  # pickled empty, then filled by SETITEMS (which checks keys)
 _set = lambda items=(): set(_plain(items))             # protocol <= 3 pickles make sets from a list
 
 
-def _tensor_arrays():
-    """The globals a legacy torch.save of one storage, or a TorchScript archive's tensors, may name."""
-    view = lambda base, offset, size, stride, *_: _view(base, offset, size, stride)
-    return {("torch._utils", "_rebuild_tensor_v2"): view, ("collections", "OrderedDict"): _ordered_dict,
-            **{("torch", n): dtype for n, dtype in STORAGE_DTYPES.items()}}
+class TorchFile:
+    """A file torch.save or torch.jit.save wrote (a path, or its bytes), read as data and never run. Since torch 1.6 a
+    zip: <root>/data.pkl pickles the object and <root>/data/<key> holds each storage's bytes (TorchScript archives
+    add <root>/code/); before, a stream: pickles of a magic number, a version, system info, the object and the
+    storage keys, then each storage's bytes after its 8-byte element count. load() unpickles the object with its
+    tensors left _TensorRefs; build(part) reads the tensors of the part a caller uses."""
 
+    def __init__(self, source):
+        self.f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        self.size, self.zip, self.archive, self.refs, self.offsets, self.storages = self.f.seek(0, 2), None, False, {}, {}, {}
+        self.f.seek(0)
+        head = self.f.read(len(LEGACY_TORCH_MAGIC))
+        if head.startswith(b"PK\x03\x04"):
+            self.open_zip()
+        elif not head.startswith(LEGACY_TORCH_MAGIC[:2]):   # a stream's first pickle (protocol 2) is its magic number
+            raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
+        elif zipfile.is_zipfile(self.f):
+            raise _Refused("it is a pre-1.6 torch.save stream and a zip at once; a file in two formats is refused")
+        self.f.seek(0)
 
-class _Inert:
-    """Whatever a pickle names or makes, in a dry run that checks only the stream: lengths and hashed keys."""
+    def __enter__(self):
+        return self
 
-    def __init__(self, *args):
-        pass
+    def __exit__(self, *exc):
+        self.f.close()
 
-    def __call__(self, *args):
-        return _Inert()
+    def open_zip(self):
+        """Check every record before any is read: one root folder, no name twice (zipfile would read the last, a check
+        the first), and no record, nor all together, inflating beyond the file (torch stores its records as they are;
+        only TorchScript's code is compressed)."""
+        try:
+            self.zip = zipfile.ZipFile(self.f)
+        except zipfile.BadZipFile:
+            raise EOFError(TRUNCATED) from None         # its directory comes last: a cut zip has none
+        names = self.zip.namelist()
+        self.root = names[0].split("/")[0] if names else ""
+        if len(set(names)) != len(names) or not all(n.startswith(self.root + "/") for n in names):
+            raise _Refused("a zip whose records repeat a name or lie outside one folder; the file is damaged or made to "
+                           "mislead")
+        sizes = [i.file_size for i in self.zip.infolist()]
+        if max(sizes) > self.size or sum(sizes) > self.size + ZIP_SLACK:
+            raise _Refused(f"its records inflate to {sum(sizes)} bytes from a file of {self.size} (a compression "
+                           "bomb?); torch stores its records as they are")
+        if f"{self.root}/data.pkl" not in names:
+            raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
+        self.archive = any(n.startswith(f"{self.root}/code/") for n in names)
 
-    __setstate__ = __setitem__ = append = extend = __init__
+    def record(self, name, size=None):
+        """A zip record's bytes; `size`: the exact size it must have, checked before it is inflated."""
+        info = self.zip.getinfo(f"{self.root}/{name}")
+        if size is not None and info.file_size != size:
+            raise _Refused("a tensor record of the wrong size; the file is damaged")
+        return self.zip.read(info)
 
+    def load(self, unpickler=_SafeUnpickler):
+        """The pickled object, its tensors _TensorRefs (their storages _Storage names, not read yet)."""
+        if self.zip:
+            return _unpickle(_PickleFile(io.BytesIO(self.record("data.pkl"))), _torch_globals(), self.name, unpickler)
+        src = _PickleFile(self.f)
+        magic, version, info = (_unpickle(src, {}) for _ in range(3))
+        if (magic, version) != (0x1950A86A20F9469CFC6C, 1001) or not isinstance(info, dict) or not info.get(
+                "little_endian"):
+            raise _Refused("it is not stored as torch.save stores data; the file is damaged")
+        obj = _unpickle(src, _torch_globals(), self.name, unpickler)
+        keys = _unpickle(src, {})
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(self.refs):
+            raise _Refused("its list of tensor storages is malformed; the file is damaged")
+        for key in keys:                                # each storage: its element count, then its bytes
+            ref, here = self.refs[key], self.f.tell() + 8
+            if int.from_bytes(src.read(8), "little") != ref.numel or ref.numel * ref.dtype.itemsize > src.left():
+                raise EOFError(TRUNCATED)
+            self.offsets[key] = here
+            self.f.seek(ref.numel * ref.dtype.itemsize, 1)
+        return obj
 
-class _DryUnpickler(_SafeUnpickler):
-    def find_class(self, module, name):
-        return _Inert
+    def name(self, pid):
+        """A persistent id ('storage', storage type, key, location, numel[, view]) -> the _Storage it names."""
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and _is_name(pid[2]) and type(pid[4]) is int and 0 <= pid[4] * pid[1].itemsize <= self.size
+                and pid[5:] in ((), (None,))):
+            raise _Refused("a tensor whose storage is not a record of the file; the file is damaged")
+        ref = self.refs.setdefault(pid[2], _Storage(pid[2], pid[1], pid[4]))
+        if ref != (pid[2], pid[1], pid[4]):
+            raise _Refused("one storage named with two sizes or types; the file is damaged")
+        return ref
 
+    def storage(self, ref):
+        """A _Storage's elements as a 1-D tensor, read once."""
+        if ref.key not in self.storages:
+            nbytes = ref.numel * ref.dtype.itemsize
+            if self.zip:
+                data = self.record(f"data/{ref.key}", nbytes)
+            else:
+                self.f.seek(self.offsets[ref.key])
+                data = self.f.read(nbytes)
+            self.storages[ref.key] = _storage(ref.dtype, data)
+        return self.storages[ref.key]
 
-def _dry_run(path):
-    """Unpickle a torch.save file's pickles with inert stand-ins before torch.load reads it: torch's own unpickler
-    hashes any dictionary key (a 500-byte file then never finishes) and, for pre-1.6 files, reads what a length
-    field claims."""
-    with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
-            with zipfile.ZipFile(f) as zf:
-                pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")][:1]
-                if not pkl or pkl[0].file_size > os.path.getsize(path):
-                    raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
-                _unpickle(_PickleFile(io.BytesIO(zf.read(pkl[0]))), {}, lambda pid: None, _DryUnpickler)
-        elif f.seek(0) == 0 and f.read(2) == b"PK":      # a zip without its directory, which comes last
-            raise _Refused(TRUNCATED)
-        else:                                           # magic number, version, system info, the object
-            f.seek(0)
-            src = _PickleFile(f)
-            for _ in range(4):
-                _unpickle(src, {}, lambda pid: None, _DryUnpickler)
+    def build(self, part):
+        """`part` of the loaded object with each _TensorRef made a tensor; a container shared in it is built once."""
+        self.built = {}
+        return self._build(part, 0)
+
+    def _build(self, x, depth):
+        if isinstance(x, _TensorRef):
+            return _view(self.storage(x.storage), *x.args[:3])
+        if not isinstance(x, (dict, list, tuple)):
+            return self.storage(x) if isinstance(x, _Storage) else x
+        if id(x) in self.built:
+            return self.built[id(x)]
+        if depth > MAX_DEPTH:
+            raise _Refused(f"it nests containers deeper than {MAX_DEPTH}; checkpoints never do")
+        if isinstance(x, tuple):
+            self.built[id(x)] = tuple(self._build(v, depth + 1) for v in x)
+        else:
+            out = self.built[id(x)] = {} if isinstance(x, dict) else []
+            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
+                if isinstance(out, dict):
+                    out[k] = self._build(v, depth + 1)
+                else:
+                    out.append(self._build(v, depth + 1))
+        return self.built[id(x)]
 
 
 def _view(base, offset, size, stride):
@@ -1472,22 +1569,12 @@ def _storage(dtype, data):
 
 
 def _legacy_storage(raw):
-    """The storage in `raw`, a legacy (pre-1.6) torch.save of one storage, as NVIDIA pickles nest one per tensor:
-    five small pickles (magic, version, system info, the storage as a persistent id, its key), then its elements."""
-    src = _PickleFile(io.BytesIO(raw))
-    magic, version, info = (_unpickle(src, {}) for _ in range(3))
-    ids = []
-    base = _unpickle(src, _tensor_arrays(), storage=ids.append)
-    keys = _unpickle(src, {})
-    if (magic, version) != (0x1950A86A20F9469CFC6C, 1001) or not isinstance(info, dict) or not info.get("little_endian"):
-        raise _Refused("a tensor is not stored as torch.save stores it; the file is damaged")
-    if base is not None or len(ids) != 1 or not isinstance(ids[0], tuple) or len(ids[0]) < 5 or keys != [ids[0][2]]:
-        raise _Refused("a tensor's storage record is malformed; the file is damaged")
-    _, dtype, _, _, numel = ids[0][:5]
-    count = int.from_bytes(src.read(8), "little")
-    if type(numel) is not int or count != numel or count * getattr(dtype, "itemsize", 1) > src.left():
-        raise EOFError(TRUNCATED)
-    return _storage(dtype, memoryview(raw)[src.f.tell():src.f.tell() + count * dtype.itemsize])
+    """The one storage in `raw`, a pre-1.6 torch.save of a storage, as NVIDIA pickles nest one per tensor."""
+    with TorchFile(raw) as tf:
+        ref = tf.load()
+        if not isinstance(ref, _Storage):
+            raise _Refused("a tensor's storage record is malformed; the file is damaged")
+        return tf.storage(ref)
 
 
 def _modules(root, children):
@@ -1545,13 +1632,13 @@ def _build_tensors(G):
             tensors = m.state.get(kind, {})
             for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
                 if isinstance(ref, _TensorRef):
-                    key = id(ref.storage_bytes)
+                    key = id(ref.storage)
                     if key not in storages:
-                        raw = ref.storage_bytes
+                        raw = ref.storage
                         if isinstance(raw, _Blob):
                             raw.f.seek(raw.offset)
                             raw = raw.f.read(raw.size)
-                            if len(raw) != ref.storage_bytes.size:
+                            if len(raw) != ref.storage.size:
                                 raise EOFError(TRUNCATED)
                         if not isinstance(raw, bytes):
                             raise _Refused("a tensor without stored bytes; the file is damaged")
@@ -1728,15 +1815,11 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
 
 
 def read_clip_weights(path):
-    """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, as data: clip.load
-    would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
+    """CLIP's state dict from a TorchScript archive (OpenAI's files) or a torch.save'd state dict, read as data:
+    clip.load would torch.jit.load an archive, which runs code from it. Checked like a generator's tensors."""
     try:
-        sd = _read_torchscript(path) if zipfile.is_zipfile(path) else None
-        if sd is None and not _torch_saved(path):
-            raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
-        if sd is None:
-            _dry_run(path)
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with TorchFile(path) as tf:
+            sd = _archive_state_dict(tf) if tf.archive else tf.build(tf.load())
     except Exception as e:
         raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
     if not _state_dict(sd):
@@ -1749,74 +1832,44 @@ def read_clip_weights(path):
     return sd
 
 
-def _read_torchscript(path):
-    """The parameters and buffers of a TorchScript archive (None for other zips), never run. The archive is a zip:
-    <root>/data.pkl pickles the module tree, <root>/data/<key> holds each tensor's bytes, and <root>/code/ each
-    class's code, which is only read, as text, for the names of its parameters and buffers."""
-    with zipfile.ZipFile(path) as zf:
-        root = zf.namelist()[0].split("/")[0]
-        if not any(n.startswith(f"{root}/code/") for n in zf.namelist()):
-            return None                                 # a torch.save zip, not an archive
-        archive = _Archive(zf, root, os.path.getsize(path))
-        tree = _unpickle(_PickleFile(io.BytesIO(archive.record("data.pkl"))), _tensor_arrays(), archive.storage,
-                         _ArchiveUnpickler)
-        if not isinstance(tree, _ScriptObject):
-            raise _Refused("its data.pkl holds no module")
-        sd = {}
-        for prefix, m in _modules(tree, _script_children):
-            if not isinstance(m.state, dict):
-                raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
-                               "__setstate__); nada reads archives of plain modules only")
-            names = archive.declared_tensors(m.qualname)
-            sd.update({prefix + k: v for k, v in m.state.items()
-                       if isinstance(v, torch.Tensor) and (names is None or k in names)})
-    return sd
+def _archive_state_dict(tf):
+    """The parameters and buffers of a TorchScript archive: the attributes of each module in its pickled tree that the
+    module's class declares as such in its code (read as text, never run)."""
+    tree = tf.load(_ArchiveUnpickler)
+    if not isinstance(tree, _ScriptObject):
+        raise _Refused("its data.pkl holds no module")
+    sd = {}
+    for prefix, m in _modules(tree, _script_children):
+        if not isinstance(m.state, dict):
+            raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
+                           "__setstate__); nada reads archives of plain modules only")
+        names = _declared_tensors(tf, m.qualname)
+        sd.update({prefix + k: v for k, v in m.state.items()
+                   if isinstance(v, _TensorRef) and (names is None or k in names)})
+    return tf.build(sd)
 
 
 def _script_children(m):
     return [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)] if isinstance(m.state, dict) else []
 
 
-class _Archive:
-    """The records of a TorchScript archive (a zip), read as data."""
-
-    def __init__(self, zf, root, size):
-        self.zf, self.root, self.size, self.storages = zf, root, size, {}
-
-    def record(self, name):
-        info = self.zf.getinfo(f"{self.root}/{name}")
-        if info.file_size > self.size:
-            raise _Refused("a record larger than the file; the file is damaged")
-        return self.zf.read(info)
-
-    def storage(self, pid):
-        """A tensor storage named by the pickle: ('storage', dtype, key, location, numel) -> its 1-D tensor."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and _is_name(pid[2])):
-            raise _Refused("a tensor whose storage is not a record of the archive")
-        key = pid[2]
-        if key not in self.storages:
-            self.storages[key] = _storage(pid[1], self.record(f"data/{key}"))
-        if self.storages[key].numel() != pid[4]:
-            raise _Refused("a tensor record of the wrong size; the file is damaged")
-        return self.storages[key]
-
-    def declared_tensors(self, qualname):
-        """The parameters and buffers a class declares in its code (lines `  __parameters__ = ["weight", ]` in its
-        `class Name(Module):` block): its other tensor attributes are not state. None where the code says nothing;
-        then every tensor attribute counts."""
-        module, cls = qualname.rsplit(".", 1)
-        try:
-            code = self.record(f"code/{module.replace('.', '/')}.py").decode("utf-8", "replace")
-        except KeyError:
-            return None
-        names, declared, inside = set(), False, False
-        for line in code.splitlines():
-            if not line.startswith(" "):
-                inside = line == f"class {cls}(Module):"
-            elif inside and line.startswith(("  __parameters__ = [", "  __buffers__ = [")):
-                declared = True
-                names.update(re.findall(r'"(\w+)"', line))
-        return names if declared else None
+def _declared_tensors(tf, qualname):
+    """The parameters and buffers a scripted class declares in its code (lines `  __parameters__ = ["weight", ]` in its
+    `class Name(Module):` block); its other tensor attributes are not state. None where the code says nothing (then
+    every tensor attribute counts)."""
+    module, cls = qualname.rsplit(".", 1)
+    try:
+        code = tf.record(f"code/{module.replace('.', '/')}.py").decode("utf-8", "replace")
+    except KeyError:
+        return None
+    names, declared, inside = set(), False, False
+    for line in code.splitlines():
+        if not line.startswith(" "):
+            inside = line == f"class {cls}(Module):"
+        elif inside and line.startswith(("  __parameters__ = [", "  __buffers__ = [")):
+            declared = True
+            names.update(re.findall(r'"(\w+)"', line))
+    return names if declared else None
 
 
 def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None, flag="--clip"):
@@ -2049,7 +2102,8 @@ class RunFolder:
         start, s, self.t0 = 0, self.settings, time.time()
         if s.resume:
             try:
-                state = torch.load(os.path.join(self.path, "state.pt"), map_location="cpu", weights_only=True)
+                with TorchFile(os.path.join(self.path, "state.pt")) as tf:
+                    state = tf.build(tf.load())
                 G.load_state_dict(state["g_ema"], strict=True)
                 opt.load_state_dict(state["optimizer"])
                 rng.set_state(state["rng"])
@@ -2136,8 +2190,8 @@ def _logged_before(line, start):
 def run_step(folder):
     """The step a run folder's state.pt has reached (0 if none)."""
     state = os.path.join(folder, "state.pt")
-    with contextlib.suppress(Exception):
-        return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"])
+    with contextlib.suppress(Exception), TorchFile(state) as tf:
+        return int(tf.load()["step"])
     return 0
 
 

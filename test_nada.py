@@ -1525,8 +1525,8 @@ def test_hostile_checkpoint_on_the_command_line_is_one_clean_error(hostile_files
 
 
 def test_loading_costs_one_copy_of_the_weights(tmp_path):
-    """Meta-device construction + assign: no random init and no second copy. The file is memory-mapped and
-    only g_ema is copied out of it, so the process's private memory grows by one copy of the weights."""
+    """Meta-device construction + assign: no random init and no second copy. Only g_ema's records are read, into
+    memory that becomes the weights, so the process's private memory grows by one copy of the weights."""
     arch = "128, style_dim=256, n_mlp=2, channels={r: 256 for r in (4, 8, 16, 32, 64, 128)}"
     G = eval(f"nada.Generator({arch})")
     nada.save_generator(G, tmp_path / "g.pt")
@@ -1750,8 +1750,8 @@ HOSTILE = {  # file -> words its NadaError must say (every one must fail cleanly
                                                   "binunicode", "binbytes")},
     "laughs_class_name.pkl": "class name", "laughs_architecture.pkl": "list", "shared_subtrees.pkl": "appears twice", "cyclic_modules.pkl": "appears twice",
     "deep_modules.pkl": "deeper than", "wide_modules.pkl": "larger than", "hash_bomb.pkl": "dictionary key",
-    "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "do not fit",
-    "stride0_4tb.pt": "do not fit", "stride0_right_shape.pt": "more bytes than are stored",
+    "hash_bomb.pt": "dictionary key", "deep_lists.pkl": "no 'G_ema'", "stride0_6gb.pt": "more data than its storage holds",
+    "stride0_4tb.pt": "more data than its storage holds", "stride0_right_shape.pt": "more data than its storage holds",
     "input_1d.pt": "not a StyleGAN2", "config_string.pt": "positive number", "config_list.pt": "positive number",
     "config_nan.pt": "positive number", "config_negative.pt": "positive number",
     "integer_weights.pt": "torch.int64", "base_list.pt": "base generator", "text.pkl": "neither", "empty.pkl": "neither",
@@ -1887,7 +1887,8 @@ def test_scripted_archive_state_dict_matches_jit_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = torch.jit.load(tmp_path / "scripted.pt").state_dict()
-    sd = nada._read_torchscript(str(tmp_path / "scripted.pt"))
+    with nada.TorchFile(str(tmp_path / "scripted.pt")) as tf:
+        sd = nada._archive_state_dict(tf)
     assert sorted(sd) == sorted(expected) == ["buf", "lin.bias", "lin.weight"]
     assert all(torch.equal(sd[k], expected[k]) for k in sd)
 
