@@ -798,7 +798,7 @@ def train(*, generator=None, clip_models=None, **settings):
                 run.save(t.G, t.opt, t.rng, done, t.names, t.weights)
             if run.stop_signal:                         # Ctrl-C or SIGTERM: saved, now stop
                 run.interrupt(done)
-    print(f"done: {s.iters - start} steps in {run.seconds():.1f} s, {s.iters} in all; adapted generator: "
+    print(f"done: {s.iters - start} steps in {time.time() - run.started:.1f} s, {s.iters} in all; adapted generator: "
           f"{os.path.join(run.path, 'generator.pt')}")
     return run.path
 
@@ -1056,14 +1056,17 @@ def check_prompts(src, tgt):
         raise NadaError(f"--src and --tgt are the same ({src!r}): there is no direction to move in")
 
 
-def check_device(device, impl="auto"):
-    """--device and --impl -> the device, or one clear error: no such GPU, or CUDA kernels asked for but unusable."""
+def check_device(device, impl="auto", here=True):
+    """--device and --impl -> the device, or one clear error: no such GPU, or CUDA kernels asked for but unusable.
+    here=False (the dry run, which estimates for a device that need not be here): only the name is checked."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
         device = "cuda" if count else "cpu"
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if device != "cpu" and not m:
         raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not here:
+        return device
     if m and int(m.group(1) or 0) >= count:
         raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device "
                         "cpu, or check `python nada.py doctor`)")
@@ -1532,23 +1535,15 @@ class TorchFile:
         return self._build(part, 0)
 
     def _build(self, x, depth):
-        if isinstance(x, _TensorRef):
-            return _view(self.storage(x.storage), *x.args[:3])
+        if isinstance(x, (_TensorRef, _Storage)):
+            return _view(self.storage(x.storage), *x.args[:3]) if isinstance(x, _TensorRef) else self.storage(x)
         if not isinstance(x, (dict, list, tuple)):
-            return self.storage(x) if isinstance(x, _Storage) else x
-        if id(x) in self.built:
-            return self.built[id(x)]
-        if depth > MAX_DEPTH:
+            return x
+        if depth > MAX_DEPTH:                           # a cycle, too, ends here
             raise _Refused(f"it nests containers deeper than {MAX_DEPTH}; checkpoints never do")
-        if isinstance(x, tuple):
-            self.built[id(x)] = tuple(self._build(v, depth + 1) for v in x)
-        else:
-            out = self.built[id(x)] = {} if isinstance(x, dict) else []
-            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
-                if isinstance(out, dict):
-                    out[k] = self._build(v, depth + 1)
-                else:
-                    out.append(self._build(v, depth + 1))
+        if id(x) not in self.built:
+            items = {k: self._build(v, depth + 1) for k, v in (x.items() if isinstance(x, dict) else enumerate(x))}
+            self.built[id(x)] = items if isinstance(x, dict) else type(x)(items.values())
         return self.built[id(x)]
 
 
@@ -1569,7 +1564,13 @@ def _storage(dtype, data):
 
 
 def _legacy_storage(raw):
-    """The one storage in `raw`, a pre-1.6 torch.save of a storage, as NVIDIA pickles nest one per tensor."""
+    """The one storage in `raw` (bytes, or a _Blob the pickle left on disk), a pre-1.6 torch.save of a storage, as
+    NVIDIA pickles nest one per tensor."""
+    if isinstance(raw, _Blob):                          # its size was checked against the file when it was read
+        raw.f.seek(raw.offset)
+        raw = raw.f.read(raw.size)
+    if not isinstance(raw, bytes):
+        raise _Refused("a tensor without stored bytes; the file is damaged")
     with TorchFile(raw) as tf:
         ref = tf.load()
         if not isinstance(ref, _Storage):
@@ -1628,32 +1629,16 @@ def _build_tensors(G):
     """Replace the _TensorRefs of a pickled module tree by tensors, decoding each storage once."""
     storages = {}
     for _, m in _modules(G, _nvidia_children):
-        for kind in ("_parameters", "_buffers"):
-            tensors = m.state.get(kind, {})
+        for tensors in (m.state.get("_parameters"), m.state.get("_buffers")):
             for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
                 if isinstance(ref, _TensorRef):
-                    key = id(ref.storage)
-                    if key not in storages:
-                        raw = ref.storage
-                        if isinstance(raw, _Blob):
-                            raw.f.seek(raw.offset)
-                            raw = raw.f.read(raw.size)
-                            if len(raw) != ref.storage.size:
-                                raise EOFError(TRUNCATED)
-                        if not isinstance(raw, bytes):
-                            raise _Refused("a tensor without stored bytes; the file is damaged")
-                        storages[key] = _legacy_storage(raw)
-                    tensors[name] = _view(storages[key], *ref.args[:3])
-
-
-def _flatten(obj):
-    """Parameters and buffers of a pickled module tree, with their state-dict names."""
-    return {prefix + k: v for prefix, m in _modules(obj, _nvidia_children) for kind in ("_parameters", "_buffers")
-            for k, v in m.state.get(kind, {}).items() if isinstance(v, torch.Tensor)}
+                    if id(ref.storage) not in storages:
+                        storages[id(ref.storage)] = _legacy_storage(ref.storage)
+                    tensors[name] = _view(storages[id(ref.storage)], *ref.args[:3])
 
 
 def read_nvidia_pickle(path):
-    """G_ema of an NVIDIA pickle under rosinality's names (formats.md 3.4) -> (state dict, kwargs, w_avg, {})."""
+    """G_ema of an NVIDIA pickle under rosinality's names -> (state dict, kwargs, w_avg, {})."""
     G = read_g_ema(path)
     try:
         return _convert_nvidia(path, G)
@@ -1663,6 +1648,9 @@ def read_nvidia_pickle(path):
 
 
 def _convert_nvidia(path, G):
+    """NVlabs' networks.py names -> rosinality's model.py names: the mapping's fc{i} are style.{i+1}; block b{r}'s
+    conv0, conv1 and torgb are convs.{2j}, convs.{2j+1} and to_rgbs.{j} (b4: conv1 and to_rgb1); a layer's affine is
+    its conv's modulation; noise_const buffers become noises.noise_{i} in the order the layers read them."""
     mods = lambda obj: obj.state.get("_modules", {})
     syn, mapping = mods(G).get("synthesis"), mods(G).get("mapping")
     if syn is None or mapping is None:
@@ -1670,7 +1658,8 @@ def _convert_nvidia(path, G):
     if "input" in mods(syn) or any(k.startswith("L") for k in mods(syn)):
         raise NadaError(f"{path}: this is a StyleGAN3 generator; nada adapts StyleGAN2 generators only")
     res, c_dim, w_dim = G.state["img_resolution"], G.state["c_dim"], G.state["w_dim"]
-    for r in (2 ** k for k in range(2, int(math.log2(res)) + 1)):
+    blocks = [2 ** k for k in range(2, int(math.log2(res)) + 1)]
+    for r in blocks:
         arch = mods(syn)[f"b{r}"].state.get("architecture", "skip")
         if arch != "skip":                              # never str() a value from the file: it may be a huge DAG
             shown = arch[:20] if isinstance(arch, str) else f"a {type(arch).__name__} as"
@@ -1678,38 +1667,37 @@ def _convert_nvidia(path, G):
                             "which every public StyleGAN2 checkpoint uses)")
     if G.state.get("img_channels", 3) != 3:
         raise NadaError(f"{path}: only RGB generators are supported")
-    sd = _flatten(G)
+    sd = {prefix + k: v for prefix, m in _modules(G, _nvidia_children) for kind in ("_parameters", "_buffers")
+          for k, v in m.state.get(kind, {}).items() if isinstance(v, torch.Tensor)}
     n_mlp = mapping.state["num_layers"]
     fcs = [mods(mapping)[f"fc{i}"].state for i in range(n_mlp)]
-    if any(fc["activation"] != "lrelu" for fc in fcs) or any(sd[f"mapping.fc{i}.weight"].shape[0] != w_dim for i in range(n_mlp)):
+    if any(fc["activation"] != "lrelu" for fc in fcs) or any(sd[f"mapping.fc{i}.weight"].shape[0] != w_dim
+                                                             for i in range(n_mlp)):
         raise NadaError(f"{path}: unsupported mapping network (needs lrelu layers of width w_dim)")
     out = {f"style.{i + 1}.{p}": sd[f"mapping.fc{i}.{p}"] for i in range(n_mlp) for p in ("weight", "bias")}
     if c_dim:
         out["embed.weight"], out["embed.bias"] = sd["mapping.embed.weight"], sd["mapping.embed.bias"]
     out["input.input"] = sd["synthesis.b4.const"][None]
-
-    def layer(src, dst, rgb=False):                     # NVIDIA's SynthesisLayer / ToRGBLayer -> ours
-        out[f"{dst}.conv.weight"] = sd[f"{src}.weight"][None]
-        out[f"{dst}.conv.modulation.weight"], out[f"{dst}.conv.modulation.bias"] = sd[f"{src}.affine.weight"], sd[f"{src}.affine.bias"]
-        if rgb:
-            out[f"{dst}.bias"] = sd[f"{src}.bias"].reshape(1, 3, 1, 1)
+    layers = [("b4.conv1", "conv1"), ("b4.torgb", "to_rgb1")] + [
+        (f"b{r}.{theirs}", ours) for j, r in enumerate(blocks[1:])
+        for theirs, ours in (("conv0", f"convs.{2 * j}"), ("conv1", f"convs.{2 * j + 1}"), ("torgb", f"to_rgbs.{j}"))]
+    convs = [(theirs, ours) for theirs, ours in layers if "torgb" not in theirs]
+    for theirs, ours in layers:
+        t = f"synthesis.{theirs}."
+        out[f"{ours}.conv.weight"] = sd[t + "weight"][None]
+        out[f"{ours}.conv.modulation.weight"], out[f"{ours}.conv.modulation.bias"] = sd[t + "affine.weight"], \
+            sd[t + "affine.bias"]
+        if (theirs, ours) in convs:
+            out[f"{ours}.noise.weight"], out[f"{ours}.activate.bias"] = sd[t + "noise_strength"].reshape(1), sd[t + "bias"]
         else:
-            out[f"{dst}.noise.weight"], out[f"{dst}.activate.bias"] = sd[f"{src}.noise_strength"].reshape(1), sd[f"{src}.bias"]
-
-    layer("synthesis.b4.conv1", "conv1")
-    layer("synthesis.b4.torgb", "to_rgb1", rgb=True)
-    out["noises.noise_0"] = sd["synthesis.b4.conv1.noise_const"][None, None]
-    for k in range(3, int(math.log2(res)) + 1):
-        b, j = f"synthesis.b{2 ** k}", k - 3
-        layer(f"{b}.conv0", f"convs.{2 * j}")
-        layer(f"{b}.conv1", f"convs.{2 * j + 1}")
-        layer(f"{b}.torgb", f"to_rgbs.{j}", rgb=True)
-        fir = sd[f"{b}.conv0.resample_filter"]
+            out[f"{ours}.bias"] = sd[t + "bias"].reshape(1, 3, 1, 1)
+    for i, (theirs, _) in enumerate(convs):
+        out[f"noises.noise_{i}"] = sd[f"synthesis.{theirs}.noise_const"][None, None]
+    for j, r in enumerate(blocks[1:]):
+        fir = sd[f"synthesis.b{r}.conv0.resample_filter"]
         if fir.shape != (4, 4):
             raise NadaError(f"{path}: only the 4-tap resampling filter of StyleGAN2 is supported")
         out[f"convs.{2 * j}.conv.blur.kernel"] = out[f"to_rgbs.{j}.upsample.kernel"] = fir * 4
-        out[f"noises.noise_{2 * k - 5}"] = sd[f"{b}.conv0.noise_const"][None, None]
-        out[f"noises.noise_{2 * k - 4}"] = sd[f"{b}.conv1.noise_const"][None, None]
     conv_clamp = _setting(path, "conv_clamp", mods(mods(syn)["b4"])["conv1"].state.get("conv_clamp"), none_ok=True)
     config = dict(_infer_config(path, out), lr_mlp=float(_setting(path, "bias_gain", fcs[0]["bias_gain"])),
                   conv_clamp=conv_clamp)
@@ -1730,19 +1718,15 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())                    # mkstemp makes 0600; a normal file follows the umask
+    mask = os.umask(0o22)                               # mkstemp makes 0600; a normal file follows the umask,
+    os.umask(mask)                                      # which can only be read by setting it: put it straight back
+    os.chmod(tmp, 0o666 & ~mask)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-
-
-def _umask():
-    mask = os.umask(0o22)                               # reading it means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def atomic_save(obj, path):
@@ -2046,7 +2030,7 @@ class RunFolder:
             for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
                 for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
                     os.remove(os.path.join(folder, name))
-            if not self.settings.resume and self.has_state():                # it finished while we loaded
+            if not self.settings.resume and os.path.isfile(os.path.join(self.path, "state.pt")):                # it finished while we loaded
                 raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
                                 "another --out")
             recorded = {f.name: getattr(self.settings, f.name) for f in recorded_fields()}
@@ -2061,13 +2045,10 @@ class RunFolder:
             signal.signal(sig, handler)
         if self.bar is not None:
             self.bar.close()
-        if kind is not None and self.created and not self.has_state():
+        if kind is not None and self.created and not os.path.isfile(os.path.join(self.path, "state.pt")):
             shutil.rmtree(self.path, ignore_errors=True)
         if self.lock:
             self.lock.close()
-
-    def has_state(self):
-        return os.path.isfile(os.path.join(self.path, "state.pt"))
 
     def take_lock(self):
         """An flock on .lock, which holds our pid; it goes when this process ends, however it ends."""
@@ -2077,9 +2058,7 @@ class RunFolder:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.seek(0)
-            holder = self.lock.read().strip() or "?"
-            self.lock.close()
-            self.lock = None
+            holder = self.lock.read().strip() or "?"       # __exit__ closes the file
             raise NadaError(f"{self.path} is in use by another nada process (pid {holder}); wait for it to finish, "
                             "or choose another --out") from None
         self.lock.truncate(0)
@@ -2125,10 +2104,6 @@ class RunFolder:
         self.bar = tqdm(total=s.iters, initial=start, disable=None if s.progress else True, dynamic_ncols=True,
                         desc="train")
         return start
-
-    def seconds(self):
-        """Seconds this process has trained."""
-        return time.time() - self.started
 
     def log(self, step, loss, losses, layers):
         """A line of log.jsonl, and the progress bar; a loss that is not finite stops the run, saying why."""
@@ -2248,18 +2223,14 @@ def startup_line(cmd, device, impl, *parts):
 def describe_run(s, t, memory):
     """The startup line's account of a run (t: its Training): CLIP models, layers, memory, resolution, prompts."""
     clip = "CLIP " + ", ".join(f"{n} x{w:g}" for n, w in zip(t.names, t.weights))
+    if isinstance(t.layers, int):
+        layers = f"layers auto, top {t.layers} of {t.G.num_ws} W+ entries per step"
+    else:
+        trained = sum(p.numel() for n, p in t.G.named_parameters() if n.startswith(tuple(x + "." for x in t.layers)))
+        chosen = f"auto, all {t.G.num_ws} W+ entries" if s.layers == "auto" else s.layers
+        layers = f"layers {chosen} ({len(t.layers)} layers, {trained / 1e6:.2f}M params)"
     goal = f"{'images' if t.images else repr(s.src)} -> {s.tgt_img or repr(s.tgt)}"
-    return clip, describe_layers(s.layers, t.layers, t.G), memory, f"{t.G.size} px, {goal}"
-
-
-def describe_layers(spec, layers, G):
-    if isinstance(layers, int):
-        return f"layers auto, top {layers} of {G.num_ws} W+ entries per step"
-    chosen = f"auto, all {G.num_ws} W+ entries" if spec == "auto" else spec
-    prefixes = tuple(name + "." for name in layers)
-    n_params = sum(p.numel() for name, p in G.named_parameters() if name.startswith(prefixes))
-    return f"layers {chosen} ({len(layers)} layers, {n_params / 1e6:.2f}M params)"
-
+    return clip, layers, memory, f"{t.G.size} px, {goal}"
 
 
 def to_uint8(img):
@@ -2292,18 +2263,14 @@ def load_image(path):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # eval and study: CLIP-only metrics of an adapted generator against its base, those of HyperDomainNet (Alanov et
 # al., arXiv 2210.08884) and StyleDomain (arXiv 2212.10229), and a study that trains and compares several settings;
 # under torchrun several GPUs share the work
 
 METRICS = ("clip_score", "directional", "diversity", "base_diversity", "diversity_ratio", "pair_similarity")
-Samples = namedtuple("Samples", "seeds labels trunc batch")
-Samples.__doc__ = """What eval and a study render: one z per seed (as `sample` draws them), one-hot classes or None,
-the truncation, and the images per forward pass."""
-Goal = namedtuple("Goal", "src tgt images")
-Goal.__doc__ = """What a run was adapted toward: the prompts src -> tgt, or target images (a list; then tgt is None)."""
+Samples = namedtuple("Samples", "seeds labels trunc batch")   # z per seed as `sample` draws it; classes or None
+Goal = namedtuple("Goal", "src tgt images")                     # prompts src -> tgt, or target images (tgt None)
 
 
 def diversity(emb):
@@ -2612,9 +2579,7 @@ def _empty_folder(path):
     return os.path.isdir(path) and not os.listdir(path)
 
 
-Judges = namedtuple("Judges", "models names trained_with goal samples about")
-Judges.__doc__ = """How a study measures each setting: the CLIP models and their names, the names of those that trained
-the runs, the goal, the samples, and what the eval record says it measured."""
+Judges = namedtuple("Judges", "models names trained_with goal samples about")   # how a study measures its settings
 
 
 def study(*, clip_models=None, eval_models=None, **settings):
@@ -2791,15 +2756,6 @@ CLIP_ARCHITECTURES = {  # embed, resolution, vision layers, vision width, patch,
 }
 
 
-def estimated_device(device):
-    """The device a dry run estimates for: as asked (a GPU need not be here), auto meaning this machine's."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise NadaError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return device
-
-
 def free_gpu_bytes(device):
     """Free memory on the GPU, or None where there is no GPU to ask."""
     return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
@@ -2822,7 +2778,7 @@ def choose_memory(s, device):
 def dry_run(s):
     """What a run of settings `s` needs on s.device (a GPU need not be here): the run's own setup and two of its steps
     on the meta device, counted by estimate_memory; nothing is read, downloaded or written. -> a dict of bytes"""
-    device = estimated_device(s.device)
+    device = check_device(s.device, here=False)
     memory, why = choose_memory(s, device)
     t = prepare(s, device, memory, meta=True)
     return dict(estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt), device=device, memory=memory, why=why)
