@@ -67,7 +67,8 @@ OPS = ("bias_act", "upfirdn2d")
 
 
 def _use_cuda(x, impl, op):
-    """The dispatch rule: ref -> reference; cuda -> kernel or an error; auto -> kernel iff x is on CUDA and it builds."""
+    """The dispatch rule: ref -> reference; cuda -> kernel, or an error; auto -> kernel iff x is on CUDA and it builds.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "ref" or (impl == "auto" and not x.is_cuda):
@@ -479,13 +480,15 @@ def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
     try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
         tokens = _import_clip().tokenize([t.format(text) for t in templates]).to(next(model.parameters()).device)
     except RuntimeError:
-        raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten it") from None
+        raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
+                        "it") from None
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
 def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
     """NADA's text direction: mean over templates of (target - source) unit embeddings, normalised. [D]"""
-    return F.normalize((encode_prompts(model, target, templates) - encode_prompts(model, source, templates)).mean(0), dim=0)
+    change = encode_prompts(model, target, templates) - encode_prompts(model, source, templates)   # [T, D]
+    return F.normalize(change.mean(0), dim=0)
 
 
 @torch.no_grad()
@@ -814,7 +817,7 @@ def seed_latents(G, seeds):
 @torch.no_grad()
 def sample(**settings):
     """Render one PNG per seed and a grid.png -> the output folder. settings: the fields of SampleSettings, as
-    keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base generator beside the adapted one."""
+    keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base beside the adapted generator."""
     s = SampleSettings(**settings)
     seeds = seeds_of(checked(s))
     path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
@@ -827,8 +830,8 @@ def sample(**settings):
         generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
     labels = class_labels(G, s.cls, len(seeds))
     make_folder(out)
-    print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, noise {s.noise_mode}"),
-          flush=True)
+    print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
+                       f"noise {s.noise_mode}"), flush=True)
     rows = [[] for _ in generators]
     for i, seed in enumerate(seeds):
         z = seed_latents(G, [seed]).to(device)
@@ -876,8 +879,8 @@ def setting(default, help=None, kind=None, bounds=None, **cli):
 
 
 @dataclasses.dataclass
-class Common:
-    """Where a command runs: every command's flags."""
+class Common:                                           # every command's flags: where it runs
+    """list the named generators"""
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     impl: str = setting("auto", "ops path: auto = CUDA kernels when they build", choices=IMPLS)
     wdir: str = setting(None, "where named weights are kept (default: $NADA_WEIGHTS, else weights/ beside nada.py)",
@@ -888,7 +891,9 @@ class Common:
 
 @dataclasses.dataclass
 class TrainSettings(Common):
-    """A training run: `train`."""
+    """adapt a generator from text
+
+    Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss."""
     src: str = setting("photo", "source prompt", "run")
     tgt: str = setting("sketch", "target prompt", "run")
     tgt_img: list = setting(None, "target images instead of a target prompt", "run", nargs="+")
@@ -918,7 +923,10 @@ class TrainSettings(Common):
 
 @dataclasses.dataclass
 class StudySettings(TrainSettings):
-    """A study: train's settings, but lists of --layers, --lr and --consistency whose product is one run each."""
+    """train and compare several settings
+
+    One run per setting (the product of --layers, --lr and --consistency lists), each evaluated; writes grid.png,
+    loss.png, results.md and results.json. Rerun to resume; several GPUs: torchrun --nproc_per_node N nada.py study"""
     layers: str = setting(STUDY_DEFAULT_LAYERS, "settings, comma-separated (resolutions as 16+32)")
     lr: str = setting(f"{LR:g}", "learning rates, comma-separated")
     consistency: str = setting("0", "consistency weights, comma-separated")
@@ -937,7 +945,10 @@ class StudySettings(TrainSettings):
 
 @dataclasses.dataclass
 class EvalSettings(Common):
-    """A measure of an adapted generator against its base: `eval`."""
+    """measure an adapted generator with CLIP
+
+    CLIP scores of an adapted generator against its base (clip_score, directional, diversity and the diversity ratio,
+    pair similarity); several GPUs: torchrun ... nada.py eval."""
     ckpt: str = setting(None, "a run folder or generator file (default: the newest runs/*)")
     base: str = setting(None, "the base generator, NAME or FILE (default: the one the run recorded)")
     src: str = setting(None, "source prompt (default: the run's)")
@@ -954,7 +965,7 @@ class EvalSettings(Common):
 
 @dataclasses.dataclass
 class SampleSettings(Common):
-    """Images from a generator: `sample`."""
+    """render images from a generator"""
     ckpt: str = setting(None, "a file or a model name (default: the newest runs/*/generator.pt)")
     n: int = setting(8, "number of images (seeds 0..n-1) when --seeds is not given", bounds=(1, MAX_IMAGES))
     seeds: str = setting(None, "e.g. 0-15 or 1,5,9")
@@ -968,6 +979,7 @@ class SampleSettings(Common):
 
 @dataclasses.dataclass
 class DoctorSettings(Common):
+    """check the environment"""
     build_ops: bool = setting(False, "compile the CUDA ops now (no GPU needed)")
 
 
@@ -987,7 +999,8 @@ def check_number(flag, value, lo, hi=None):
     if isinstance(value, float) and not math.isfinite(value):
         raise NadaError(f"{flag} {value}: must be a finite number")
     if value < lo or (hi is not None and value > hi):
-        raise NadaError(f"{flag} {value}: must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise NadaError(f"{flag} {value}: must be {bound}")
 
 
 def recorded_fields(kinds=("run", "steps")):
@@ -1002,8 +1015,8 @@ def train_settings(**kw):
     recorded = run_settings(kw["resume"]) if kw.get("resume") else {}
     s = TrainSettings(**{**recorded, **kw})
     s.tgt_img = [os.path.abspath(p) for p in s.tgt_img or []]
-    s.ckpt = _absolute(s.ckpt)
-    s.clip = ",".join(_absolute(n.strip()) for n in str(s.clip).split(","))
+    absolute = [os.path.abspath(p) if os.path.isfile(p) else p for p in [s.ckpt, *str(s.clip).split(",")]]
+    s.ckpt, s.clip = absolute[0], ",".join(n.strip() for n in absolute[1:])   # files absolute, names as they are
     missing = [p for p in s.tgt_img if not os.path.isfile(p)]
     if missing:
         raise NadaError(f"--tgt-img: no such file: {missing[0]}")
@@ -1017,11 +1030,6 @@ def train_settings(**kw):
         raise NadaError(f"--resume {s.resume}: the run used {changed}; resume with the same settings or start a new "
                         "--out")
     return s
-
-
-def _absolute(path):
-    """A file's absolute path; a name (of a model to download) as it is."""
-    return os.path.abspath(path) if os.path.isfile(path) else path
 
 
 def run_settings(run):
@@ -1071,7 +1079,8 @@ def check_device(device, impl="auto", here=True):
         raise NadaError(f"--device {device}, but torch sees {count} CUDA device{'s' * (count != 1)} (use --device "
                         "cpu, or check `python nada.py doctor`)")
     if impl == "cuda" and device == "cpu":
-        raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the CPU")
+        raise NadaError("--impl cuda runs the CUDA kernels, which need --device cuda; use --impl auto or ref on the "
+                        "CPU")
     for op in OPS if impl == "cuda" else ():
         if load_op(op)[0] is None:
             raise NadaError(f"--impl cuda, but the CUDA {op} op is unavailable ({load_op(op)[1]}); use --impl auto")
@@ -1100,12 +1109,11 @@ def parse_seeds(spec):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint files: rosinality .pt, NVIDIA .pkl, CLIP's TorchScript archives and our own, read as data
 #
-# Every file is untrusted. Nothing in it runs (only allow-listed globals resolve, to stand-ins that hold data), and
-# nothing it claims is believed before it is checked against the bytes that are there: lengths against the bytes
-# left, a zip's records against the file's size before they are inflated, tensors against their storage and the
-# architecture, trees walked once with bounded depth and size. So a load ends in a model or a NadaError, and the
-# tensors it builds never add up to more than the file holds (test_nada.py fuzzes this). Tensors stay references
-# until the part of the file a caller uses is known: a training checkpoint also holds D and the optimizers.
+# Every file is untrusted. Nothing in it runs (allow-listed globals resolve to stand-ins that hold data), and nothing
+# it claims is believed before it is checked against the bytes there: lengths against the bytes left, a zip's
+# records against the file's size before they inflate, tensors against their storage and the architecture, trees
+# walked once, bounded in depth and size. A load ends in a model or one NadaError, and builds no more than the file
+# holds (test_nada.py fuzzes this); tensors stay references until the part a caller uses is known.
 
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 MAX_MODULES, MAX_DEPTH = 4096, 32      # a module tree in a file: a 1024 px G_ema has 60 modules 5 deep, CLIP < 1000
@@ -1118,23 +1126,19 @@ def load_generator(path, device="cpu", impl="auto"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NadaError(f"{path}: no such file")
-    sd, config, latent_avg, meta = (read_torch_checkpoint if _torch_saved(path) else read_nvidia_pickle)(path)
+    with open(path, "rb") as f:                         # torch.save: a zip, or a stream that starts with a magic number
+        torch_saved = f.read(len(LEGACY_TORCH_MAGIC)).startswith((b"PK\x03\x04", LEGACY_TORCH_MAGIC))
+    sd, config, latent_avg, meta = (read_torch_checkpoint if torch_saved else read_nvidia_pickle)(path)
     G = _fit(path, sd, config)
     if latent_avg is None:                              # old files without it: the mean w of many seeded z
         with torch.no_grad():
             z = torch.randn(4096, G.z_dim, generator=torch.Generator().manual_seed(0))
-            latent_avg = G.mapping(z, F.one_hot(torch.arange(4096) % G.c_dim, G.c_dim) if G.c_dim else None)[:, 0].mean(0)
+            c = F.one_hot(torch.arange(4096) % G.c_dim, G.c_dim) if G.c_dim else None
+            latent_avg = G.mapping(z, c)[:, 0].mean(0)
     if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.w_dim or not latent_avg.isfinite().all():
         raise NadaError(f"{path}: latent_avg is not a vector of {G.w_dim} numbers")
     G.latent_avg, G.meta = latent_avg.float().reshape(G.w_dim).clone(), meta   # meta: what our checkpoints record
     return G.set_impl(impl).requires_grad_(True).to(device)
-
-
-def _torch_saved(path):
-    """Whether a file was written by torch.save: a zip, or (before torch 1.6) a run of pickles with a magic number."""
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    return head.startswith(b"PK\x03\x04") or head == LEGACY_TORCH_MAGIC
 
 
 def _state_dict(x):
@@ -1169,15 +1173,12 @@ def _fit(path, sd, config):
 
 
 def _check_storage(path, tensors, budget):
-    """Refuse tensors that show more bytes than they store (a stride-0 view of a huge size) or, all together, more
-    than the file holds: what a load builds (a copy of each tensor) never exceeds the file's size."""
-    total = 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        total += nbytes
-        if nbytes > v.untyped_storage().nbytes() or total > budget:
-            raise NadaError(f"{path}: tensor {k[:80]} shows more bytes than are stored ({nbytes} from a storage of "
-                            f"{v.untyped_storage().nbytes()}, {total} in all from a file of {budget}); it is damaged")
+    """What a load builds never exceeds the file's size: each tensor is within its storage (_view), but views of one
+    storage may each be copied, so together they may not show more bytes than the file holds."""
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    if total > budget:
+        raise NadaError(f"{path}: its tensors show {total} bytes in all, more than are stored in a file of {budget}; "
+                        "it is damaged")
 
 
 def _refusal(e):
@@ -1207,8 +1208,9 @@ def read_torch_checkpoint(path):
             elif isinstance(ckpt, dict) and "style.1.weight" in ckpt:
                 sd, meta, latent_avg = ckpt, {}, None
             else:
-                keys = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-                raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {keys})")
+                found = [k[:40] for k in ckpt if isinstance(k, str)][:8] if isinstance(ckpt, dict) else \
+                    type(ckpt).__name__
+                raise NadaError(f"{path}: no generator found (expected a 'g_ema' state dict; found {found})")
             sd, latent_avg = tf.build(sd), tf.build(latent_avg)
     except NadaError:
         raise
@@ -1232,7 +1234,8 @@ def _setting(path, name, value, none_ok=False):
     if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and 0 < value < math.inf:
         return value
     shown = repr(value) if isinstance(value, (int, float, np.number)) else f"a {type(value).__name__}"
-    raise NadaError(f"{path}: the saved setting {name} is {shown}, where a positive number belongs; the file is damaged")
+    raise NadaError(f"{path}: the saved setting {name} is {shown}, where a positive number belongs; the file is "
+                    "damaged")
 
 
 def _infer_config(path, sd):
@@ -1240,7 +1243,7 @@ def _infer_config(path, sd):
     try:
         n_mlp = sum(1 for k in sd if re.fullmatch(r"style\.\d+\.weight", k))
         style_dim, in0 = sd["style.1.weight"].shape
-        c_dim, embed_dim = (sd["embed.weight"].shape[1], sd["embed.weight"].shape[0]) if "embed.weight" in sd else (0, 0)
+        embed_dim, c_dim = sd["embed.weight"].shape if "embed.weight" in sd else (0, 0)
         n_rgb = sum(1 for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k))
         channels = {4: sd["input.input"].shape[1], **{2 ** (j + 3): sd[f"convs.{2 * j}.conv.weight"].shape[1]
                                                       for j in range(n_rgb)}}
@@ -1323,9 +1326,9 @@ class _SafeUnpickler(pickle._Unpickler):
     set items, since hashing a tuple nested through shared references takes exponential time."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, src, allowed, storage=None):
+    def __init__(self, src, allowed, storage=None, scripted=False):
         super().__init__(src)
-        self.src, self.allowed, self.storage = src, allowed, storage
+        self.src, self.allowed, self.storage, self.scripted = src, allowed, storage, scripted
 
     def left(self):
         """The bytes left: in the file, and in the frame being read."""
@@ -1333,11 +1336,16 @@ class _SafeUnpickler(pickle._Unpickler):
         return self.src.left() + (frame.getbuffer().nbytes - frame.tell() if frame else 0)
 
     def find_class(self, module, name):
+        """An allow-listed global's stand-in; with scripted (TorchScript archives), a class the archive defines
+        (`__torch__.…`) becomes an inert _ScriptObject type."""
+        if self.scripted and module.split(".")[0] == "__torch__" and _is_name(name) and len(module) < 200:
+            return type(name, (_ScriptObject,), {"qualname": f"{module}.{name}"})
         if (module, name) == ("dnnlib.tflib.network", "Network"):
             raise _Refused("this is a TensorFlow StyleGAN pickle; convert it to PyTorch first "
                            "(stylegan2-ada-pytorch's legacy.py), or use the PyTorch release")
         if (module, name) not in self.allowed:
-            raise _Refused(f"it asks for {f'{module}.{name}'[:100]}, which is not checkpoint data (refused; nothing ran)")
+            raise _Refused(f"it asks for {f'{module}.{name}'[:100]}, which is not checkpoint data (refused; nothing "
+                           "ran)")
         return self.allowed[(module, name)]
 
     def persistent_load(self, pid):
@@ -1375,15 +1383,6 @@ class _SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
-class _ArchiveUnpickler(_SafeUnpickler):
-    """For TorchScript archives: the classes they name (`__torch__.…`) become inert _ScriptObject types."""
-
-    def find_class(self, module, name):
-        if module.split(".")[0] == "__torch__" and _is_name(name) and len(module) < 200:
-            return type(name, (_ScriptObject,), {"qualname": f"{module}.{name}"})
-        return super().find_class(module, name)
-
-
 def _plain(items):
     """Refuse dictionary keys or set items other than plain values: checkpoints never use others."""
     if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in items):
@@ -1391,10 +1390,10 @@ def _plain(items):
     return items
 
 
-def _unpickle(src, allowed, storage=None, kind=_SafeUnpickler):
+def _unpickle(src, allowed, storage=None, scripted=False):
     """One restricted pickle from `src` (a _PickleFile). Python's unpickler reports a damaged file as EOFError, a
     bare opcode number or 'pop from empty list'; this says in words what is wrong."""
-    u = kind(src, allowed, storage)
+    u = _SafeUnpickler(src, allowed, storage, scripted)
     try:
         return u.load()
     except _Refused:
@@ -1410,11 +1409,11 @@ def _pickle_allowlist():
     """The globals an NVIDIA network pickle may name (those torch_utils.persistence and training write, as in
     NVlabs/stylegan2-ada-pytorch), mapped to stand-ins that only hold data."""
     import importlib
-    np_multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    scalar = importlib.import_module(f"numpy.{'_core' if hasattr(np, '_core') else 'core'}.multiarray").scalar
     return {**_torch_globals(), ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
             ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("builtins", "set"): _set,
             ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
-            ("numpy.core.multiarray", "scalar"): np_multiarray.scalar, ("numpy._core.multiarray", "scalar"): np_multiarray.scalar}
+            ("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar}
 
 
 def _torch_globals():
@@ -1440,7 +1439,8 @@ class TorchFile:
 
     def __init__(self, source):
         self.f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-        self.size, self.zip, self.archive, self.refs, self.offsets, self.storages = self.f.seek(0, 2), None, False, {}, {}, {}
+        self.size, self.zip, self.archive = self.f.seek(0, 2), None, False
+        self.refs, self.offsets, self.storages = {}, {}, {}   # storage key -> _Storage, stream offset, 1-D tensor
         self.f.seek(0)
         head = self.f.read(len(LEGACY_TORCH_MAGIC))
         if head.startswith(b"PK\x03\x04"):
@@ -1468,8 +1468,8 @@ class TorchFile:
         names = self.zip.namelist()
         self.root = names[0].split("/")[0] if names else ""
         if len(set(names)) != len(names) or not all(n.startswith(self.root + "/") for n in names):
-            raise _Refused("a zip whose records repeat a name or lie outside one folder; the file is damaged or made to "
-                           "mislead")
+            raise _Refused("a zip whose records repeat a name or lie outside one folder; the file is damaged or "
+                           "made to mislead")
         sizes = [i.file_size for i in self.zip.infolist()]
         if max(sizes) > self.size or sum(sizes) > self.size + ZIP_SLACK:
             raise _Refused(f"its records inflate to {sum(sizes)} bytes from a file of {self.size} (a compression "
@@ -1485,16 +1485,16 @@ class TorchFile:
             raise _Refused("a tensor record of the wrong size; the file is damaged")
         return self.zip.read(info)
 
-    def load(self, unpickler=_SafeUnpickler):
+    def load(self, scripted=False):
         """The pickled object, its tensors _TensorRefs (their storages _Storage names, not read yet)."""
         if self.zip:
-            return _unpickle(_PickleFile(io.BytesIO(self.record("data.pkl"))), _torch_globals(), self.name, unpickler)
+            return _unpickle(_PickleFile(io.BytesIO(self.record("data.pkl"))), _torch_globals(), self.name, scripted)
         src = _PickleFile(self.f)
         magic, version, info = (_unpickle(src, {}) for _ in range(3))
         if (magic, version) != (0x1950A86A20F9469CFC6C, 1001) or not isinstance(info, dict) or not info.get(
                 "little_endian"):
             raise _Refused("it is not stored as torch.save stores data; the file is damaged")
-        obj = _unpickle(src, _torch_globals(), self.name, unpickler)
+        obj = _unpickle(src, _torch_globals(), self.name, scripted)
         keys = _unpickle(src, {})
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(self.refs):
             raise _Refused("its list of tensor storages is malformed; the file is damaged")
@@ -1508,9 +1508,9 @@ class TorchFile:
 
     def name(self, pid):
         """A persistent id ('storage', storage type, key, location, numel[, view]) -> the _Storage it names."""
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-                and _is_name(pid[2]) and type(pid[4]) is int and 0 <= pid[4] * pid[1].itemsize <= self.size
-                and pid[5:] in ((), (None,))):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and pid[5:] in ((), (None,))
+                and isinstance(pid[1], torch.dtype) and _is_name(pid[2]) and type(pid[4]) is int
+                and 0 <= pid[4] * pid[1].itemsize <= self.size):
             raise _Refused("a tensor whose storage is not a record of the file; the file is damaged")
         ref = self.refs.setdefault(pid[2], _Storage(pid[2], pid[1], pid[4]))
         if ref != (pid[2], pid[1], pid[4]):
@@ -1526,7 +1526,8 @@ class TorchFile:
             else:
                 self.f.seek(self.offsets[ref.key])
                 data = self.f.read(nbytes)
-            self.storages[ref.key] = _storage(ref.dtype, data)
+            self.storages[ref.key] = torch.frombuffer(bytearray(data), dtype=ref.dtype) if nbytes else \
+                torch.zeros(0, dtype=ref.dtype)             # in memory of its own
         return self.storages[ref.key]
 
     def build(self, part):
@@ -1554,13 +1555,6 @@ def _view(base, offset, size, stride):
     if not (isinstance(base, torch.Tensor) and type(offset) is int and size.numel() <= base.numel()):
         raise _Refused("a tensor claims more data than its storage holds; the file is damaged")
     return base.as_strided(size, stride, offset)        # raises if it reaches outside the storage
-
-
-def _storage(dtype, data):
-    """Bytes -> a 1-D tensor of their elements, in memory of its own."""
-    if not isinstance(dtype, torch.dtype) or len(data) % dtype.itemsize:
-        raise _Refused("a tensor record of the wrong size; the file is damaged")
-    return torch.frombuffer(bytearray(data), dtype=dtype) if len(data) else torch.zeros(0, dtype=dtype)
 
 
 def _legacy_storage(raw):
@@ -1688,7 +1682,8 @@ def _convert_nvidia(path, G):
         out[f"{ours}.conv.modulation.weight"], out[f"{ours}.conv.modulation.bias"] = sd[t + "affine.weight"], \
             sd[t + "affine.bias"]
         if (theirs, ours) in convs:
-            out[f"{ours}.noise.weight"], out[f"{ours}.activate.bias"] = sd[t + "noise_strength"].reshape(1), sd[t + "bias"]
+            out[f"{ours}.noise.weight"] = sd[t + "noise_strength"].reshape(1)
+            out[f"{ours}.activate.bias"] = sd[t + "bias"]
         else:
             out[f"{ours}.bias"] = sd[t + "bias"].reshape(1, 3, 1, 1)
     for i, (theirs, _) in enumerate(convs):
@@ -1748,10 +1743,12 @@ GENERATORS = {  # name: (url, resolution, approximate download size in MB, class
     "ffhq": (ADA + "ffhq.pkl", 1024, 364, None), "ffhq512": (NGC + "stylegan2-ffhq-512x512.pkl", 512, 364, None),
     "ffhq256": (NGC + "stylegan2-ffhq-256x256.pkl", 256, 280, None),
     "ffhqu": (NGC + "stylegan2-ffhqu-1024x1024.pkl", 1024, 364, None),
-    "ffhqu256": (NGC + "stylegan2-ffhqu-256x256.pkl", 256, 280, None), "metfaces": (ADA + "metfaces.pkl", 1024, 364, None),
+    "ffhqu256": (NGC + "stylegan2-ffhqu-256x256.pkl", 256, 280, None),
+    "metfaces": (ADA + "metfaces.pkl", 1024, 364, None),
     "metfacesu": (NGC + "stylegan2-metfacesu-1024x1024.pkl", 1024, 364, None),
     "afhqcat": (ADA + "afhqcat.pkl", 512, 347, None), "afhqdog": (ADA + "afhqdog.pkl", 512, 347, None),
-    "afhqwild": (ADA + "afhqwild.pkl", 512, 347, None), "afhqv2": (NGC + "stylegan2-afhqv2-512x512.pkl", 512, 347, None),
+    "afhqwild": (ADA + "afhqwild.pkl", 512, 347, None),
+    "afhqv2": (NGC + "stylegan2-afhqv2-512x512.pkl", 512, 347, None),
     "brecahad": (ADA + "brecahad.pkl", 512, 347, None),
     "celebahq256": (NGC + "stylegan2-celebahq-256x256.pkl", 256, 280, None),
     "lsundog256": (NGC + "stylegan2-lsundog-256x256.pkl", 256, 280, None),
@@ -1808,8 +1805,8 @@ def read_clip_weights(path):
         raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
     if not _state_dict(sd):
         raise NadaError(f"{path}: not a CLIP model (expected a state dict of tensors)")
-    for k in ("input_resolution", "context_length", "vocab_size"):   # integers in OpenAI's archives; build_model drops them
-        sd.pop(k, None)
+    for k in ("input_resolution", "context_length", "vocab_size"):   # integers in OpenAI's archives, which
+        sd.pop(k, None)                                                 # build_model drops
     _check_storage(path, sd, os.path.getsize(path))
     if getattr(sd.get("positional_embedding"), "ndim", 0) != 2 or sd["positional_embedding"].shape[0] != 77:
         raise NadaError(f"{path}: not a CLIP text encoder of 77 tokens (its positional_embedding does not fit)")
@@ -1819,11 +1816,13 @@ def read_clip_weights(path):
 def _archive_state_dict(tf):
     """The parameters and buffers of a TorchScript archive: the attributes of each module in its pickled tree that the
     module's class declares as such in its code (read as text, never run)."""
-    tree = tf.load(_ArchiveUnpickler)
+    tree = tf.load(scripted=True)
     if not isinstance(tree, _ScriptObject):
         raise _Refused("its data.pkl holds no module")
     sd = {}
-    for prefix, m in _modules(tree, _script_children):
+    children = lambda m: [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)] \
+        if isinstance(m.state, dict) else []
+    for prefix, m in _modules(tree, children):
         if not isinstance(m.state, dict):
             raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
                            "__setstate__); nada reads archives of plain modules only")
@@ -1831,10 +1830,6 @@ def _archive_state_dict(tf):
         sd.update({prefix + k: v for k, v in m.state.items()
                    if isinstance(v, _TensorRef) and (names is None or k in names)})
     return tf.build(sd)
-
-
-def _script_children(m):
-    return [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)] if isinstance(m.state, dict) else []
 
 
 def _declared_tensors(tf, qualname):
@@ -1880,14 +1875,6 @@ def read_json(path):
     return {}
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(url, dest, sha256=None, offline=False):
     """Fetch url to dest through dest.part (resumed when the server allows ranges), verify, rename into place.
 
@@ -1895,15 +1882,15 @@ def download(url, dest, sha256=None, offline=False):
     hash recorded in the folder's manifest.json at the first download. $NADA_MIRROR replaces the host.
     """
     folder, name = os.path.split(os.path.abspath(dest))
-    record = read_json(os.path.join(folder, "manifest.json")).get(name)
+    manifest = read_json(os.path.join(folder, "manifest.json"))
+    record = manifest.get(name)
     if os.path.isfile(dest):
         if record and os.path.getsize(dest) != record["size"]:
             raise NadaError(f"{dest} has {os.path.getsize(dest)} bytes, not the {record['size']} recorded when it was "
                             "downloaded: delete it to download it again")
         return dest
-    mirror = os.environ.get("NADA_MIRROR")
-    if mirror:
-        url = mirror.rstrip("/") + "/" + os.path.basename(url)
+    if os.environ.get("NADA_MIRROR"):
+        url = os.environ["NADA_MIRROR"].rstrip("/") + "/" + os.path.basename(url)
     hand = f"fetch {url} yourself and place it at {dest}"
     if offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0"):
         raise NadaError(f"{name} is not in {folder} and nada is offline (--offline or NADA_OFFLINE): {hand}")
@@ -1911,54 +1898,52 @@ def download(url, dest, sha256=None, offline=False):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise NadaError(f"cannot create the weights folder {folder}: {e.strerror}; choose another with --weights-dir")
-    part = dest + ".part"
-    _fetch(url, part, hand)
-    digest = sha256_file(part)
-    expected = sha256 or (record or {}).get("sha256")
+    _fetch(url, dest + ".part", name, hand)
+    digest = hashlib.sha256()
+    with open(dest + ".part", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    expected, digest = sha256 or (record or {}).get("sha256"), digest.hexdigest()
     if expected and digest != expected:
-        os.remove(part)
+        os.remove(dest + ".part")
         raise NadaError(f"{name}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
                         f"the download was removed; try again, or {hand}")
-    os.replace(part, dest)
-    manifest = read_json(os.path.join(folder, "manifest.json"))
+    os.replace(dest + ".part", dest)
     manifest[name] = {"url": url, "size": os.path.getsize(dest), "sha256": digest}
     atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     return dest
 
 
-def _fetch(url, part, hand):
+def _fetch(url, part, name, hand):
     """Stream url into part with a progress bar, resuming an earlier partial download."""
     import urllib.error
     import urllib.request
     from tqdm import tqdm
     start = os.path.getsize(part) if os.path.isfile(part) else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "nada", **({"Range": f"bytes={start}-"} if start else {})})
+    headers = {"User-Agent": "nada", **({"Range": f"bytes={start}-"} if start else {})}
     try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=DOWNLOAD_TIMEOUT)
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:                     # the .part is already complete
             return
-        raise NadaError(f"could not download {os.path.basename(part)[:-5]} (HTTP {e.code} {e.reason}); {hand}") from None
+        raise NadaError(f"could not download {name} (HTTP {e.code} {e.reason}); {hand}") from None
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise NadaError(f"could not download {os.path.basename(part)[:-5]} ({reason}); {hand}") from None
+        raise NadaError(f"could not download {name} ({getattr(e, 'reason', e)}); {hand}") from None
     with response:
-        if start and response.status != 206:          # the server ignored the range: start over
-            start = 0
+        start = start if response.status == 206 else 0  # a server that ignores the range sends it all again
         length = response.headers.get("Content-Length")
         total = int(length) + start if length else None
         try:
-            with open(part, "ab" if start else "wb") as f, \
-                    tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(url).split("?")[0],
-                         disable=None, leave=False) as bar:
+            with open(part, "ab" if start else "wb") as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
+                                                                 desc=name, disable=None, leave=False) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
         except OSError as e:
-            raise NadaError(f"download of {os.path.basename(part)[:-5]} broke off ({e}); run again to resume, or {hand}") from None
+            raise NadaError(f"download of {name} broke off ({e}); run again to resume, or {hand}") from None
     if total is not None and os.path.getsize(part) != total:
-        raise NadaError(f"download of {os.path.basename(part)[:-5]} broke off at {os.path.getsize(part)} of {total} "
-                        f"bytes; run again to resume, or {hand}")
+        raise NadaError(f"download of {name} broke off at {os.path.getsize(part)} of {total} bytes; run again to "
+                        f"resume, or {hand}")
 
 
 def base_generator(s, device, meta=False, generator=None):
@@ -2004,7 +1989,8 @@ class RunFolder:
 
     def __init__(self, settings):
         self.settings, self.path = settings, settings.resume or settings.out or os.path.join("runs", run_name(settings))
-        self.lock, self.handlers, self.stop_signal, self.bar, self.saved, self.frozen_row = None, {}, None, None, None, None
+        self.lock = self.stop_signal = self.bar = self.saved = self.frozen_row = None
+        self.handlers = {}
         if settings.resume:
             return
         if os.path.isfile(os.path.join(self.path, "state.pt")):
@@ -2030,7 +2016,7 @@ class RunFolder:
             for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
                 for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
                     os.remove(os.path.join(folder, name))
-            if not self.settings.resume and os.path.isfile(os.path.join(self.path, "state.pt")):                # it finished while we loaded
+            if not self.settings.resume and os.path.isfile(os.path.join(self.path, "state.pt")):   # made meanwhile
                 raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
                                 "another --out")
             recorded = {f.name: getattr(self.settings, f.name) for f in recorded_fields()}
@@ -2184,8 +2170,8 @@ def read_log(folder):
 def sample_paths(ckpt, out, wdir, offline, runs="runs"):
     """-> (checkpoint file: --ckpt, else the newest runs/*/generator.pt; output folder: --out, else RUN/sample
     for a run's generator, else samples/<checkpoint name>)."""
-    found = [p for p in (os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else []))
-             if os.path.isfile(p)]
+    found = [os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else [])]
+    found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
         raise NadaError(f"no --ckpt given and no trained generator in {runs}/*/generator.pt: pass --ckpt FILE or NAME")
     path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
@@ -2293,31 +2279,25 @@ def clip_metrics(base, adapted, target, direction):
     return {k: float(v) for k, v in metrics.items()}
 
 
-def distributed():
-    """-> (rank, world size): under torchrun, with the process group joined (nccl on GPUs, gloo on the CPU);
-    else (0, 1). A study's settings can train for hours between two collectives, hence the long timeout."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def distributed(device, impl):
+    """-> (rank, world size, this process's device): under torchrun the process group joined (nccl on GPUs, gloo on
+    the CPU; a long timeout, as a study's settings can train for hours between collectives), and `auto` or `cuda`
+    this process's own GPU (LOCAL_RANK); else (0, 1, device)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     if world == 1:
-        return 0, 1
+        return 0, 1, check_device(device, impl)
     import datetime
     import torch.distributed as dist
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and local >= gpus:
+        raise NadaError(f"torchrun started process {local} on this machine, but torch sees {gpus} GPUs: pass "
+                        f"--nproc_per_node {gpus} or fewer")
     if not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            if local >= torch.cuda.device_count():
-                raise NadaError(f"torchrun started process {local} on this machine, but torch sees "
-                                f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node {torch.cuda.device_count()} "
-                                "or fewer")
+        if gpus:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=2))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def process_device(device, impl, world):
-    """--device for this process: under torchrun, `auto` and `cuda` mean this process's own GPU (LOCAL_RANK)."""
-    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return check_device(device, impl)
+        dist.init_process_group("nccl" if gpus else "gloo", timeout=datetime.timedelta(days=2))
+    device = f"cuda:{local}" if gpus and device in ("auto", "cuda") else device
+    return dist.get_rank(), dist.get_world_size(), check_device(device, impl)
 
 
 def gather(obj, world):
@@ -2330,32 +2310,23 @@ def gather(obj, world):
 
 
 @torch.no_grad()
-def embed_samples(generators, models, samples, device, show=True):
-    """Unit CLIP embeddings of each generator's images of `samples` (ws from the first generator's mapping, constant
-    noise). -> [model][generator] -> [N, D] on the CPU"""
+def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
+    """clip_metrics per CLIP model (a list of dicts) of G against base, on the images of `samples` (ws from the base's
+    mapping, constant noise). Under torchrun (shard: rank, world size) each process embeds its share of the samples
+    and every process gets the merged result."""
     from tqdm import tqdm
-    embs = [[[] for _ in generators] for _ in models]
-    seeds, labels, n = samples.seeds, samples.labels, samples.batch
-    for i in tqdm(range(0, len(seeds), n), desc="eval", disable=None if show else True, dynamic_ncols=True):
-        z = seed_latents(generators[0], seeds[i:i + n]).to(device)
-        ws = generators[0].mapping(z, None if labels is None else labels[i:i + n].to(device), samples.trunc)
-        for j, g in enumerate(generators):
+    rank, world = shard
+    mine = list(range(rank, len(samples.seeds), world))
+    embs = [[[], []] for _ in models]                   # [model][base, G]: batches of unit embeddings [n, D]
+    for i in tqdm(range(0, len(mine), samples.batch), desc="eval", disable=None if show else True, dynamic_ncols=True):
+        idx = mine[i:i + samples.batch]
+        z = seed_latents(base, [samples.seeds[k] for k in idx]).to(device)
+        ws = base.mapping(z, None if samples.labels is None else samples.labels[idx].to(device), samples.trunc)
+        for j, g in enumerate((base, G)):
             img = g.synthesis(ws)
             for m, model in enumerate(models):
                 embs[m][j].append(encode_images(model, img).cpu())
-    return [[torch.cat(e) for e in per_model] for per_model in embs]
-
-
-@torch.no_grad()
-def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
-    """clip_metrics per CLIP model (a list of dicts) of G against base; under torchrun (shard: rank, world size)
-    each process embeds its share of the samples and every process gets the merged result."""
-    rank, world = shard
-    mine = list(range(rank, len(samples.seeds), world))
-    labels = None if samples.labels is None else samples.labels[mine]
-    embs = embed_samples([base, G], models, samples._replace(seeds=[samples.seeds[i] for i in mine], labels=labels),
-                         device, show)
-    parts = gather((mine, embs), world)
+    parts = gather((mine, [[torch.cat(e) for e in per_model] for per_model in embs]), world)
     order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()   # back into seed order
     results = []
     for m, model in enumerate(models):
@@ -2373,13 +2344,9 @@ def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
 
 def format_seeds(seeds):
     """[0, 1, 2, 5] -> '0-2,5'"""
-    runs = [[seeds[0]]] if seeds else []
-    for s in seeds[1:]:
-        if s == runs[-1][-1] + 1:
-            runs[-1].append(s)
-        else:
-            runs.append([s])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    firsts = [s for i, s in enumerate(seeds) if i == 0 or seeds[i - 1] != s - 1]
+    lasts = [s for i, s in enumerate(seeds) if i == len(seeds) - 1 or seeds[i + 1] != s + 1]
+    return ",".join(f"{a}-{b}" if a < b else str(a) for a, b in zip(firsts, lasts))
 
 
 def eval_report(results, names, trained_with, **about):
@@ -2404,17 +2371,8 @@ def eval_about(samples, base, goal, tgt_img, cls, iterations):
 
 
 def write_json(obj, path):
-    """Atomically; NaN (e.g. a diversity ratio over a base of identical images) is written as null."""
-    atomic_write_text(path, json.dumps(_finite_or_null(obj), indent=1))
-
-
-def _finite_or_null(obj):
-    """obj with every NaN or infinite float, inside dicts and lists too, replaced by None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_null(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+    """Atomically; NaN and infinities (a diversity ratio over a base of identical images) are written as null."""
+    atomic_write_text(path, json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), indent=1))
 
 
 def eval_paths(ckpt, out, wdir, offline):
@@ -2453,17 +2411,6 @@ def recorded(G, key, kind=str):
     return value if isinstance(value, kind) else None
 
 
-def eval_goal(G, path, src, tgt):
-    """What eval measures toward: --src/--tgt, else the run's prompts, else the run's target images."""
-    paths = [] if tgt else recorded(G, "tgt_img", list) or []
-    src, tgt = src or recorded(G, "src"), tgt or recorded(G, "tgt")
-    if not paths and not (src and tgt):
-        raise NadaError(f"{path} records no prompts: pass --src and --tgt")
-    if not paths:
-        check_prompts(src, tgt)
-    return Goal(src, None if paths else tgt, [load_image(p) for p in paths])
-
-
 def load_base(s, G, path, device):
     """The base generator to compare G with: --base, else the one the run recorded; it must share G's architecture.
     -> (its name or file, the generator)"""
@@ -2485,21 +2432,26 @@ def evaluate(ckpt=None, *, clip_models=None, **settings):
     (clip_metrics) -> the JSON record, also written to `out`. settings: the other fields of EvalSettings, as
     keywords; base, src, tgt and cls default to what the run recorded. clip_models: CLIP modules already loaded."""
     s = checked(EvalSettings(ckpt=ckpt, **settings))
-    rank, world = distributed()
+    rank, world, device = distributed(s.device, s.impl)
     seeds = seeds_of(s)
     check_number("--samples", len(seeds), max(2, world))   # each process embeds some
     path, out = eval_paths(s.ckpt, s.out, s.wdir, s.offline)
-    device = process_device(s.device, s.impl, world)
     G = load_generator(path, device, s.impl)
-    goal = eval_goal(G, path, s.src, s.tgt)
+    images = [] if s.tgt else recorded(G, "tgt_img", list) or []   # --src/--tgt, else the run's prompts or images
+    src, tgt = s.src or recorded(G, "src"), s.tgt or recorded(G, "tgt")
+    if not images and not (src and tgt):
+        raise NadaError(f"{path} records no prompts: pass --src and --tgt")
+    if not images:
+        check_prompts(src, tgt)
+    goal = Goal(src, None if images else tgt, [load_image(p) for p in images])
     cls = s.cls if s.cls is not None else G.meta.get("cls")
     samples = Samples(seeds, class_labels(G, cls, len(seeds)), s.trunc, s.batch)
     base, B = load_base(s, G, path, device)
     names, _, models = load_clip_models(s.clip, None, device, s.wdir, s.offline, clip_models)
     if rank == 0:
+        processes = f", {world} processes" if world > 1 else ""
         print(startup_line("eval", device, s.impl, path, f"base {base}", "CLIP " + ", ".join(names),
-                           f"{len(seeds)} samples, truncation {s.trunc}" + (f", {world} processes" if world > 1 else "")),
-              flush=True)
+                           f"{len(seeds)} samples, truncation {s.trunc}{processes}"), flush=True)
     results = measure(B, G, models, goal, samples, device, (rank, world), s.progress and rank == 0)
     about = eval_about(samples, base, goal, recorded(G, "tgt_img", list), cls, G.meta.get("iterations"))
     record, table = eval_report(results, names, recorded(G, "clip", list) or [], **about, ckpt=os.path.abspath(path))
@@ -2552,8 +2504,9 @@ def study_steps(out, runs, iters):
     if os.path.exists(out) and not os.path.isdir(out):
         raise NadaError(f"--out {out} is a file, not a folder; choose another --out")
     ours = set(STUDY_FILES) | {os.path.basename(r.out) for r in runs}   # and other runs, dotfiles, empty folders
-    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in ours and not n.startswith(".")
-                    and not os.path.isfile(os.path.join(out, n, "config.json")) and not _empty_folder(os.path.join(out, n)))
+    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in ours
+                    and not n.startswith(".") and not os.path.isfile(os.path.join(out, n, "config.json"))
+                    and not _empty_folder(os.path.join(out, n)))
     if others:
         raise NadaError(f"--out {out} holds other files ({', '.join(others[:3])}): a study needs a new folder or one "
                         "of its own; choose another --out")
@@ -2589,12 +2542,11 @@ def study(*, clip_models=None, eval_models=None, **settings):
     ones resume; a setting that fails (a NaN loss) is reported and the others go on; under torchrun each process
     trains its share. clip_models, eval_models: CLIP modules already loaded (tests). -> the result rows."""
     s = checked(StudySettings(**settings))
-    rank, world = distributed()
     grid = study_settings(s.layers, s.lr, s.consistency)
     out = s.out or os.path.join("studies", run_name(s))
     runs = [setting_run(s, g, out) for g in grid]
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
-    device = process_device(s.device, s.impl, world)
+    rank, world, device = distributed(s.device, s.impl)
     base = load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device, s.impl).requires_grad_(False)
     for g in grid:
         parse_layers(g["layers"], base, s.auto_k)
@@ -2784,21 +2736,17 @@ def dry_run(s):
     return dict(estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt), device=device, memory=memory, why=why)
 
 
-def named_architecture(name):
-    """Generator kwargs of a named model, without its file: NVIDIA's configs (formats.md): channel_base 32768
-    (16384 for the 256 px paper256 models), channel_max 512, 8 mapping layers (2 for cifar10)."""
-    _, res, _, classes = GENERATORS[name]
-    base = 16384 if res == 256 else 32768
-    return dict(size=res, n_mlp=2 if name == "cifar10" else 8, c_dim=len(classes or ()),
-                channels={2 ** k: min(base // 2 ** k, 512) for k in range(2, int(math.log2(res)) + 1)})
-
-
 def meta_generator(ckpt, wdir=None):
-    """The generator on the meta device: a named model's known architecture, or a file's own tensor shapes."""
-    if ckpt in GENERATORS and not os.path.isfile(ckpt):
-        with torch.device("meta"):
-            return Generator(**named_architecture(ckpt))
-    return load_generator(resolve_ckpt(ckpt, wdir, offline=True), "meta")
+    """The generator on the meta device: a file's own tensor shapes, or a named model's architecture, as NVIDIA's
+    train.py configures them: channel_base 32768 (16384 for the 256 px paper256 models), channel_max 512, 8 mapping
+    layers (2 for cifar10)."""
+    if ckpt not in GENERATORS or os.path.isfile(ckpt):
+        return load_generator(resolve_ckpt(ckpt, wdir, offline=True), "meta")
+    _, res, _, classes = GENERATORS[ckpt]
+    base = 16384 if res == 256 else 32768
+    with torch.device("meta"):
+        return Generator(res, n_mlp=2 if ckpt == "cifar10" else 8, c_dim=len(classes or ()),
+                         channels={2 ** k: min(base // 2 ** k, 512) for k in range(2, int(math.log2(res)) + 1)})
 
 
 def meta_clip(name, device="meta", wdir=None, offline=True):
@@ -2935,19 +2883,8 @@ def doctor(device="auto", build_ops=False, wdir=None):
 # ----------------------------------------------------------------------------------------------------------
 # command line: a subcommand per settings record, a flag per setting
 
-COMMANDS = {  # name: (its settings, its line in --help, its description)
-    "train": (TrainSettings, "adapt a generator from text",
-              "Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss."),
-    "sample": (SampleSettings, "render images from a generator", None),
-    "eval": (EvalSettings, "measure an adapted generator with CLIP", "CLIP scores of an adapted generator against its "
-             "base (clip_score, directional, diversity and the diversity ratio, pair similarity); several GPUs: "
-             "torchrun ... nada.py eval."),
-    "study": (StudySettings, "train and compare several settings", "One run per setting (the product of --layers, "
-              "--lr and --consistency lists), each evaluated; writes grid.png, loss.png, results.md and results.json. "
-              "Rerun to resume; several GPUs: torchrun --nproc_per_node N nada.py study ..."),
-    "models": (Common, "list the named generators", None),
-    "doctor": (DoctorSettings, "check the environment", None),
-}
+COMMANDS = dict(train=TrainSettings, sample=SampleSettings, eval=EvalSettings, study=StudySettings, models=Common,
+                doctor=DoctorSettings)   # each record's docstring: its line in --help, then its description
 
 
 def build_parser():
@@ -2955,8 +2892,9 @@ def build_parser():
     record's default applies, or, for `train --resume`, the run's own setting."""
     p = argparse.ArgumentParser(prog="nada.py", description=__doc__.split("\n\n")[0].strip())
     commands = p.add_subparsers(dest="cmd", required=True)
-    for cmd, (record, summary, description) in COMMANDS.items():
-        c = commands.add_parser(cmd, help=summary, description=description or summary)
+    for cmd, record in COMMANDS.items():
+        summary, _, description = record.__doc__.partition("\n\n")
+        c = commands.add_parser(cmd, help=summary, description=description.strip() or summary)
         for f in dataclasses.fields(record):
             if f.metadata["help"]:
                 add_flag(c, f)

@@ -1359,7 +1359,7 @@ def test_eval_out_base_and_prompt_refusals(tmp_path, colour_clip, tiny_ckpt, red
 
 
 def test_torchrun_needs_a_sample_per_process_and_a_gpu_per_process(tmp_path, colour_clip, monkeypatch, red_and_blue_runs):
-    monkeypatch.setattr(nada, "distributed", lambda: (0, 3))
+    monkeypatch.setattr(nada, "distributed", lambda device, impl: (0, 3, "cpu"))
     with pytest.raises(nada.NadaError, match="--samples 2: must be at least 3"):
         nada.evaluate(red_and_blue_runs["red"], clip=colour_clip, n=2, out=str(tmp_path / "e.json"))
     monkeypatch.undo()
@@ -1368,7 +1368,7 @@ def test_torchrun_needs_a_sample_per_process_and_a_gpu_per_process(tmp_path, col
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(nada.NadaError, match="torchrun started process 1 on this machine, but torch sees 1 GPUs"):
-        nada.distributed()
+        nada.distributed("auto", "auto")
 
 
 def test_torchrun_study_and_eval_match_one_process(tmp_path, colour_clip, tiny_ckpt):
