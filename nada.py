@@ -309,7 +309,8 @@ class Generator(nn.Module):
         if size < 8 or size & (size - 1):
             raise ValueError(f"size must be a power of two >= 8, got {size}")
         channels = {int(r): int(c) for r, c in (channels or default_channels(size)).items()}
-        self.size, self.z_dim, self.w_dim, self.c_dim = size, z_dim or style_dim, style_dim, c_dim
+        self.size = self.img_resolution = size          # img_resolution: NVIDIA's name for it
+        self.z_dim, self.w_dim, self.c_dim = z_dim or style_dim, style_dim, c_dim
         self.n_mlp, self.lr_mlp, self.conv_clamp, self.channels = n_mlp, lr_mlp, conv_clamp, channels
         self.embed_dim = (embed_dim or style_dim) if c_dim else 0
         self.log_size = int(math.log2(size))
@@ -345,10 +346,6 @@ class Generator(nn.Module):
             if isinstance(m, OpModule):
                 m.impl = impl
         return self
-
-    @property
-    def img_resolution(self):
-        return self.size
 
     def config(self):
         """Everything needed to rebuild this architecture (saved in our checkpoints)."""
@@ -819,7 +816,7 @@ def sample(**settings):
     """Render one PNG per seed and a grid.png -> the output folder. settings: the fields of SampleSettings, as
     keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base beside the adapted generator."""
     s = SampleSettings(**settings)
-    seeds = seeds_of(checked(s))
+    seeds = parse_seeds(checked(s).seeds, s.n)
     path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
     device = check_device(s.device, s.impl)
     G = load_generator(path, device, s.impl)
@@ -854,7 +851,7 @@ def sample(**settings):
 # Plumbing. Everything below serves the method above, which reaches it through: the settings records
 # (TrainSettings, SampleSettings, train_settings), the loaders (load_generator, resolve_ckpt,
 # base_generator, run_clip_models, load_clip, load_image), the run folder (RunFolder), the dry run (dry_run,
-# choose_memory), the checks and outputs of the commands (check_device, checked, seeds_of, sample_paths,
+# choose_memory), the checks and outputs of the commands (check_device, checked, parse_seeds, sample_paths,
 # make_folder, save_image, make_grid, startup_line, describe_run, GRID_MAX) and NadaError, defined at the top.
 # ==========================================================================================================
 
@@ -1087,13 +1084,11 @@ def check_device(device, impl="auto", here=True):
     return device
 
 
-def seeds_of(s):
-    """The seeds a `sample` or `eval` renders: --seeds, else 0..n-1."""
-    return parse_seeds(s.seeds) if s.seeds is not None else list(range(s.n))
-
-
-def parse_seeds(spec):
-    """'0-15' or '1,5,9' (or a mix) -> [int], each a seed NumPy takes, at most MAX_IMAGES of them."""
+def parse_seeds(spec, n=None):
+    """--seeds '0-15' or '1,5,9' (or a mix) -> [int], each a seed NumPy takes, at most MAX_IMAGES of them; no --seeds:
+    0..n-1."""
+    if spec is None:
+        return list(range(n))
     ranges = []
     for part in str(spec).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
@@ -1633,9 +1628,8 @@ def _build_tensors(G):
 
 def read_nvidia_pickle(path):
     """G_ema of an NVIDIA pickle under rosinality's names -> (state dict, kwargs, w_avg, {})."""
-    G = read_g_ema(path)
     try:
-        return _convert_nvidia(path, G)
+        return _convert_nvidia(path, read_g_ema(path))
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, _Refused) as e:
         raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
                         f"{_first_line(e)})") from None
@@ -2080,11 +2074,9 @@ class RunFolder:
                 raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {s.iters} would go back: "
                                 f"pass --iters {start} or more")
         self.log_path = os.path.join(self.path, "log.jsonl")
-        if os.path.isfile(self.log_path):             # keep the steps before `start`; a line torn by a kill goes
-            kept = [ln for ln in open(self.log_path) if _logged_before(ln, start)]
-            atomic_write_text(self.log_path, "".join(kept))
-            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):   # seconds: the whole run's
-                self.t0 -= max(float(json.loads(kept[-1])["seconds"]), 0.0)
+        kept = [r for r in read_log(self.path) if r["iter"] < start]   # a line torn by a kill goes too
+        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.t0 -= max(float(kept[-1]["seconds"]), 0.0) if kept else 0.0   # seconds count the whole run
         self.started = time.time()
         from tqdm import tqdm
         self.bar = tqdm(total=s.iters, initial=start, disable=None if s.progress else True, dynamic_ncols=True,
@@ -2139,13 +2131,6 @@ class RunFolder:
 def run_name(s):
     """runs/<src>_to_<tgt> (or studies/...): the default folder name of a run or a study."""
     return f"{_slug(s.src)}_to_{_slug('images' if s.tgt_img else s.tgt)}"
-
-
-def _logged_before(line, start):
-    """Whether a log.jsonl line is a whole record of a step before `start` (a kill can tear the last line)."""
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        return json.loads(line)["iter"] < start
-    return False
 
 
 def run_step(folder):
@@ -2342,13 +2327,6 @@ def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
     return results
 
 
-def format_seeds(seeds):
-    """[0, 1, 2, 5] -> '0-2,5'"""
-    firsts = [s for i, s in enumerate(seeds) if i == 0 or seeds[i - 1] != s - 1]
-    lasts = [s for i, s in enumerate(seeds) if i == len(seeds) - 1 or seeds[i + 1] != s + 1]
-    return ",".join(f"{a}-{b}" if a < b else str(a) for a, b in zip(firsts, lasts))
-
-
 def eval_report(results, names, trained_with, **about):
     """-> (the JSON record: metrics averaged over the CLIP models, each model's under per_clip; the printed table)."""
     mean = {k: sum(r[k] for r in results) / len(results) for k in METRICS}
@@ -2365,9 +2343,14 @@ def eval_report(results, names, trained_with, **about):
 
 
 def eval_about(samples, base, goal, tgt_img, cls, iterations):
-    """What an eval record says it measured (eval and study write the same record; a study reuses one that matches)."""
-    return dict(n=len(samples.seeds), seeds=format_seeds(samples.seeds), trunc=samples.trunc, base=base, src=goal.src,
-                tgt=goal.tgt, tgt_img=tgt_img, cls=cls, iterations=iterations)
+    """What an eval record says it measured (eval and study write the same record; a study reuses one that matches):
+    the seeds as ranges, [0, 1, 2, 5] -> '0-2,5'."""
+    seeds = samples.seeds
+    firsts = [s for i, s in enumerate(seeds) if i == 0 or seeds[i - 1] != s - 1]
+    lasts = [s for i, s in enumerate(seeds) if i == len(seeds) - 1 or seeds[i + 1] != s + 1]
+    return dict(n=len(seeds), seeds=",".join(f"{a}-{b}" if a < b else str(a) for a, b in zip(firsts, lasts)),
+                trunc=samples.trunc, base=base, src=goal.src, tgt=goal.tgt, tgt_img=tgt_img, cls=cls,
+                iterations=iterations)
 
 
 def write_json(obj, path):
@@ -2433,7 +2416,7 @@ def evaluate(ckpt=None, *, clip_models=None, **settings):
     keywords; base, src, tgt and cls default to what the run recorded. clip_models: CLIP modules already loaded."""
     s = checked(EvalSettings(ckpt=ckpt, **settings))
     rank, world, device = distributed(s.device, s.impl)
-    seeds = seeds_of(s)
+    seeds = parse_seeds(s.seeds, s.n)
     check_number("--samples", len(seeds), max(2, world))   # each process embeds some
     path, out = eval_paths(s.ckpt, s.out, s.wdir, s.offline)
     G = load_generator(path, device, s.impl)
@@ -2888,29 +2871,24 @@ COMMANDS = dict(train=TrainSettings, sample=SampleSettings, eval=EvalSettings, s
 
 
 def build_parser():
-    """The command line. A flag that is not typed stays out of the parsed arguments (argparse.SUPPRESS), so the
-    record's default applies, or, for `train --resume`, the run's own setting."""
+    """The command line: a subcommand per record, a flag per setting with help, typed by the record's annotation. A
+    flag that is not typed stays out of the parsed arguments (argparse.SUPPRESS), so the record's default applies,
+    or, for `train --resume`, the run's own setting."""
     p = argparse.ArgumentParser(prog="nada.py", description=__doc__.split("\n\n")[0].strip())
     commands = p.add_subparsers(dest="cmd", required=True)
     for cmd, record in COMMANDS.items():
         summary, _, description = record.__doc__.partition("\n\n")
         c = commands.add_parser(cmd, help=summary, description=description.strip() or summary)
-        for f in dataclasses.fields(record):
-            if f.metadata["help"]:
-                add_flag(c, f)
+        for f in (f for f in dataclasses.fields(record) if f.metadata["help"]):
+            cli = dict(f.metadata["cli"])
+            names = cli.pop("flags", ("--" + f.name.replace("_", "-"),))
+            if f.type is bool:
+                cli["action"] = "store_true"
+            elif f.type is not list:
+                cli["type"] = f.type
+            shown = "" if f.default in (None, False) or "default" in f.metadata["help"] else f" (default: {f.default})"
+            c.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown, **cli)
     return p
-
-
-def add_flag(parser, f):
-    """A setting as a flag: its type from the record's annotation, its default shown in its help."""
-    cli = dict(f.metadata["cli"])
-    names = cli.pop("flags", ("--" + f.name.replace("_", "-"),))
-    if f.type is bool:
-        cli["action"] = "store_true"
-    elif f.type is not list:
-        cli["type"] = f.type
-    shown = "" if f.default in (None, False) or "default" in f.metadata["help"] else f" (default: {f.default})"
-    parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown, **cli)
 
 
 def run_command(cmd, args):
