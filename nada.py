@@ -2472,15 +2472,6 @@ def study_settings(layers, lr, consistency):
 STUDY_FILES = ("results.json", "results.md", "grid.png", "loss.png")
 
 
-def setting_run(s, setting, out):
-    """The TrainSettings of one study setting, checked: the study's, with the setting's layers, lr and consistency, in
-    OUT/<setting>/, previews at every quarter of --iters and saves at every tenth."""
-    shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(TrainSettings)}
-    return train_settings(**{**shared, "layers": setting["layers"], "lr": setting["lr"],
-                             "consistency": setting["consistency"], "out": os.path.join(out, setting["folder"]),
-                             "sample_every": max(s.iters // 4, 1), "save_every": max(s.iters // 10, 1)})
-
-
 def study_steps(out, runs, iters):
     """Before anything loads: OUT holds only a study's files and runs, and each setting's run, if one exists,
     was started with the same settings and is not past --iters. -> the step each setting's run has reached."""
@@ -2527,7 +2518,10 @@ def study(*, clip_models=None, eval_models=None, **settings):
     s = checked(StudySettings(**settings))
     grid = study_settings(s.layers, s.lr, s.consistency)
     out = s.out or os.path.join("studies", run_name(s))
-    runs = [setting_run(s, g, out) for g in grid]
+    shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(TrainSettings)}   # each setting's run: in
+    runs = [train_settings(**{**shared, "layers": g["layers"], "lr": g["lr"], "consistency": g["consistency"],
+                              "out": os.path.join(out, g["folder"]), "sample_every": max(s.iters // 4, 1),
+                              "save_every": max(s.iters // 10, 1)}) for g in grid]   # OUT/<setting>, checked
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
     rank, world, device = distributed(s.device, s.impl)
     base = load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device, s.impl).requires_grad_(False)
@@ -2627,19 +2621,11 @@ def _cell(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _font(size):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)       # Pillow >= 10.1 scales its built-in font
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def draw_labelled_grid(rows, labels, path):
     """One row of images ([N, 3, H, W] each) per label, the label written to its left; tiles 64-256 px."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     tile = min(max(rows[0].shape[-1], 64), 256)
-    font = _font(max(tile // 6, 11))
+    font = ImageFont.load_default(size=max(tile // 6, 11))
     margin = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lb, font=font)) for lb in labels) + 16
     sheet = Image.new("RGB", (margin + tile * len(rows[0]), tile * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -2653,7 +2639,7 @@ def draw_labelled_grid(rows, labels, path):
 
 def draw_loss_plot(curves, path, size=(720, 420)):
     """{label: [(step, loss)]} -> a line chart with axes and a legend, drawn with PIL."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f")
     W, H, (left, right, top, bottom) = *size, (64, 200, 20, 40)
     points = [p for c in curves.values() for p in c if math.isfinite(p[1])] or [(0, 0.0)]
@@ -2662,7 +2648,7 @@ def draw_loss_plot(curves, path, size=(720, 420)):
     sx = lambda x: left + (W - left - right) * x / x1
     sy = lambda y: top + (H - top - bottom) * (y1 - y) / (y1 - y0)
     img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), _font(12)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for k in range(5):                                  # ticks: 5 on each axis
         x, y = x1 * k / 4, y0 + (y1 - y0) * k / 4

@@ -140,12 +140,12 @@ def bench_eval(device, res, n, clip, batch=8):
         base = Generator(res).requires_grad_(False)
     G = copy.deepcopy(base)
     model = _random_clip(clip, device)
-    d = F.normalize(torch.randn(model.visual.output_dim), dim=0)
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    (base_emb, emb), = nada.embed_samples([base, G], [model], list(range(n)), None, 1.0, batch, device, show=False)
-    nada.clip_metrics(base_emb, emb, d, d)
+    samples = nada.Samples(list(range(n)), None, 1.0, batch)
+    target = nada.Goal("photo", None, [torch.zeros(1, 3, 64, 64)])   # an image target: this CLIP has no text tower
+    nada.measure(base, G, [model], target, samples, device, show=False)
     return dict(res=res, n=n, clip=clip, batch=batch, seconds=time.perf_counter() - t)
 
 
