@@ -878,6 +878,7 @@ def setting(default, help=None, kind=None, bounds=None, **cli):
 @dataclasses.dataclass
 class Common:                                           # every command's flags: where it runs
     """list the named generators"""
+    hidden = ()                                         # fields that are not a flag of this command
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     impl: str = setting("auto", "ops path: auto = CUDA kernels when they build", choices=IMPLS)
     wdir: str = setting(None, "where named weights are kept (default: $NADA_WEIGHTS, else weights/ beside nada.py)",
@@ -933,11 +934,7 @@ class StudySettings(TrainSettings):
     grid: int = setting(8, "columns of grid.png (its first seeds)", bounds=(1, GRID_MAX))
     trunc: float = setting(1.0, "truncation psi of the measure and the grid", bounds=(-10, 10))
     out: str = setting(None, "study folder (default: studies/<src>_to_<tgt>)")
-    sample_every: int = setting(None)                   # each setting's run: previews at every quarter of --iters,
-    save_every: int = setting(None)                     # saves at every tenth, 4 preview columns; a rerun resumes
-    n_sample: int = setting(4)
-    resume: str = setting(None)
-    dry_run: bool = setting(False)
+    hidden = ("sample_every", "save_every", "n_sample", "resume", "dry_run")   # a study sets these for each run
 
 
 @dataclasses.dataclass
@@ -1136,10 +1133,6 @@ def load_generator(path, device="cpu", impl="auto"):
     return G.set_impl(impl).requires_grad_(True).to(device)
 
 
-def _state_dict(x):
-    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
-
-
 def _fit(path, sd, config):
     """A Generator holding the tensors of `sd` as float32 weights of their own (no two share memory), made only once
     every tensor fits the architecture and its storage."""
@@ -1211,7 +1204,7 @@ def read_torch_checkpoint(path):
         raise
     except Exception as e:
         raise NadaError(f"{path}: refused or unreadable torch checkpoint: {_refusal(e)}") from None
-    if not _state_dict(sd):
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
         raise NadaError(f"{path}: 'g_ema' is not a state dict of tensors")
     meta = meta if isinstance(meta, dict) else {}
     saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -1592,10 +1585,8 @@ def _nvidia_children(m):
 
 
 def read_g_ema(path):
-    """The pickled G_ema module tree of an NVIDIA network pickle, with its tensors built and no others.
-
-    G and D are in the file too; their tensors are never read from disk, so memory holds one generator.
-    """
+    """The pickled G_ema module tree of an NVIDIA network pickle, with its tensors built and no others: G's and D's
+    are never read from disk, so memory holds one generator."""
     try:
         with open(path, "rb") as f:
             if f.read(1) != pickle.PROTO:               # every pickle of protocol 2 or later starts so
@@ -1797,7 +1788,7 @@ def read_clip_weights(path):
             sd = _archive_state_dict(tf) if tf.archive else tf.build(tf.load())
     except Exception as e:
         raise NadaError(f"{path}: not a loadable CLIP model: {_refusal(e)}") from None
-    if not _state_dict(sd):
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
         raise NadaError(f"{path}: not a CLIP model (expected a state dict of tensors)")
     for k in ("input_resolution", "context_length", "vocab_size"):   # integers in OpenAI's archives, which
         sd.pop(k, None)                                                 # build_model drops
@@ -1870,11 +1861,9 @@ def read_json(path):
 
 
 def download(url, dest, sha256=None, offline=False):
-    """Fetch url to dest through dest.part (resumed when the server allows ranges), verify, rename into place.
-
-    The size is always checked; the SHA-256 against `sha256` when the source publishes one, else against the
-    hash recorded in the folder's manifest.json at the first download. $NADA_MIRROR replaces the host.
-    """
+    """Fetch url to dest through dest.part (resumed when the server allows ranges), verify, rename into place. The
+    size is always checked; the SHA-256 against `sha256` when the source publishes one, else against the hash
+    recorded in the folder's manifest.json at the first download. $NADA_MIRROR replaces the host."""
     folder, name = os.path.split(os.path.abspath(dest))
     manifest = read_json(os.path.join(folder, "manifest.json"))
     record = manifest.get(name)
@@ -2480,7 +2469,7 @@ def study_steps(out, runs, iters):
     ours = set(STUDY_FILES) | {os.path.basename(r.out) for r in runs}   # and other runs, dotfiles, empty folders
     others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ()) if n not in ours
                     and not n.startswith(".") and not os.path.isfile(os.path.join(out, n, "config.json"))
-                    and not _empty_folder(os.path.join(out, n)))
+                    and not (os.path.isdir(os.path.join(out, n)) and not os.listdir(os.path.join(out, n))))
     if others:
         raise NadaError(f"--out {out} holds other files ({', '.join(others[:3])}): a study needs a new folder or one "
                         "of its own; choose another --out")
@@ -2500,10 +2489,6 @@ def study_steps(out, runs, iters):
             raise NadaError(f"{run.out} is at step {steps[-1]}, past --iters {iters}: rerun the study with --iters "
                             f"{steps[-1]} or more, or choose another --out")
     return steps
-
-
-def _empty_folder(path):
-    return os.path.isdir(path) and not os.listdir(path)
 
 
 Judges = namedtuple("Judges", "models names trained_with goal samples about")   # how a study measures its settings
@@ -2865,7 +2850,7 @@ def build_parser():
     for cmd, record in COMMANDS.items():
         summary, _, description = record.__doc__.partition("\n\n")
         c = commands.add_parser(cmd, help=summary, description=description.strip() or summary)
-        for f in (f for f in dataclasses.fields(record) if f.metadata["help"]):
+        for f in (f for f in dataclasses.fields(record) if f.metadata["help"] and f.name not in record.hidden):
             cli = dict(f.metadata["cli"])
             names = cli.pop("flags", ("--" + f.name.replace("_", "-"),))
             if f.type is bool:
