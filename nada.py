@@ -1171,11 +1171,7 @@ def _check_storage(path, tensors, budget):
 
 def _refusal(e):
     """Why a file could not be read, in words."""
-    if isinstance(e, _Refused):
-        return str(e)
-    if isinstance(e, (EOFError, zipfile.BadZipFile, zlib.error)):
-        return TRUNCATED
-    return _first_line(e)
+    return TRUNCATED if isinstance(e, (EOFError, zipfile.BadZipFile, zlib.error)) else _first_line(e)
 
 
 def _first_line(e):
@@ -1974,18 +1970,20 @@ class RunFolder:
         self.settings, self.path = settings, settings.resume or settings.out or os.path.join("runs", run_name(settings))
         self.lock = self.stop_signal = self.bar = self.saved = self.frozen_row = None
         self.handlers = {}
-        if settings.resume:
-            return
+        if not settings.resume:
+            self.refuse_other_runs()
+            others = [n for n in os.listdir(self.path) if n not in RUN_FILES and not n.startswith(".tmp-")] \
+                if os.path.isdir(self.path) else []
+            if others:                                  # a run writes config.json and log.jsonl: not over other files
+                raise NadaError(f"--out {self.path} holds other files ({', '.join(sorted(others)[:3])}): a run needs "
+                                "a new or empty folder; choose another --out")
+
+    def refuse_other_runs(self):
         if os.path.isfile(os.path.join(self.path, "state.pt")):
             raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
                             "another --out")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise NadaError(f"--out {self.path} is a file, not a folder; choose another --out")
-        others = [n for n in os.listdir(self.path) if n not in RUN_FILES and not n.startswith(".tmp-")] \
-            if os.path.isdir(self.path) else []
-        if others:                                      # a run writes config.json and log.jsonl: not over other files
-            raise NadaError(f"--out {self.path} holds other files ({', '.join(sorted(others)[:3])}): a run needs a new "
-                            "or empty folder; choose another --out")
 
     def __enter__(self):
         """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json,
@@ -1999,9 +1997,8 @@ class RunFolder:
             for folder in (self.path, os.path.join(self.path, "samples")):   # temp files of a save that was killed
                 for name in (n for n in os.listdir(folder) if n.startswith(".tmp-")):
                     os.remove(os.path.join(folder, name))
-            if not self.settings.resume and os.path.isfile(os.path.join(self.path, "state.pt")):   # made meanwhile
-                raise NadaError(f"{self.path} holds a run already: continue it with --resume {self.path}, or choose "
-                                "another --out")
+            if not self.settings.resume:                # a run may have finished here while we loaded
+                self.refuse_other_runs()
             recorded = {f.name: getattr(self.settings, f.name) for f in recorded_fields()}
             atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(recorded, indent=1))
             self.catch_signals()
@@ -2047,7 +2044,7 @@ class RunFolder:
     def resume(self, G, opt, rng):
         """Load state.pt into G, opt and rng (for --resume), keep the log's lines before that step, and start the
         progress bar. -> the step to start from (0 for a new run)"""
-        start, s, self.t0 = 0, self.settings, time.time()
+        start, s = 0, self.settings
         if s.resume:
             try:
                 with TorchFile(os.path.join(self.path, "state.pt")) as tf:
@@ -2062,11 +2059,10 @@ class RunFolder:
             if start > s.iters:
                 raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {s.iters} would go back: "
                                 f"pass --iters {start} or more")
-        self.log_path = os.path.join(self.path, "log.jsonl")
         kept = [r for r in read_log(self.path) if r["iter"] < start]   # a line torn by a kill goes too
-        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.t0 -= max(float(kept[-1]["seconds"]), 0.0) if kept else 0.0   # seconds count the whole run
-        self.started = time.time()
+        atomic_write_text(os.path.join(self.path, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+        self.started = time.time()                      # log.jsonl's seconds count the whole run
+        self.t0 = self.started - (max(float(kept[-1]["seconds"]), 0.0) if kept else 0.0)
         from tqdm import tqdm
         self.bar = tqdm(total=s.iters, initial=start, disable=None if s.progress else True, dynamic_ncols=True,
                         desc="train")
@@ -2078,7 +2074,7 @@ class RunFolder:
             raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
                 f"The last good checkpoint (step {self.saved}) is in {self.path}." if self.saved is not None else
                 "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
-        with open(self.log_path, "a") as f:
+        with open(os.path.join(self.path, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
         self.bar.update(1)
