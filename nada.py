@@ -1120,7 +1120,12 @@ def load_generator(path, device="cpu", impl="auto"):
         raise NadaError(f"{path}: no such file")
     with open(path, "rb") as f:                         # torch.save: a zip, or a stream that starts with a magic number
         torch_saved = f.read(len(LEGACY_TORCH_MAGIC)).startswith((b"PK\x03\x04", LEGACY_TORCH_MAGIC))
-    sd, config, latent_avg, meta = (read_torch_checkpoint if torch_saved else read_nvidia_pickle)(path)
+    try:
+        read = read_torch_checkpoint if torch_saved else lambda path: _convert_nvidia(path, read_g_ema(path))
+        sd, config, latent_avg, meta = read(path)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, _Refused) as e:   # only NVIDIA's raise these
+        raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
+                        f"{_first_line(e)})") from None
     G = _fit(path, sd, config)
     if latent_avg is None:                              # old files without it: the mean w of many seeded z
         with torch.no_grad():
@@ -1244,6 +1249,7 @@ def _infer_config(path, sd):
 
 BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames; no name or text is as long
 _Blob = namedtuple("_Blob", "f offset size")                 # a large byte string of the pickle, left on disk
+PARAMS_BUFFERS = ("_parameters", "_buffers")          # where a pickled module keeps its tensors
 _TensorRef = namedtuple("_TensorRef", "storage args")       # a tensor not built yet: _rebuild_tensor_v2's arguments
 _Storage = namedtuple("_Storage", "key dtype numel")         # a storage of a torch.save file, not read yet
 STORAGE_DTYPES = {f"{n}Storage": getattr(torch, d) for n, d in (
@@ -1389,25 +1395,24 @@ def _unpickle(src, allowed, storage=None, scripted=False):
                        "again") from None
 
 
-def _pickle_allowlist():
-    """The globals an NVIDIA network pickle may name (those torch_utils.persistence and training write, as in
-    NVlabs/stylegan2-ada-pytorch), mapped to stand-ins that only hold data."""
-    import importlib
-    scalar = importlib.import_module(f"numpy.{'_core' if hasattr(np, '_core') else 'core'}.multiarray").scalar
-    return {**_torch_globals(), ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
-            ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("builtins", "set"): _set,
-            ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
-            ("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar}
-
-
-def _torch_globals():
-    """The globals a torch.save file may name: tensors, their storages' types, OrderedDict, and the argparse.Namespace
-    of rosinality's training checkpoints."""
+def _torch_globals(nvidia=False):
+    """The globals a torch.save file may name (tensors, their storages' types, OrderedDict, the argparse.Namespace of
+    rosinality's training checkpoints) and, with nvidia, those an NVIDIA network pickle adds (torch_utils.persistence
+    objects and what its training writes), mapped to stand-ins that only hold data."""
     as_data = lambda data, *args: data                  # requires_grad and hooks do not matter here
-    return {("torch._utils", "_rebuild_tensor_v2"): lambda storage, *args: _TensorRef(storage, args),
-            ("torch._utils", "_rebuild_parameter"): as_data, ("torch._utils", "_rebuild_parameter_with_state"): as_data,
-            ("collections", "OrderedDict"): _ordered_dict, ("argparse", "Namespace"): type("Namespace", (), {}),
-            **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
+    allowed = {("torch._utils", "_rebuild_tensor_v2"): lambda storage, *args: _TensorRef(storage, args),
+               ("torch._utils", "_rebuild_parameter"): as_data,
+               ("torch._utils", "_rebuild_parameter_with_state"): as_data,
+               ("collections", "OrderedDict"): _ordered_dict, ("argparse", "Namespace"): type("Namespace", (), {}),
+               **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
+    if nvidia:
+        import importlib
+        scalar = importlib.import_module(f"numpy.{'_core' if hasattr(np, '_core') else 'core'}.multiarray").scalar
+        allowed.update({("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+                        ("dnnlib.util", "EasyDict"): type("EasyDict", (dict,), {}), ("builtins", "set"): _set,
+                        ("numpy", "dtype"): np.dtype, ("torch.storage", "_load_from_bytes"): lambda b: b,
+                        ("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar})
+    return allowed
 
 
 _ordered_dict = lambda: OrderedDict()                  # pickled empty, then filled by SETITEMS (which checks keys)
@@ -1589,37 +1594,22 @@ def read_g_ema(path):
                 raise _Refused("it is neither a network pickle nor a torch checkpoint (perhaps a text file or an "
                                "unfinished download)")
             f.seek(0)
-            data = _unpickle(_PickleFile(f, lazy=True), _pickle_allowlist())
+            data = _unpickle(_PickleFile(f, lazy=True), _torch_globals(nvidia=True))
             G = data.get("G_ema") if isinstance(data, dict) else None
             if not isinstance(G, _Persistent) or G.class_name != "Generator":
                 raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
-            _build_tensors(G)
+            storages = {}                               # each storage decoded once, however many tensors view it
+            for tensors in (m.state.get(kind) for _, m in _modules(G, _nvidia_children) for kind in PARAMS_BUFFERS):
+                for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
+                    if isinstance(ref, _TensorRef):
+                        if id(ref.storage) not in storages:
+                            storages[id(ref.storage)] = _legacy_storage(ref.storage)
+                        tensors[name] = _view(storages[id(ref.storage)], *ref.args[:3])
     except NadaError:
         raise
     except Exception as e:
         raise NadaError(f"{path}: refused, not a loadable network pickle: {_refusal(e)}") from None
     return G
-
-
-def _build_tensors(G):
-    """Replace the _TensorRefs of a pickled module tree by tensors, decoding each storage once."""
-    storages = {}
-    for _, m in _modules(G, _nvidia_children):
-        for tensors in (m.state.get("_parameters"), m.state.get("_buffers")):
-            for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
-                if isinstance(ref, _TensorRef):
-                    if id(ref.storage) not in storages:
-                        storages[id(ref.storage)] = _legacy_storage(ref.storage)
-                    tensors[name] = _view(storages[id(ref.storage)], *ref.args[:3])
-
-
-def read_nvidia_pickle(path):
-    """G_ema of an NVIDIA pickle under rosinality's names -> (state dict, kwargs, w_avg, {})."""
-    try:
-        return _convert_nvidia(path, read_g_ema(path))
-    except (KeyError, AttributeError, TypeError, ValueError, IndexError, _Refused) as e:
-        raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
-                        f"{_first_line(e)})") from None
 
 
 def _convert_nvidia(path, G):
@@ -1642,7 +1632,7 @@ def _convert_nvidia(path, G):
                             "which every public StyleGAN2 checkpoint uses)")
     if G.state.get("img_channels", 3) != 3:
         raise NadaError(f"{path}: only RGB generators are supported")
-    sd = {prefix + k: v for prefix, m in _modules(G, _nvidia_children) for kind in ("_parameters", "_buffers")
+    sd = {prefix + k: v for prefix, m in _modules(G, _nvidia_children) for kind in PARAMS_BUFFERS
           for k, v in m.state.get(kind, {}).items() if isinstance(v, torch.Tensor)}
     n_mlp = mapping.state["num_layers"]
     fcs = [mods(mapping)[f"fc{i}"].state for i in range(n_mlp)]
