@@ -1433,7 +1433,7 @@ class TorchFile:
         self.f.seek(0)
         head = self.f.read(len(LEGACY_TORCH_MAGIC))
         if head.startswith(b"PK\x03\x04"):
-            self.open_zip()
+            self.check_zip()
         elif not head.startswith(LEGACY_TORCH_MAGIC[:2]):   # a stream's first pickle (protocol 2) is its magic number
             raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
         elif zipfile.is_zipfile(self.f):
@@ -1446,7 +1446,7 @@ class TorchFile:
     def __exit__(self, *exc):
         self.f.close()
 
-    def open_zip(self):
+    def check_zip(self):
         """Check every record before any is read: one root folder, no name twice (zipfile would read the last, a check
         the first), and no record, nor all together, inflating beyond the file (torch stores its records as they are;
         only TorchScript's code is compressed)."""
@@ -2748,17 +2748,6 @@ def estimate_memory(step, modules, opt, steps=2):
                 seconds=time.time() - t0)
 
 
-def print_estimate(e):
-    gib = lambda b: f"{b / 2 ** 30:6.2f} GiB"
-    print(f"nada train --dry-run | device {e['device']} | memory {e['memory']} ({e['why']}) | "
-          f"estimated on the meta device in {e['seconds']:.1f} s")
-    print(f"  weights      {gib(e['weights_bytes'])}   both generators and the CLIP models' image towers")
-    print(f"  optimizer    {gib(e['optimizer_bytes'])}   Adam's two moments of the trained weights")
-    print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
-    print(f"  peak         {gib(e['peak_bytes'])}" + (f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: "
-          f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU" if e["device"].startswith("cuda") else ""))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # models, doctor and the kernels: the named generators, what this machine has, the CUDA ops' build
 
@@ -2858,17 +2847,18 @@ def run_command(cmd, args):
     if cmd == "models":
         list_models(Common(**args).wdir)
     elif cmd == "train" and args.get("dry_run"):
-        print_estimate(train(**args))
+        e, gib = train(**args), lambda b: f"{b / 2 ** 30:6.2f} GiB"
+        print(f"nada train --dry-run | device {e['device']} | memory {e['memory']} ({e['why']}) | "
+              f"estimated on the meta device in {e['seconds']:.1f} s")
+        print(f"  weights      {gib(e['weights_bytes'])}   both generators and the CLIP models' image towers")
+        print(f"  optimizer    {gib(e['optimizer_bytes'])}   Adam's two moments of the trained weights")
+        print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
+        context = f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: " \
+                  f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU"
+        print(f"  peak         {gib(e['peak_bytes'])}" + (context if e["device"].startswith("cuda") else ""))
     else:
         dict(train=train, sample=sample, eval=evaluate, study=study)[cmd](**args)
     return 0
-
-
-def out_of_memory(e):
-    """Whether an error is an allocation too large for this machine: a MemoryError, torch's OutOfMemoryError (GPU),
-    or the plain RuntimeError of torch's CPU allocator, which only its text tells apart."""
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or \
-        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def main(argv=None):
@@ -2880,8 +2870,8 @@ def main(argv=None):
     except NadaError as e:
         print(f"nada: error: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
+    except (MemoryError, RuntimeError) as e:           # the CPU allocator's is a RuntimeError only its text tells
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
         print(f"nada: error: out of memory ({_first_line(e)[:160]}); lower --batch, --n-sample or --n, or use a "
               "smaller model", file=sys.stderr)
