@@ -848,11 +848,11 @@ def sample(**settings):
 
 
 # ==========================================================================================================
-# Plumbing. Everything below serves the method above, which reaches it through: the settings records
-# (TrainSettings, SampleSettings, train_settings), the loaders (load_generator, resolve_ckpt,
-# base_generator, run_clip_models, load_clip, load_image), the run folder (RunFolder), the dry run (dry_run,
-# choose_memory), the checks and outputs of the commands (check_device, checked, parse_seeds, sample_paths,
-# make_folder, save_image, make_grid, startup_line, describe_run, GRID_MAX) and NadaError, defined at the top.
+# Plumbing: what the method above calls and does not need to show. It crosses the divider through these names
+# only: train_settings, checked, parse_seeds and SampleSettings (settings); load_generator, resolve_ckpt,
+# base_generator, run_clip_models and load_image (files); RunFolder (a run's folder); dry_run and choose_memory
+# (memory); check_device, sample_paths, make_folder, save_image, make_grid, GRID_MAX, startup_line and
+# describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined at the top.
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------

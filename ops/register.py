@@ -3,7 +3,8 @@ running them, and the autograd formulas, so autograd and torch.compile see one o
 autograd.Function. build.py's load_op runs register(op) right after it loads the op's library; `import nada`
 never imports this file.
 
-- upfirdn2d: linear, its gradient is another upfirdn2d (ops.md 1.2), so gradients of any order work.
+- upfirdn2d: linear, so its gradient is another upfirdn2d (the transposed filter, see `upfirdn2d` in nada.py),
+  and gradients of any order work.
 - bias_act: the gradient is rebuilt from the output y alone, by nada::bias_act_backward, which also sums the bias
   gradient in the accumulation type. First order only: differentiating it raises.
 """
@@ -21,7 +22,7 @@ def register(op):
 
 
 def upfirdn2d_out_size(H, W, fh, fw, up, down, px0, px1, py0, py1):
-    """Output height and width (ops.md 1.2)."""
+    """Output height and width (the shape rule in the docstring of `upfirdn2d` in nada.py)."""
     return (H * up + py0 + py1 - fh) // down + 1, (W * up + px0 + px1 - fw) // down + 1
 
 

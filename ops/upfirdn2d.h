@@ -1,6 +1,6 @@
 // upfirdn2d block code (reference: _upfirdn2d_ref in nada.py), run by the CUDA kernels in upfirdn2d.cu and by
-// their CPU twin in upfirdn2d.cpp. Math (ops.md 1.2): zero-insert by `up`, pad by (px0, px1, py0, py1), correlate
-// with F = flip_filter ? f : f flipped, times gain, keep every `down`-th sample. Output o, tap t reads upsampled
+// their CPU twin in upfirdn2d.cpp. Math (upfirdn2d in nada.py): zero-insert by `up`, pad by (px0, px1, py0, py1),
+// correlate with F = flip_filter ? f : f flipped, times gain, keep every `down`-th sample. Output o, tap t reads upsampled
 // coordinate u = o*down - p0 + t, which is an input sample iff u % up == 0 (polyphase: zero taps are never visited).
 //
 // Design: a block owns one plane (n, c) (grid x: the N*C planes) and a column of tiles (grid y: tile column,
