@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -443,6 +444,7 @@ IMAGENET_TEMPLATES = (
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DIRECTION_EPS = 1e-2                   # soft norm of the image direction: finite loss and gradient when it is 0
+MAX_PROMPT = 1000                      # characters: 77 tokens hold fewer, and CLIP's tokenizer is slow on long words
 
 
 def _import_clip():
@@ -475,6 +477,8 @@ def encode_images(model, img):
 def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
     """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
     try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
+        if len(text) > MAX_PROMPT:                      # no need to tokenize (quadratic in a word's length) to know
+            raise RuntimeError("too long")
         tokens = _import_clip().tokenize([t.format(text) for t in templates]).to(next(model.parameters()).device)
     except RuntimeError:
         raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
@@ -826,6 +830,9 @@ def sample(**settings):
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
     labels = class_labels(G, s.cls, len(seeds))
+    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
+        raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
+                        "is RUN/sample); choose another --out")
     make_folder(out)
     print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
                        f"noise {s.noise_mode}"), flush=True)
@@ -1018,6 +1025,7 @@ def train_settings(**kw):
         check_prompts(s.src, s.tgt)
     if s.consistency and s.batch < 2:
         raise NadaError("--consistency compares the images of a batch with each other: it needs --batch 2 or more")
+    parse_clip(s.clip, s.clip_weights)
     checked(s)
     changed = recorded and changed_setting(recorded, s)
     if changed:
@@ -1038,9 +1046,23 @@ def run_settings(run):
 
 def run_config(folder):
     """The recorded settings of a run folder (config.json; what an older run did not record takes today's default,
-    as --consistency, 0, did before it existed), or None if that file is damaged."""
+    as --consistency, 0, did before it existed), or None if that file is damaged or a value has the wrong type."""
     cfg = read_json(os.path.join(folder, "config.json"))
-    return {f.name: cfg.get(f.name, f.default) for f in recorded_fields()} if cfg else None
+    cfg = {f.name: cfg.get(f.name, f.default) for f in recorded_fields()} if cfg else None
+    return cfg if cfg and all(_of_type(cfg[f.name], f) for f in recorded_fields()) else None
+
+
+def _of_type(value, f):
+    """Whether a value read from a file fits a settings field: None where the default is None; a list of strings for
+    a list; numbers of the annotated kind (an int is a float too). nada.train also takes the class as an index, and
+    the clip weights as a list of numbers."""
+    if value is None:
+        return f.default is None
+    if f.name == "clip_weights" and isinstance(value, list):
+        return all(type(w) in (int, float) for w in value)
+    if f.type is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return type(value) in ((int, float) if f.type is float else (int, str) if f.name == "cls" else (f.type,))
 
 
 def changed_setting(old, new):
@@ -1111,6 +1133,8 @@ LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10,
 MAX_MODULES, MAX_DEPTH = 4096, 32      # a module tree in a file: a 1024 px G_ema has 60 modules 5 deep, CLIP < 1000
 ZIP_SLACK = 1 << 24                    # what a zip's compressed records (TorchScript code) may inflate beyond the file
 TRUNCATED = "the file ends early: it is truncated or damaged; download it again"
+MAX_JSON = 1 << 26                     # bytes of a JSON file nada reads back
+MAX_PIXELS, CODE_MAX = 1 << 26, 1 << 22   # an image's pixels (8192^2), a TorchScript code record's bytes
 
 
 def load_generator(path, device="cpu", impl="auto"):
@@ -1141,6 +1165,9 @@ def load_generator(path, device="cpu", impl="auto"):
 def _fit(path, sd, config):
     """A Generator holding the tensors of `sd` as float32 weights of their own (no two share memory), made only once
     every tensor fits the architecture and its storage."""
+    dims = [config["size"], config["style_dim"], config["z_dim"], config["n_mlp"], *config["channels"].values()]
+    if not all(0 < d <= 1 << 16 for d in dims) or not 0 <= config["c_dim"] <= 1 << 16:
+        raise NadaError(f"{path}: its tensors imply dimensions {dims} (each must be 1 to 65536); the file is damaged")
     try:                                                # on the meta device: no memory, no random init
         with torch.device("meta"):
             G = Generator(**config, impl="ref")
@@ -1154,6 +1181,8 @@ def _fit(path, sd, config):
         raise NadaError(f"{path}: the tensors do not fit a StyleGAN2 generator ({k[:80]} is {got}; the architecture "
                         f"needs {need})")
     _check_storage(path, sd, os.path.getsize(path))
+    if not all(torch.isfinite(v).all() for v in sd.values()):
+        raise NadaError(f"{path}: its weights hold NaN or infinity; the file is damaged (or a run that exploded)")
     weights, taken = {}, set()                          # a float32 tensor that alone spans a storage nothing else has
     for k, v in sd.items():                             # taken becomes the weight as it is; the others are copies
         storage = v.untyped_storage()
@@ -1211,6 +1240,13 @@ def read_torch_checkpoint(path):
     saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     if not isinstance(meta.get("base", ""), str):
         raise NadaError(f"{path}: the recorded base generator is a {type(meta['base']).__name__}, not a file name")
+    kinds = dict(src=str, tgt=str, layers=str, cls=(str, int, type(None)), iterations=int, seed=int, clip=list,
+                 clip_weights=list, tgt_img=(list, type(None)), consistency=(int, float))
+    for k, kind in kinds.items():                       # what nada recorded, as nada records it
+        items = meta[k] if isinstance(meta.get(k), list) else []
+        if k in meta and not isinstance(meta[k], kind) or not all(type(x) in (str, int, float) for x in items):
+            raise NadaError(f"{path}: its recorded {k} is a {type(meta[k]).__name__} that nada never writes; the "
+                            "file is damaged")
     config = dict(_infer_config(path, sd), **{k: _setting(path, k, saved[k], k == "conv_clamp")
                                              for k in ("lr_mlp", "conv_clamp") if k in saved})
     return sd, config, latent_avg, meta
@@ -1427,6 +1463,8 @@ class TorchFile:
     tensors left _TensorRefs; build(part) reads the tensors of the part a caller uses."""
 
     def __init__(self, source):
+        if not isinstance(source, (bytes, bytearray)) and not os.path.isfile(source):
+            raise _Refused("it is not a regular file")   # a FIFO or a device would block the read
         self.f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
         self.size, self.zip, self.archive = self.f.seek(0, 2), None, False
         self.refs, self.offsets, self.storages = {}, {}, {}   # storage key -> _Storage, stream offset, 1-D tensor
@@ -1467,11 +1505,12 @@ class TorchFile:
             raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
         self.archive = any(n.startswith(f"{self.root}/code/") for n in names)
 
-    def record(self, name, size=None):
-        """A zip record's bytes; `size`: the exact size it must have, checked before it is inflated."""
+    def record(self, name, size=None, most=None):
+        """A zip record's bytes; `size`: the exact size it must have, `most`: at most, checked before it is inflated."""
         info = self.zip.getinfo(f"{self.root}/{name}")
-        if size is not None and info.file_size != size:
-            raise _Refused("a tensor record of the wrong size; the file is damaged")
+        if (size is not None and info.file_size != size) or (most is not None and info.file_size > most):
+            raise _Refused(f"its record {name[:80]} has {info.file_size} bytes, not what it should; the file is "
+                           "damaged")
         return self.zip.read(info)
 
     def load(self, scripted=False):
@@ -1690,14 +1729,19 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise NadaError(f"the disk is full: {path} could not be written (nothing under that name changed); free "
+                        "some space and run the same command again") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
 def atomic_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a Python file: a full disk raises OSError(ENOSPC)
+        torch.save(obj, f)
 
 
 def atomic_write_text(path, text):
@@ -1809,7 +1853,7 @@ def _declared_tensors(tf, qualname):
     every tensor attribute counts)."""
     module, cls = qualname.rsplit(".", 1)
     try:
-        code = tf.record(f"code/{module.replace('.', '/')}.py").decode("utf-8", "replace")
+        code = tf.record(f"code/{module.replace('.', '/')}.py", most=CODE_MAX).decode("utf-8", "replace")
     except KeyError:
         return None
     names, declared, inside = set(), False, False
@@ -1822,27 +1866,35 @@ def _declared_tensors(tf, qualname):
     return names if declared else None
 
 
-def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None, flag="--clip"):
-    """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
+def parse_clip(names, weights=None, flag="--clip"):
+    """--clip and --clip-weights -> (names, weights: positive and finite, 1 each by default), or one clear error."""
     names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
     if not names or len(set(names)) != len(names):
         raise NadaError(f"{flag} {','.join(names)!r}: name one or more different CLIP models, e.g. {flag} ViT-B/32")
-    if isinstance(weights, str):
-        try:
-            weights = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if not names or len(weights) != len(names):
+    try:
+        weights = [1.0] * len(names) if weights is None else [float(w) for w in (
+            weights.split(",") if isinstance(weights, str) else weights)]
+    except (ValueError, TypeError):
+        raise NadaError(f"--clip-weights {weights!r}: give numbers separated by commas") from None
+    if len(weights) != len(names):
         raise NadaError(f"--clip-weights has {len(weights)} values for {len(names)} CLIP models ({', '.join(names)})")
+    if not all(0 < w < math.inf for w in weights):
+        raise NadaError(f"--clip-weights {','.join(map(str, weights))}: each weight must be a positive number")
+    return names, weights
+
+
+def load_clip_models(names, weights, device, wdir, offline, preloaded=None, load=None, flag="--clip"):
+    """--clip and --clip-weights -> (names, weights, models); `preloaded` models are used as they are."""
+    names, weights = parse_clip(names, weights, flag)
     return names, weights, preloaded or [(load or load_clip)(n, device, wdir, offline) for n in names]
 
 
 def read_json(path):
-    """A JSON object from a file, or {} if it is missing or damaged (then its content is made again)."""
-    with contextlib.suppress(OSError, ValueError):
-        obj = json.load(open(path))
-        return obj if isinstance(obj, dict) else {}
+    """A JSON object from a regular file, or {} if it is missing or damaged (nested too deep, too large, not JSON)."""
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        if os.path.isfile(path) and os.path.getsize(path) <= MAX_JSON:
+            obj = json.load(open(path))
+            return obj if isinstance(obj, dict) else {}
     return {}
 
 
@@ -1853,11 +1905,15 @@ def download(url, dest, sha256=None, offline=False):
     folder, name = os.path.split(os.path.abspath(dest))
     manifest = read_json(os.path.join(folder, "manifest.json"))
     record = manifest.get(name)
+    if record is not None and not (isinstance(record, dict) and type(record.get("size")) is int
+                                   and isinstance(record.get("sha256"), str)):
+        raise NadaError(f"{folder}/manifest.json: its entry for {name} is damaged; delete that entry, or the file")
     if os.path.isfile(dest):
         if record and os.path.getsize(dest) != record["size"]:
             raise NadaError(f"{dest} has {os.path.getsize(dest)} bytes, not the {record['size']} recorded when it was "
                             "downloaded: delete it to download it again")
         return dest
+    environment()                                       # $NADA_MIRROR, if set, must be a URL
     if os.environ.get("NADA_MIRROR"):
         url = os.environ["NADA_MIRROR"].rstrip("/") + "/" + os.path.basename(url)
     hand = f"fetch {url} yourself and place it at {dest}"
@@ -2086,13 +2142,13 @@ class RunFolder:
 
     def save(self, G, opt, rng, step, clip_names, clip_weights):
         """generator.pt (the adapted generator and what made it), then state.pt (what --resume reads), atomically."""
-        s = self.settings
-        save_generator(G, os.path.join(self.path, "generator.pt"), iterations=step, src=s.src, tgt=s.tgt,
-                       tgt_img=s.tgt_img, base=s.ckpt, layers=s.layers, clip=clip_names, clip_weights=clip_weights,
-                       seed=s.seed, cls=s.cls, consistency=s.consistency)
-        atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
-                     "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
-                    os.path.join(self.path, "state.pt"))
+        s, files = self.settings, (os.path.join(self.path, "generator.pt"), os.path.join(self.path, "state.pt"))
+        with atomic_path(files[0]) as generator, atomic_path(files[1]) as state:   # both written, then both renamed:
+            save_generator(G, generator, iterations=step, src=s.src, tgt=s.tgt, tgt_img=s.tgt_img, base=s.ckpt,
+                           layers=s.layers, clip=clip_names, clip_weights=clip_weights, seed=s.seed, cls=s.cls,
+                           consistency=s.consistency)                 # never one of them a step ahead
+            atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
+                         "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}}, state)
         self.saved = step
 
     def interrupt(self, step):
@@ -2199,11 +2255,22 @@ def save_image(img, path):
         Image.fromarray(to_uint8(img)[0]).save(tmp, format="PNG")
 
 
-def load_image(path):
-    """A target image file -> [1, 3, H, W] in [-1, 1]."""
+def load_image(path, short=448):
+    """An image file -> [1, 3, H, W] in [-1, 1], its short side at most `short` (what CLIP reads, twice over). The
+    size is read from the header and checked before anything is decoded; a JPEG is decoded at a reduced scale."""
     from PIL import Image
+    if not os.path.isfile(path):
+        raise NadaError(f"{path}: not a regular file")
     try:
-        img = Image.open(path).convert("RGB")
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise NadaError(f"{path}: {img.width}x{img.height} pixels, more than the {MAX_PIXELS} an image may "
+                                "have here (a decompression bomb?); use a smaller image")
+            img.draft("RGB", (short, short))            # JPEG: decode at 1/2, 1/4 or 1/8 scale where that suffices
+            img = img.convert("RGB")
+            img.thumbnail((short * img.width // min(img.size), short * img.height // min(img.size)), Image.LANCZOS)
+    except NadaError:
+        raise
     except Exception as e:
         raise NadaError(f"{path}: not a readable image ({_first_line(e)})") from None
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -2239,11 +2306,23 @@ def clip_metrics(base, adapted, target, direction):
     return {k: float(v) for k, v in metrics.items()}
 
 
+def environment():
+    """The variables nada reads, checked before anything loads -> (WORLD_SIZE, LOCAL_RANK)."""
+    world, rank, local = (os.environ.get(k, "0") for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    if not (world.isdigit() and rank.isdigit() and local.isdigit()) or int(world) > 1 and "RANK" not in os.environ:
+        raise NadaError(f"WORLD_SIZE={world!r}, RANK={rank!r}, LOCAL_RANK={local!r}: torchrun sets these; run "
+                        "`torchrun --nproc_per_node N nada.py ...`, or unset them")
+    mirror = os.environ.get("NADA_MIRROR", "")
+    if mirror and not re.match(r"(https?|ftp|file)://", mirror):
+        raise NadaError(f"NADA_MIRROR={mirror[:80]!r} is not a URL (http://, https://, ftp:// or file://)")
+    return max(int(world), 1), int(local)
+
+
 def distributed(device, impl):
     """-> (rank, world size, this process's device): under torchrun the process group joined (nccl on GPUs, gloo on
     the CPU; a long timeout, as a study's settings can train for hours between collectives), and `auto` or `cuda`
     this process's own GPU (LOCAL_RANK); else (0, 1, device)."""
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    world, local = environment()
     if world == 1:
         return 0, 1, check_device(device, impl)
     import datetime
@@ -2360,7 +2439,8 @@ def eval_paths(ckpt, out, wdir, offline):
 def read_eval(path):
     """The record `eval` (or a study) wrote at path, or {} if there is none."""
     record = read_json(path)
-    return record if set(METRICS) <= set(record) and "per_clip" in record else {}
+    numbers = all(record.get(k) is None or type(record.get(k)) in (int, float) for k in METRICS)
+    return record if set(METRICS) <= set(record) and isinstance(record.get("per_clip"), dict) and numbers else {}
 
 
 def recorded(G, key, kind=str):
@@ -2839,7 +2919,7 @@ def build_parser():
 
 def run_command(cmd, args):
     """One command with the flags typed -> its exit code."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cmd not in ("eval", "study"):
+    if environment()[0] > 1 and cmd not in ("eval", "study"):
         raise NadaError(f"`{cmd}` runs in one process; torchrun shares out the work of `eval` and `study`")
     if cmd == "doctor":
         s = DoctorSettings(**args)

@@ -1184,7 +1184,7 @@ def test_eval_refusals_are_one_clear_error(tmp_path, colour_clip, tiny_ckpt, red
     assert_clean_error(rc, err, "--samples 1", "at least 2")
     rc, _, err = run_cli("eval", "--ckpt", red_and_blue_runs["red"], "--clip", colour_clip, "--trunc", "nan")
     assert_clean_error(rc, err, "--trunc")
-    rc, _, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, env={"WORLD_SIZE": "2"})
+    rc, _, err = run_cli("train", "--ckpt", tiny_ckpt, "--clip", colour_clip, env={"WORLD_SIZE": "2", "RANK": "0"})
     assert_clean_error(rc, err, "torchrun", "study")
 
 
@@ -1364,6 +1364,7 @@ def test_torchrun_needs_a_sample_per_process_and_a_gpu_per_process(tmp_path, col
         nada.evaluate(red_and_blue_runs["red"], clip=colour_clip, n=2, out=str(tmp_path / "e.json"))
     monkeypatch.undo()
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
