@@ -1711,8 +1711,12 @@ def _convert_nvidia(path, G):
 
 def save_generator(G, path, **meta):
     """Write a rosinality-compatible checkpoint (g_ema + latent_avg) with our metadata, atomically."""
-    atomic_save({"g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()},
-                 "latent_avg": G.latent_avg.detach().cpu(), "nada": {"format": 1, "config": G.config(), **meta}}, path)
+    atomic_save(generator_record(G, **meta), path)
+
+
+def generator_record(G, **meta):
+    return {"g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()},
+            "latent_avg": G.latent_avg.detach().cpu(), "nada": {"format": 1, "config": G.config(), **meta}}
 
 
 @contextlib.contextmanager
@@ -2142,13 +2146,15 @@ class RunFolder:
 
     def save(self, G, opt, rng, step, clip_names, clip_weights):
         """generator.pt (the adapted generator and what made it), then state.pt (what --resume reads), atomically."""
-        s, files = self.settings, (os.path.join(self.path, "generator.pt"), os.path.join(self.path, "state.pt"))
-        with atomic_path(files[0]) as generator, atomic_path(files[1]) as state:   # both written, then both renamed:
-            save_generator(G, generator, iterations=step, src=s.src, tgt=s.tgt, tgt_img=s.tgt_img, base=s.ckpt,
-                           layers=s.layers, clip=clip_names, clip_weights=clip_weights, seed=s.seed, cls=s.cls,
-                           consistency=s.consistency)                 # never one of them a step ahead
+        s = self.settings
+        with atomic_path(os.path.join(self.path, "generator.pt")) as generator:   # both written, then both renamed:
+            with open(generator, "wb") as f:                                      # never one a step ahead
+                torch.save(generator_record(G, iterations=step, src=s.src, tgt=s.tgt, tgt_img=s.tgt_img, base=s.ckpt,
+                                            layers=s.layers, clip=clip_names, clip_weights=clip_weights, seed=s.seed,
+                                            cls=s.cls, consistency=s.consistency), f)
             atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
-                         "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}}, state)
+                         "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
+                        os.path.join(self.path, "state.pt"))
         self.saved = step
 
     def interrupt(self, step):
@@ -2176,7 +2182,7 @@ def read_log(folder):
     """log.jsonl's records (a line torn by a kill, or anything that is not a step's record, is skipped)."""
     path, records = os.path.join(folder, "log.jsonl"), []
     for line in open(path) if os.path.isfile(path) else ():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):   # a torn or hostile line is skipped
             r = json.loads(line)
             if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("iter", "loss", "seconds")):
                 records.append(r)

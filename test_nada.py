@@ -1563,6 +1563,7 @@ def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
 # bound, and run nothing. Loads happen in a subprocess with a memory cap and a per-case alarm (_WORKER).
 
 import contextlib
+import errno
 import io
 import pickletools
 import random
@@ -1595,7 +1596,18 @@ for kind, path in cases:
     rss, t, out = status("VmRSS"), time.perf_counter(), {"path": path}
     faulthandler.dump_traceback_later(seconds, exit=True)      # a hang, even inside C code, ends the process
     try:
-        (nada.load_clip if kind == "clip" else nada.load_generator)(path)
+        if kind == "state":                                     # as --resume and a study read a run's state.pt
+            try:
+                with nada.TorchFile(path) as tf:
+                    tf.build(tf.load())
+            except Exception as e:
+                raise nada.NadaError(f"{path}: {nada._refusal(e)}") from None
+        elif kind == "json":                                    # a run folder's config.json, log.jsonl, eval.json
+            import os
+            folder = os.path.dirname(path)
+            nada.run_config(folder), nada.read_log(folder), nada.read_eval(os.path.join(folder, "eval.json"))
+        else:
+            dict(clip=nada.load_clip, image=nada.load_image, gen=nada.load_generator)[kind](path)
         out["outcome"] = "loaded"
     except nada.NadaError as e:
         out["outcome"], out["message"] = "error", str(e)
@@ -1992,6 +2004,56 @@ def _mutate(data, targets, rng):
     return kind, bytes(b)
 
 
+def _round_three_cases(folder, rng, n, sources):
+    """[(kind, path)]: zip containers rebuilt with repeated names, inflating records, records outside the root and
+    a stream in front (polyglots); fixtures read as a run's state.pt; images that declare any size; run folders whose
+    config.json, log.jsonl and eval.json are nested deep or hold values of other types."""
+    zips = {f: d for f, d in sources.items() if d[:2] == b"PK"}
+    legacy = io.BytesIO()
+    torch.save({"step": 1}, legacy, _use_new_zipfile_serialization=False)
+    cases = []
+    for i in range(n):
+        kind, path = ["zip", "state", "image", "json"][i % 4], folder / f"r3_{i:04d}"
+        if kind in ("zip", "state"):
+            name = rng.choice(sorted(zips))
+            data = zips[name] if kind == "zip" or rng.random() < 0.5 else _mutate(zips[name], _targets(zips[name]), rng)[1]
+            if kind == "zip":
+                src = folder / f"r3_{i:04d}_src.pt"
+                src.write_bytes(data)
+                members = zipfile.ZipFile(src).namelist()
+                pick = rng.choice(members)
+                how = rng.choice(["repeat", "inflate", "outside", "polyglot"])
+                size = rng.choice([10, 1 << 20, 50 << 20, 300 << 20])
+                path = _zip_with(src, folder / f"r3_{i:04d}_{how}_{name}", **{
+                    "repeat": dict(extra=[(pick, os.urandom(rng.randrange(1, 64)))]),
+                    "inflate": dict(replace={pick: bytes(size)}, compress=zipfile.ZIP_DEFLATED),
+                    "outside": dict(extra=[(f"other/{pick.split('/', 1)[1]}", b"x")]),
+                    "polyglot": dict()}[how])
+                if how == "polyglot":
+                    path.write_bytes(legacy.getvalue() + path.read_bytes())
+                cases.append(("clip" if name == "clip.pt" else "gen", path))
+            else:
+                path.with_suffix(".pt").write_bytes(data)
+                cases.append(("state", path.with_suffix(".pt")))
+        elif kind == "image":
+            w, h = rng.choice([1, 7, 5000, 9000, 20000, 65535]), rng.choice([1, 9, 3000, 9000, 65535])
+            data = bytearray(_png(path.with_suffix(".png"), w, h).read_bytes())
+            if rng.random() < 0.5:                            # and some damage after the header
+                data[rng.randrange(33, len(data))] ^= 0xFF
+            path.with_suffix(".png").write_bytes(bytes(data))
+            cases.append(("image", path.with_suffix(".png")))
+        else:
+            path.mkdir()
+            deep = "[" * rng.choice([10, 5000, 100_000])
+            value = rng.choice([deep, '"text"', "1e308", "-1", "[1, 2]", '{"a": null}', "2.5", "true"])
+            key = rng.choice(["src", "iters", "batch", "clip", "clip_weights", "tgt_img", "lr", "cls"])
+            (path / "config.json").write_text(f'{{"{key}": {value}}}' if rng.random() < 0.8 else deep)
+            (path / "log.jsonl").write_text(f'{{"iter": {value}, "loss": 1, "seconds": 1}}\n{deep}\n')
+            (path / "eval.json").write_text(f'{{"clip_score": {value}, "per_clip": {value}}}')
+            cases.append(("json", path / "config.json"))
+    return cases
+
+
 def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
     import clip
     n_cases = int(os.environ.get("NADA_FUZZ_CASES", 1000))
@@ -2013,6 +2075,7 @@ def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
     for name, data in _hostile_pickles().items():
         (tmp_path / name).write_bytes(data)
         cases.append(("gen", tmp_path / name))
+    cases += _round_three_cases(tmp_path, rng, n_cases // 5, sources)
     results = _load_all(cases, tmp_path)
     failures = []
     for r in results.values():
@@ -2023,7 +2086,8 @@ def test_fuzz_every_fixture_loads_or_fails_cleanly(tmp_path, capsys):
     outcomes = [r["outcome"] for r in results.values()]
     slow, big = (max(results.values(), key=lambda r: r[k]) for k in ("seconds", "peak"))
     with capsys.disabled():
-        print(f"\nfuzz: {len(cases)} cases ({n_cases} mutated, {len(cases) - n_cases} hostile): "
+        print(f"\nfuzz: {len(cases)} cases ({n_cases} mutated, {n_cases // 5} containers, state files, images and "
+              f"JSON files, {len(cases) - n_cases - n_cases // 5} hostile): "
               f"{outcomes.count('error')} clean errors, {outcomes.count('loaded')} loads; worst time "
               f"{slow['seconds']:.2f} s ({os.path.basename(slow['path'])}), worst memory {big['peak'] / 2**20:.1f} MB "
               f"({os.path.basename(big['path'])})")
@@ -2527,3 +2591,220 @@ COND, PLAIN = os.path.join(FIXTURES, "nvidia_32_cond.pkl"), os.path.join(FIXTURE
 def test_sample_bad_input(tmp_path, args, words):
     assert_clean_error(*run_cli("sample", *args, cwd=tmp_path)[::2], words)
     assert os.listdir(tmp_path) == []
+
+
+# ---- reliability, round three: containers, images, values, JSON, prompts, environment, disk, folders ---------
+
+def _zip_with(src, path, replace=None, extra=(), compress=None):
+    """A copy of the zip `src` at `path`: records replaced ({name: bytes}), extra (name, bytes) records appended,
+    `compress`: the records written deflated."""
+    with zipfile.ZipFile(src) as zin, warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # zipfile warns about a duplicate name: that is the point
+        with zipfile.ZipFile(path, "w", compress or zipfile.ZIP_STORED) as zout:
+            for info in zin.infolist():
+                zout.writestr(info.filename, (replace or {}).get(info.filename, zin.read(info)))
+            for name, data in extra:
+                zout.writestr(name, data)
+    return path
+
+
+def _container_cases(folder, clip_archive):
+    """name -> (kind, path): zip and stream containers made to exhaust or mislead a loader."""
+    ros = os.path.join(FIXTURES, "rosinality_32.pt")
+    names = zipfile.ZipFile(ros).namelist()
+    record = [n for n in names if "/data/" in n][0]
+    root = names[0].split("/")[0]
+    bomb = bytes(300 << 20)                                   # 300 MB of zeros: deflates to about 300 kB
+    code = [n for n in zipfile.ZipFile(clip_archive).namelist() if "/code/" in n and n.endswith(".py")][0]
+    legacy = folder / "legacy.pt"
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, legacy, _use_new_zipfile_serialization=False)
+    (folder / "polyglot.pt").write_bytes(legacy.read_bytes() + open(ros, "rb").read())
+    padding = [(f"{root}/data/pad", os.urandom(2 << 20))] + [(f"{root}/data/z{i}", bytes(1900 << 10)) for i in range(20)]
+    return {"deflate_bomb.pt": ("gen", _zip_with(ros, folder / "deflate_bomb.pt", {record: bomb},
+                                                 compress=zipfile.ZIP_DEFLATED)),
+            "code_bomb_clip.pt": ("clip", _zip_with(clip_archive, folder / "code_bomb_clip.pt", {code: bomb},
+                                                    compress=zipfile.ZIP_DEFLATED)),
+            "many_records.pt": ("gen", _zip_with(ros, folder / "many_records.pt", extra=padding,
+                                                 compress=zipfile.ZIP_DEFLATED)),
+            "duplicate_names.pt": ("gen", _zip_with(ros, folder / "duplicate_names.pt",
+                                                    extra=[(f"{root}/data.pkl", b"\x80\x02}q\x00.")])),
+            "polyglot.pt": ("gen", folder / "polyglot.pt"),
+            "state_hash_bomb.pt": ("state", _zip_with(ros, folder / "state_hash_bomb.pt", {f"{root}/data.pkl": (
+                b"\x80\x02}()q\x00" + b"".join(b"h%ch%c\x86q%c" % (i, i, i + 1) for i in range(60)) + b"Nu.")})),
+            "state_deep.pt": ("state", _zip_with(ros, folder / "state_deep.pt", {f"{root}/data.pkl": (
+                b"\x80\x02" + b"]" * 50_000 + b"a" * 49_999 + b".")})),
+            "state_deflate_bomb.pt": ("state", _zip_with(ros, folder / "state_deflate_bomb.pt", {record: bomb},
+                                                         compress=zipfile.ZIP_DEFLATED))}
+
+
+CONTAINERS = {"deflate_bomb.pt": "inflate", "code_bomb_clip.pt": "inflate", "many_records.pt": "inflate",
+              "duplicate_names.pt": "repeat a name", "polyglot.pt": "two formats", "state_hash_bomb.pt": "dictionary key",
+              "state_deep.pt": "deeper than", "state_deflate_bomb.pt": "inflate"}
+
+
+@pytest.fixture(scope="module")
+def container_results(tmp_path_factory):
+    import clip
+    folder = tmp_path_factory.mktemp("containers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(_tiny_clip(1, 32), (torch.randn(1, 3, 32, 32), clip.tokenize(["x"]))).save(folder / "c.pt")
+    cases = _container_cases(folder, folder / "c.pt")
+    results = _load_all(list(cases.values()), folder)
+    return {name: results[str(path)] for name, (_, path) in cases.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CONTAINERS))
+def test_containers_are_checked_before_anything_inflates(container_results, name):
+    """Compression bombs, records that add up to gigabytes, a name twice, a stream with a zip appended, and a run's
+    state.pt made to hang: each one clean error, fast and within the memory cap, before anything is inflated."""
+    r = container_results[name]
+    assert r["outcome"] == "error", r
+    _assert_clean(r, CONTAINERS[name])
+
+
+def _png(path, width, height):
+    """A tiny PNG that declares width x height (one grey row, repeated by the filter: kilobytes for any size)."""
+    import zlib as z
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", z.crc32(kind + data))
+    rows = z.compress(b"".join(b"\x00" + b"\x80" * width * 3 if i == 0 else b"\x02" + bytes(width * 3)
+                               for i in range(min(height, 4))), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_bombs_are_refused_before_decoding_and_large_images_are_reduced(tmp_path):
+    from PIL import Image
+    bomb = _png(tmp_path / "bomb.png", 9000, 9000)
+    t = time.time()
+    with pytest.raises(nada.NadaError, match=r"bomb\.png: 9000x9000 pixels, more than"):
+        nada.load_image(str(bomb))
+    assert time.time() - t < 2 and bomb.stat().st_size < 100_000
+    Image.new("RGB", (4000, 3000), (200, 30, 40)).save(tmp_path / "big.jpg", quality=90)
+    img = nada.load_image(str(tmp_path / "big.jpg"))
+    assert img.shape == (1, 3, 448, 597)                      # short side 448: what CLIP reads, twice over
+    assert img[0, 0].mean() > 0.5 and img[0, 2].mean() < -0.5   # the colour survived the reduction
+    Image.new("RGB", (40, 48), (250, 10, 10)).save(tmp_path / "small.png")
+    assert nada.load_image(str(tmp_path / "small.png")).shape == (1, 3, 48, 40)   # small images are not enlarged
+
+
+@pytest.mark.parametrize("where", ["fifo", "folder"])
+def test_only_regular_files_are_read(tmp_path, where):
+    path = tmp_path / "p"
+    os.mkfifo(path) if where == "fifo" else path.mkdir()
+    t = time.time()
+    with pytest.raises(nada.NadaError, match="not a regular file"):
+        nada.load_image(str(path))
+    with pytest.raises(nada.NadaError):
+        nada.read_clip_weights(str(path))
+    assert nada.read_json(str(path)) == {} and time.time() - t < 5
+
+
+def _checkpoint_with(path, config=None, meta=None, **tensors):
+    good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)
+    torch.save({"g_ema": dict(good["g_ema"], **tensors), "latent_avg": good["latent_avg"],
+                "nada": dict({"format": 1}, **(meta or {}))}, path)
+    return path
+
+
+@pytest.mark.parametrize("case,words", [
+    ("zero_channels", "dimensions"), ("negative_z_dim", "dimensions"), ("nan_weight", "NaN or infinity"),
+    ("inf_weight", "NaN or infinity"), ("clip_a_number", "recorded clip"), ("iterations_a_list", "recorded iterations"),
+    ("tgt_img_nested", "recorded tgt_img"),
+])
+def test_checkpoint_values_are_checked_at_load(tmp_path, capsys, case, words):
+    good = torch.load(os.path.join(FIXTURES, "rosinality_32.pt"), weights_only=False)["g_ema"]
+    w = good["style.1.weight"].clone()
+    kw = {"zero_channels": {"tensors": {"input.input": torch.zeros(1, 0, 4, 4)}},
+          "negative_z_dim": {"tensors": {"embed.weight": torch.zeros(128, 10), "embed.bias": torch.zeros(128)}},
+          "nan_weight": {"tensors": {"style.1.weight": w.index_fill(0, torch.tensor([3]), float("nan"))}},
+          "inf_weight": {"tensors": {"convs.0.conv.weight": good["convs.0.conv.weight"] * float("inf")}},
+          "clip_a_number": {"meta": {"clip": 5}}, "iterations_a_list": {"meta": {"iterations": [[[1]]]}},
+          "tgt_img_nested": {"meta": {"tgt_img": [["a.png"]]}}}[case]
+    path = _checkpoint_with(tmp_path / f"{case}.pt", meta=kw.get("meta"), **kw.get("tensors", {}))
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", path, "--n", 1, "--out", tmp_path / "s")
+    assert_clean_error(rc, err, f"{case}.pt", words)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage,words", [
+    ('{"src": 5}', "config.json is unreadable"), ('{"iters": 1e12}', "config.json is unreadable"),
+    ('{"batch": 2.5}', "config.json is unreadable"), ("[" * 100_000 + "]" * 100_000, "config.json is unreadable"),
+    ('{"clip_weights": [[1]]}', "config.json is unreadable"),
+])
+def test_a_run_folders_json_files_are_typed_when_read(tmp_path, capsys, colour_clip, tiny_ckpt, damage, words):
+    run = nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=1, layers="all",
+                     clip=colour_clip, progress=False)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    changed = json.loads(damage) if damage.startswith("{") else None
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**cfg, **changed}) if changed else damage)
+    rc, _, err = main_in_process(capsys, "train", "--resume", run, "--iters", 2)
+    assert_clean_error(rc, err, words)
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:       # a deep or mistyped log line is skipped, not fatal
+        f.write("[" * 100_000 + "]" * 100_000 + "\n" + '{"iter": [1], "loss": 1, "seconds": 1}\n')
+    assert [r["iter"] for r in nada.read_log(tmp_path / "r")] == [0]
+    (tmp_path / "r" / "eval.json").write_text(json.dumps({**{k: "x" for k in nada.METRICS}, "per_clip": {}}))
+    assert nada.read_eval(str(tmp_path / "r" / "eval.json")) == {}
+
+
+def test_a_damaged_weights_manifest_is_one_clear_error(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "ffhq.pkl").write_bytes(b"x")
+    (tmp_path / "w" / "manifest.json").write_text(json.dumps({"ffhq.pkl": {"url": "u"}}))   # no size
+    with pytest.raises(nada.NadaError, match="manifest.json: its entry for ffhq.pkl is damaged"):
+        nada.resolve_ckpt("ffhq", str(tmp_path / "w"))
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing(tmp_path, capsys, colour_clip, tiny_ckpt):
+    t = time.time()
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "a" * 100_000,
+                                 "--iters", 1, "--out", tmp_path / "r")
+    assert_clean_error(rc, err, "does not fit CLIP's 77 tokens")
+    assert time.time() - t < 20 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("env,flags,words", [
+    ({"WORLD_SIZE": "abc"}, [], "WORLD_SIZE='abc'"), ({"WORLD_SIZE": "2"}, [], "torchrun sets these"),
+    ({"LOCAL_RANK": "-1"}, [], "LOCAL_RANK='-1'"), ({"NADA_MIRROR": "not a url"}, [], "NADA_MIRROR"),
+    ({}, ["--clip-weights", "nan"], "each weight must be a positive number"),
+    ({}, ["--clip-weights", "-1"], "each weight must be a positive number"),
+    ({}, ["--clip-weights", "0"], "each weight must be a positive number"),
+])
+def test_environment_and_flags_are_checked_before_anything_loads(tmp_path, env, flags, words):
+    rc, _, err = run_cli("train", "--ckpt", "ffhq", "--weights-dir", tmp_path / "w", "--offline", "--out",
+                         tmp_path / "r", *flags, env=env)
+    assert_clean_error(rc, err, words)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_during_a_save_is_one_message_and_the_run_stays_consistent(tmp_path, colour_clip, tiny_ckpt,
+                                                                              monkeypatch):
+    real, calls = torch.save, []
+
+    def full_at_the_third(obj, f, *a, **k):                   # saves 1-2 (step 2) pass, 3-4 (step 4) fail at the 4th
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_at_the_third)
+    with pytest.raises(nada.NadaError, match=r"the disk is full: .*state\.pt could not be written"):
+        nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=4, layers="all",
+                   clip=colour_clip, progress=False, save_every=2, sample_every=100)
+    monkeypatch.undo()
+    generator = torch.load(tmp_path / "r" / "generator.pt", weights_only=True)["nada"]["iterations"]
+    assert generator == torch.load(tmp_path / "r" / "state.pt", weights_only=True)["step"] == 2
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".tmp-")]
+    nada.train(resume=str(tmp_path / "r"), clip=colour_clip, progress=False)       # and it resumes
+    assert torch.load(tmp_path / "r" / "state.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("owner", ["study", "run"])
+def test_sample_never_writes_into_a_run_or_study_folder(tmp_path, capsys, tiny_ckpt, owner):
+    folder = tmp_path / owner
+    folder.mkdir()
+    (folder / ("results.json" if owner == "study" else "config.json")).write_text("{}")
+    (folder / "grid.png").write_bytes(b"the study's")
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", tiny_ckpt, "--n", 1, "--out", folder)
+    assert_clean_error(rc, err, "a run's or a study's folder")
+    assert (folder / "grid.png").read_bytes() == b"the study's"
