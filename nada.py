@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import errno
 import functools
 import hashlib
 import io
@@ -444,7 +443,6 @@ IMAGENET_TEMPLATES = (
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DIRECTION_EPS = 1e-2                   # soft norm of the image direction: finite loss and gradient when it is 0
-MAX_PROMPT = 1000                      # characters: 77 tokens hold fewer, and CLIP's tokenizer is slow on long words
 
 
 def _import_clip():
@@ -477,8 +475,6 @@ def encode_images(model, img):
 def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
     """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
     try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
-        if len(text) > MAX_PROMPT:                      # no need to tokenize (quadratic in a word's length) to know
-            raise RuntimeError("too long")
         tokens = _import_clip().tokenize([t.format(text) for t in templates]).to(next(model.parameters()).device)
     except RuntimeError:
         raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
@@ -830,9 +826,6 @@ def sample(**settings):
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
     labels = class_labels(G, s.cls, len(seeds))
-    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
-        raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
-                        "is RUN/sample); choose another --out")
     make_folder(out)
     print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
                        f"noise {s.noise_mode}"), flush=True)
@@ -869,6 +862,7 @@ def sample(**settings):
 MEMORY_MODES, PRECISIONS, NOISE_MODES = ("auto", "fast", "low"), ("fp32", "bf16"), ("const", "random", "none")
 EVAL_CLIP = "ViT-L/14"                 # held out: NADA trains with B/32 and B/16 (StyleDomain evaluates so too)
 STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
+MAX_PROMPT = 1000                      # characters in a prompt
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
@@ -1074,6 +1068,11 @@ def changed_setting(old, new):
 
 
 def check_prompts(src, tgt):
+    """Two prompts that differ; each short enough to tokenize (CLIP's tokenizer is slow on long words, and 77 tokens
+    hold far fewer than MAX_PROMPT characters)."""
+    for text in (src, tgt):
+        if len(text or "") > MAX_PROMPT:
+            raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten it")
     if not (src or "").strip() or not (tgt or "").strip():
         raise NadaError("--src and --tgt must both be non-empty prompts, e.g. --src photo --tgt \"pencil sketch\"")
     if src.strip().lower() == tgt.strip().lower():
@@ -1734,6 +1733,7 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
+        import errno
         if e.errno != errno.ENOSPC:
             raise
         raise NadaError(f"the disk is full: {path} could not be written (nothing under that name changed); free "
@@ -2198,8 +2198,12 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs"):
         raise NadaError(f"no --ckpt given and no trained generator in {runs}/*/generator.pt: pass --ckpt FILE or NAME")
     path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
     name = os.path.basename(path)
-    return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
-                         else os.path.join("samples", _slug(os.path.splitext(name)[0])))
+    out = out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
+                  else os.path.join("samples", _slug(os.path.splitext(name)[0])))
+    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
+        raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
+                        "is RUN/sample); choose another --out")
+    return path, out
 
 
 def make_folder(path, sub=""):
