@@ -669,20 +669,19 @@ def draw_ws(G, n, cls, rng, device, c=None):
         return G.mapping(z, c), c
 
 
-def clip_targets(models, weights, G, s, images, device):
-    """A ClipTarget per CLIP model, computed once per run: the text direction s.src -> s.tgt (NADA eq. 2), or, with
+def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
+    """A ClipTarget per CLIP model, computed once per run: the text direction src -> tgt (NADA eq. 2), or, with
     target images, the direction from the generator's images toward theirs."""
     if images:
-        rng = torch.Generator().manual_seed(s.seed + 1)
         with torch.no_grad():
-            generated = G.synthesis(draw_ws(G, 16, s.cls, rng, device)[0])
+            generated = G.synthesis(draw_ws(G, 16, cls, rng, device)[0])
     targets = []
     for model, weight in zip(models, weights):
         if images:
             direction, target = image_direction(model, [img.to(device) for img in images], generated)
         else:                                           # the target prompt, template-averaged, guides auto layers
-            direction = text_direction(model, s.src, s.tgt)
-            target = F.normalize(encode_prompts(model, s.tgt).mean(0), dim=0)
+            direction = text_direction(model, src, tgt)
+            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
         targets.append(ClipTarget(model, weight, direction, target))
     return targets
 
@@ -758,7 +757,8 @@ def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
                            lr=s.lr, betas=BETAS)        # the mapping network never trains
     images = [load_image(p) for p in s.tgt_img]
-    targets = clip_targets(models, weights, G_frozen, s, images, here)
+    targets = clip_targets(models, weights, G_frozen, s.src, s.tgt, images, s.cls,
+                           torch.Generator().manual_seed(s.seed + 1), here)
     for m in models if clip_models is None else ():     # the directions are computed: training reads images only
         drop_text_tower(m)
     rng = torch.Generator().manual_seed(s.seed)         # every random draw of the run, so resume replays exactly
@@ -812,10 +812,10 @@ def seed_latents(G, seeds):
 
 
 @torch.no_grad()
-def sample(**settings):
-    """Render one PNG per seed and a grid.png -> the output folder. settings: the fields of SampleSettings, as
-    keywords (ckpt, seeds or n, trunc, noise_mode, cls, out, ...); compare: the base beside the adapted generator."""
-    s = SampleSettings(**settings)
+def sample(ckpt=None, **settings):
+    """Render one PNG per seed and a grid.png -> the output folder. settings: the other fields of SampleSettings, as
+    keywords (seeds or n, trunc, noise_mode, cls, out, ...); compare: the base beside the adapted generator."""
+    s = SampleSettings(ckpt=ckpt, **settings)
     seeds = parse_seeds(checked(s).seeds, s.n)
     path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
     device = check_device(s.device, s.impl)
@@ -825,7 +825,7 @@ def sample(**settings):
         if not G.meta.get("base"):
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
         generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
-    labels = class_labels(G, s.cls, len(seeds))
+    labels = class_labels(G, s.cls if s.cls is not None else G.meta.get("cls"), len(seeds))   # default: the run's
     make_folder(out)
     print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
                        f"noise {s.noise_mode}"), flush=True)
@@ -879,7 +879,7 @@ def setting(default, help=None, kind=None, bounds=None, **cli):
 @dataclasses.dataclass
 class Common:                                           # every command's flags: where it runs
     """list the named generators"""
-    hidden = ()                                         # fields that are not a flag of this command
+    hidden, helps = (), {}                              # fields that are no flag of this command; other help
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     impl: str = setting("auto", "ops path: auto = CUDA kernels when they build", choices=IMPLS)
     wdir: str = setting(None, "where named weights are kept (default: $NADA_WEIGHTS, else weights/ beside nada.py)",
@@ -936,6 +936,8 @@ class StudySettings(TrainSettings):
     trunc: float = setting(1.0, "truncation psi of the measure and the grid", bounds=(-10, 10))
     out: str = setting(None, "study folder (default: studies/<src>_to_<tgt>)")
     hidden = ("sample_every", "save_every", "n_sample", "resume", "dry_run")   # a study sets these for each run
+    helps = dict(iters="training steps per setting", seed="the same seed for every setting",
+                 clip="CLIP models of the training loss", auto_k="for auto layers: the top K W+ entries")
 
 
 @dataclasses.dataclass
@@ -968,7 +970,7 @@ class SampleSettings(Common):
     noise_mode: str = setting("const", "const: the checkpoint's stored noise; random: seeded per image",
                               choices=NOISE_MODES)
     cls: str = setting(None, "conditional generators: NAME or INDEX (or all)", flags=("--class",))
-    compare: bool = setting(False, "the base generator beside the adapted one")
+    compare: bool = setting(False, "the base too: grid.png's base row above the adapted, each PNG base | adapted")
     out: str = setting(None, "output folder (default: RUN/sample or samples/<ckpt>)")
 
 
@@ -1009,12 +1011,14 @@ def train_settings(**kw):
     paths, so that a run resumes from any folder."""
     recorded = run_settings(kw["resume"]) if kw.get("resume") else {}
     s = TrainSettings(**{**recorded, **kw})
+    absolute = lambda p: os.path.abspath(p) if os.path.isfile(p) else p   # a file; a model's name stays a name
     s.tgt_img = [os.path.abspath(p) for p in s.tgt_img or []]
-    absolute = [os.path.abspath(p) if os.path.isfile(p) else p for p in [s.ckpt, *str(s.clip).split(",")]]
-    s.ckpt, s.clip = absolute[0], ",".join(n.strip() for n in absolute[1:])   # files absolute, names as they are
+    s.ckpt, s.clip = absolute(s.ckpt), ",".join(absolute(n.strip()) for n in str(s.clip).split(","))
     missing = [p for p in s.tgt_img if not os.path.isfile(p)]
     if missing:
         raise NadaError(f"--tgt-img: no such file: {missing[0]}")
+    for p in s.tgt_img:                                 # readable, and no bomb, before anything loads
+        load_image(p)
     if not s.tgt_img:
         check_prompts(s.src, s.tgt)
     if s.consistency and s.batch < 2:
@@ -1056,7 +1060,9 @@ def _of_type(value, f):
         return all(type(w) in (int, float) for w in value)
     if f.type is list:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return type(value) in ((int, float) if f.type is float else (int, str) if f.name == "cls" else (f.type,))
+    if f.type is float or f.name == "cls":
+        return type(value) in ((int, float) if f.type is float else (int, str))
+    return type(value) is f.type
 
 
 def changed_setting(old, new):
@@ -1143,12 +1149,7 @@ def load_generator(path, device="cpu", impl="auto"):
         raise NadaError(f"{path}: no such file")
     with open(path, "rb") as f:                         # torch.save: a zip, or a stream that starts with a magic number
         torch_saved = f.read(len(LEGACY_TORCH_MAGIC)).startswith((b"PK\x03\x04", LEGACY_TORCH_MAGIC))
-    try:
-        read = read_torch_checkpoint if torch_saved else lambda path: _convert_nvidia(path, read_g_ema(path))
-        sd, config, latent_avg, meta = read(path)
-    except (KeyError, AttributeError, TypeError, ValueError, IndexError, _Refused) as e:   # only NVIDIA's raise these
-        raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
-                        f"{_first_line(e)})") from None
+    sd, config, latent_avg, meta = (read_torch_checkpoint if torch_saved else read_nvidia_pickle)(path)
     G = _fit(path, sd, config)
     if latent_avg is None:                              # old files without it: the mean w of many seeded z
         with torch.no_grad():
@@ -1241,9 +1242,10 @@ def read_torch_checkpoint(path):
         raise NadaError(f"{path}: the recorded base generator is a {type(meta['base']).__name__}, not a file name")
     kinds = dict(src=str, tgt=str, layers=str, cls=(str, int, type(None)), iterations=int, seed=int, clip=list,
                  clip_weights=list, tgt_img=(list, type(None)), consistency=(int, float))
+    items = dict(clip=(str,), tgt_img=(str,), clip_weights=(int, float))
     for k, kind in kinds.items():                       # what nada recorded, as nada records it
-        items = meta[k] if isinstance(meta.get(k), list) else []
-        if k in meta and not isinstance(meta[k], kind) or not all(type(x) in (str, int, float) for x in items):
+        if k in meta and not isinstance(meta[k], kind) or not all(type(x) in items.get(k, ()) for x in (
+                meta[k] if isinstance(meta.get(k), list) else [])):
             raise NadaError(f"{path}: its recorded {k} is a {type(meta[k]).__name__} that nada never writes; the "
                             "file is damaged")
     config = dict(_infer_config(path, sd), **{k: _setting(path, k, saved[k], k == "conv_clamp")
@@ -1269,6 +1271,8 @@ def _infer_config(path, sd):
         style_dim, in0 = sd["style.1.weight"].shape
         embed_dim, c_dim = sd["embed.weight"].shape if "embed.weight" in sd else (0, 0)
         n_rgb = sum(1 for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k))
+        if not 1 <= n_rgb <= 14:                        # 8 px to 65536 px
+            raise KeyError(f"{n_rgb} toRGB layers")
         channels = {4: sd["input.input"].shape[1], **{2 ** (j + 3): sd[f"convs.{2 * j}.conv.weight"].shape[1]
                                                       for j in range(n_rgb)}}
     except (KeyError, ValueError, IndexError) as e:
@@ -1284,7 +1288,6 @@ def _infer_config(path, sd):
 
 BLOB_MIN = 1 << 20                     # pickle writes payloads this big outside its frames; no name or text is as long
 _Blob = namedtuple("_Blob", "f offset size")                 # a large byte string of the pickle, left on disk
-PARAMS_BUFFERS = ("_parameters", "_buffers")          # where a pickled module keeps its tensors
 _TensorRef = namedtuple("_TensorRef", "storage args")       # a tensor not built yet: _rebuild_tensor_v2's arguments
 _Storage = namedtuple("_Storage", "key dtype numel")         # a storage of a torch.save file, not read yet
 STORAGE_DTYPES = {f"{n}Storage": getattr(torch, d) for n, d in (
@@ -1403,15 +1406,23 @@ class _SafeUnpickler(pickle._Unpickler):
         pickle._Unpickler.load_frozenset(self)
     dispatch[pickle.FROZENSET[0]] = load_frozenset
 
+    def load_build(self):                               # the stack ends: object, state. Never set the state of a
+        if any(self.stack[-2] is v for v in self.allowed.values()):   # stand-in itself: it serves the next file too
+            raise _Refused("it sets the state of a class or function it names; checkpoints never do")
+        pickle._Unpickler.load_build(self)
+    dispatch[pickle.BUILD[0]] = load_build
+
     def load_bytearray8(self):                          # pickle's own makes the array before it reads the bytes
         self.append(bytearray(self.read(int.from_bytes(self.read(8), "little"))))
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
 def _plain(items):
-    """Refuse dictionary keys or set items other than plain values: checkpoints never use others."""
-    if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in items):
-        raise _Refused("it uses a container as a dictionary key or set item; checkpoints never do")
+    """Refuse dictionary keys or set items other than strings, bytes, None and small integers: hashing a tuple nested
+    through shared references takes exponential time, and large numbers can be made to share a hash (each key then
+    costs a pass over all the others). Checkpoints use no other keys."""
+    if not all(type(k) in (str, bytes, type(None)) or type(k) is int and abs(k) < 1 << 31 for k in items):
+        raise _Refused("it uses a container or a large number as a dictionary key or set item; checkpoints never do")
     return items
 
 
@@ -1473,7 +1484,7 @@ class TorchFile:
             self.check_zip()
         elif not head.startswith(LEGACY_TORCH_MAGIC[:2]):   # a stream's first pickle (protocol 2) is its magic number
             raise _Refused("it is neither a TorchScript archive nor a torch.save'd state dict")
-        elif zipfile.is_zipfile(self.f):
+        elif not isinstance(source, (bytes, bytearray)) and zipfile.is_zipfile(self.f):
             raise _Refused("it is a pre-1.6 torch.save stream and a zip at once; a file in two formats is refused")
         self.f.seek(0)
 
@@ -1484,9 +1495,9 @@ class TorchFile:
         self.f.close()
 
     def check_zip(self):
-        """Check every record before any is read: one root folder, no name twice (zipfile would read the last, a check
-        the first), and no record, nor all together, inflating beyond the file (torch stores its records as they are;
-        only TorchScript's code is compressed)."""
+        """Check every record before any is read: one root folder; no name twice (zipfile would read one, a check the
+        other); stored as it is (torch compresses nothing but TorchScript's code, and a compressed record can inflate
+        without bound before its CRC fails); and no declared size, nor all together, beyond the file."""
         try:
             self.zip = zipfile.ZipFile(self.f)
         except zipfile.BadZipFile:
@@ -1496,12 +1507,18 @@ class TorchFile:
         if len(set(names)) != len(names) or not all(n.startswith(self.root + "/") for n in names):
             raise _Refused("a zip whose records repeat a name or lie outside one folder; the file is damaged or "
                            "made to mislead")
+        for i in self.zip.infolist():
+            if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED if "/code/" in i.filename else 0):
+                raise _Refused(f"its record {i.filename[:80]} is compressed, and could inflate without bound; torch "
+                               "stores its records as they are")
         sizes = [i.file_size for i in self.zip.infolist()]
         if max(sizes) > self.size or sum(sizes) > self.size + ZIP_SLACK:
             raise _Refused(f"its records inflate to {sum(sizes)} bytes from a file of {self.size} (a compression "
                            "bomb?); torch stores its records as they are")
         if f"{self.root}/data.pkl" not in names:
             raise _Refused("a zip file, but not a torch checkpoint (no data.pkl); the file is damaged")
+        if f"{self.root}/byteorder" in names and self.record("byteorder", most=16) != b"little":
+            raise _Refused("its tensors are stored big-endian; nada reads little-endian files only")
         self.archive = any(n.startswith(f"{self.root}/code/") for n in names)
 
     def record(self, name, size=None, most=None):
@@ -1510,7 +1527,11 @@ class TorchFile:
         if (size is not None and info.file_size != size) or (most is not None and info.file_size > most):
             raise _Refused(f"its record {name[:80]} has {info.file_size} bytes, not what it should; the file is "
                            "damaged")
-        return self.zip.read(info)
+        with self.zip.open(info) as f:                  # reads at most what the record declares, inflated or not
+            data = f.read(info.file_size + 1)
+        if len(data) != info.file_size:
+            raise _Refused(f"its record {name[:80]} is not the size it declares; the file is damaged")
+        return data
 
     def load(self, scripted=False):
         """The pickled object, its tensors _TensorRefs (their storages _Storage names, not read yet)."""
@@ -1523,7 +1544,7 @@ class TorchFile:
             raise _Refused("it is not stored as torch.save stores data; the file is damaged")
         obj = _unpickle(src, _torch_globals(), self.name, scripted)
         keys = _unpickle(src, {})
-        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(self.refs):
+        if not (isinstance(keys, list) and all(type(k) is str for k in keys) and sorted(keys) == sorted(self.refs)):
             raise _Refused("its list of tensor storages is malformed; the file is damaged")
         for key in keys:                                # each storage: its element count, then its bytes
             ref, here = self.refs[key], self.f.tell() + 8
@@ -1636,18 +1657,34 @@ def read_g_ema(path):
             G = data.get("G_ema") if isinstance(data, dict) else None
             if not isinstance(G, _Persistent) or G.class_name != "Generator":
                 raise NadaError(f"{path}: no 'G_ema' generator in this pickle")
-            storages = {}                               # each storage decoded once, however many tensors view it
-            for tensors in (m.state.get(kind) for _, m in _modules(G, _nvidia_children) for kind in PARAMS_BUFFERS):
-                for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
-                    if isinstance(ref, _TensorRef):
-                        if id(ref.storage) not in storages:
-                            storages[id(ref.storage)] = _legacy_storage(ref.storage)
-                        tensors[name] = _view(storages[id(ref.storage)], *ref.args[:3])
+            _build_tensors(G)
     except NadaError:
         raise
     except Exception as e:
         raise NadaError(f"{path}: refused, not a loadable network pickle: {_refusal(e)}") from None
     return G
+
+
+def read_nvidia_pickle(path):
+    """G_ema of an NVIDIA pickle under rosinality's names -> (state dict, kwargs, w_avg, {})."""
+    G = read_g_ema(path)
+    try:
+        return _convert_nvidia(path, G)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, OverflowError, _Refused) as e:
+        raise NadaError(f"{path}: G_ema is not a StyleGAN2 generator this loader knows (missing or malformed "
+                        f"{_first_line(e)})") from None
+
+
+def _build_tensors(G):
+    """Replace the _TensorRefs of a pickled module tree by tensors, decoding each storage once."""
+    storages = {}
+    for _, m in _modules(G, _nvidia_children):
+        for tensors in (m.state.get("_parameters"), m.state.get("_buffers")):
+            for name, ref in (tensors.items() if isinstance(tensors, dict) else ()):
+                if isinstance(ref, _TensorRef):
+                    if id(ref.storage) not in storages:
+                        storages[id(ref.storage)] = _legacy_storage(ref.storage)
+                    tensors[name] = _view(storages[id(ref.storage)], *ref.args[:3])
 
 
 def _convert_nvidia(path, G):
@@ -1661,6 +1698,8 @@ def _convert_nvidia(path, G):
     if "input" in mods(syn) or any(k.startswith("L") for k in mods(syn)):
         raise NadaError(f"{path}: this is a StyleGAN3 generator; nada adapts StyleGAN2 generators only")
     res, c_dim, w_dim = G.state["img_resolution"], G.state["c_dim"], G.state["w_dim"]
+    if not (type(res) is int and 4 <= res <= 1 << 16 and res & (res - 1) == 0):
+        raise NadaError(f"{path}: img_resolution is not a power of two from 4 to 65536; the file is damaged")
     blocks = [2 ** k for k in range(2, int(math.log2(res)) + 1)]
     for r in blocks:
         arch = mods(syn)[f"b{r}"].state.get("architecture", "skip")
@@ -1670,7 +1709,7 @@ def _convert_nvidia(path, G):
                             "which every public StyleGAN2 checkpoint uses)")
     if G.state.get("img_channels", 3) != 3:
         raise NadaError(f"{path}: only RGB generators are supported")
-    sd = {prefix + k: v for prefix, m in _modules(G, _nvidia_children) for kind in PARAMS_BUFFERS
+    sd = {prefix + k: v for prefix, m in _modules(G, _nvidia_children) for kind in ("_parameters", "_buffers")
           for k, v in m.state.get(kind, {}).items() if isinstance(v, torch.Tensor)}
     n_mlp = mapping.state["num_layers"]
     fcs = [mods(mapping)[f"fc{i}"].state for i in range(n_mlp)]
@@ -1730,17 +1769,25 @@ def atomic_path(path):
     os.umask(mask)                                      # which can only be read by setting it: put it straight back
     os.chmod(tmp, 0o666 & ~mask)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        import errno
-        if e.errno != errno.ENOSPC:
-            raise
-        raise NadaError(f"the disk is full: {path} could not be written (nothing under that name changed); free "
-                        "some space and run the same command again") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Writes to `path` inside: a full disk or quota is one clear message, not a traceback."""
+    import errno
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NadaError(f"the disk is full: {path} could not be written (nothing under that name changed); free "
+                        "some space and run the same command again") from None
 
 
 def atomic_save(obj, path):
@@ -1838,36 +1885,37 @@ def _archive_state_dict(tf):
     tree = tf.load(scripted=True)
     if not isinstance(tree, _ScriptObject):
         raise _Refused("its data.pkl holds no module")
-    sd = {}
+    sd, declared = {}, {}                               # code file -> {class: its parameters and buffers}
     children = lambda m: [(k, v) for k, v in m.state.items() if isinstance(v, _ScriptObject)] \
         if isinstance(m.state, dict) else []
     for prefix, m in _modules(tree, children):
         if not isinstance(m.state, dict):
             raise _Refused(f"module {prefix[:-1][:80] or 'root'} restores itself with code (a scripted "
                            "__setstate__); nada reads archives of plain modules only")
-        names = _declared_tensors(tf, m.qualname)
+        module, cls = m.qualname.rsplit(".", 1)
+        if module not in declared:
+            declared[module] = _declared_tensors(tf, module)
+        names = declared[module].get(cls)
         sd.update({prefix + k: v for k, v in m.state.items()
                    if isinstance(v, _TensorRef) and (names is None or k in names)})
     return tf.build(sd)
 
 
-def _declared_tensors(tf, qualname):
-    """The parameters and buffers a scripted class declares in its code (lines `  __parameters__ = ["weight", ]` in its
-    `class Name(Module):` block); its other tensor attributes are not state. None where the code says nothing (then
-    every tensor attribute counts)."""
-    module, cls = qualname.rsplit(".", 1)
+def _declared_tensors(tf, module):
+    """{class: the parameters and buffers it declares} from a scripted module's code, read as text once: the lines
+    `  __parameters__ = ["weight", ]` in a `class Name(Module):` block. Its other tensor attributes are not state; a
+    class whose code says nothing is missing (then every tensor attribute counts)."""
     try:
         code = tf.record(f"code/{module.replace('.', '/')}.py", most=CODE_MAX).decode("utf-8", "replace")
     except KeyError:
-        return None
-    names, declared, inside = set(), False, False
+        return {}
+    classes, cls = {}, None
     for line in code.splitlines():
         if not line.startswith(" "):
-            inside = line == f"class {cls}(Module):"
-        elif inside and line.startswith(("  __parameters__ = [", "  __buffers__ = [")):
-            declared = True
-            names.update(re.findall(r'"(\w+)"', line))
-    return names if declared else None
+            cls = line[6:-9] if line.startswith("class ") and line.endswith("(Module):") else None
+        elif cls and line.startswith(("  __parameters__ = [", "  __buffers__ = [")):
+            classes.setdefault(cls, set()).update(re.findall(r'"(\w+)"', line))
+    return classes
 
 
 def parse_clip(names, weights=None, flag="--clip"):
@@ -1938,6 +1986,7 @@ def download(url, dest, sha256=None, offline=False):
         raise NadaError(f"{name}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
                         f"the download was removed; try again, or {hand}")
     os.replace(dest + ".part", dest)
+    manifest = read_json(os.path.join(folder, "manifest.json"))
     manifest[name] = {"url": url, "size": os.path.getsize(dest), "sha256": digest}
     atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     return dest
@@ -2038,7 +2087,10 @@ class RunFolder:
     def __enter__(self):
         """Create the folder, take its lock (one process per run), clean what a killed save left, write config.json,
         and catch Ctrl-C and SIGTERM. If any of it fails, __exit__ runs: the lock is let go, a new folder removed."""
-        self.created = not os.path.isdir(self.path)
+        self.created = False
+        with contextlib.suppress(OSError):             # made here (not by a process racing us), so removed again
+            os.makedirs(self.path)                      # if the run fails before a save
+            self.created = True
         with contextlib.ExitStack() as undo:
             undo.push(self.__exit__)
             make_folder(self.path)
@@ -2077,9 +2129,10 @@ class RunFolder:
             holder = self.lock.read().strip() or "?"       # __exit__ closes the file
             raise NadaError(f"{self.path} is in use by another nada process (pid {holder}); wait for it to finish, "
                             "or choose another --out") from None
-        self.lock.truncate(0)
-        self.lock.write(str(os.getpid()))
-        self.lock.flush()
+        with writing(self.lock.name):
+            self.lock.truncate(0)
+            self.lock.write(str(os.getpid()))
+            self.lock.flush()
 
     def catch_signals(self):
         """The first Ctrl-C or SIGTERM sets stop_signal, and the loop saves and stops after its step; a second one
@@ -2124,7 +2177,7 @@ class RunFolder:
             raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
                 f"The last good checkpoint (step {self.saved}) is in {self.path}." if self.saved is not None else
                 "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
-        with open(os.path.join(self.path, "log.jsonl"), "a") as f:
+        with writing(os.path.join(self.path, "log.jsonl")), open(os.path.join(self.path, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
         self.bar.update(1)
@@ -2145,16 +2198,18 @@ class RunFolder:
                    os.path.join(self.path, "samples", f"{step:06d}.png"))
 
     def save(self, G, opt, rng, step, clip_names, clip_weights):
-        """generator.pt (the adapted generator and what made it), then state.pt (what --resume reads), atomically."""
-        s = self.settings
-        with atomic_path(os.path.join(self.path, "generator.pt")) as generator:   # both written, then both renamed:
-            with open(generator, "wb") as f:                                      # never one a step ahead
+        """generator.pt (the adapted generator and what made it) and state.pt (what --resume reads): both written to
+        temp files, then renamed, state.pt last. A full disk changes neither; a kill between the renames leaves the
+        state a save behind the generator, and --resume redoes those steps exactly."""
+        s, paths = self.settings, [os.path.join(self.path, f) for f in ("state.pt", "generator.pt")]
+        with atomic_path(paths[0]) as state, atomic_path(paths[1]) as generator:
+            with writing(paths[1]), open(generator, "wb") as f:
                 torch.save(generator_record(G, iterations=step, src=s.src, tgt=s.tgt, tgt_img=s.tgt_img, base=s.ckpt,
                                             layers=s.layers, clip=clip_names, clip_weights=clip_weights, seed=s.seed,
                                             cls=s.cls, consistency=s.consistency), f)
-            atomic_save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
-                         "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}},
-                        os.path.join(self.path, "state.pt"))
+            with writing(paths[0]), open(state, "wb") as f:
+                torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng.get_state(),
+                            "g_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}}, f)
         self.saved = step
 
     def interrupt(self, step):
@@ -2181,7 +2236,8 @@ def run_step(folder):
 def read_log(folder):
     """log.jsonl's records (a line torn by a kill, or anything that is not a step's record, is skipped)."""
     path, records = os.path.join(folder, "log.jsonl"), []
-    for line in open(path) if os.path.isfile(path) else ():
+    lines = iter(functools.partial(open(path).readline, 1 << 16), "") if os.path.isfile(path) else ()
+    for line in lines:                                  # a line over 64 kB comes in pieces, none of them a record
         with contextlib.suppress(ValueError, RecursionError):   # a torn or hostile line is skipped
             r = json.loads(line)
             if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("iter", "loss", "seconds")):
@@ -2196,14 +2252,13 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs"):
     found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
         raise NadaError(f"no --ckpt given and no trained generator in {runs}/*/generator.pt: pass --ckpt FILE or NAME")
-    path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
-    name = os.path.basename(path)
-    out = out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
-                  else os.path.join("samples", _slug(os.path.splitext(name)[0])))
-    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
+    if out and any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
         raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
                         "is RUN/sample); choose another --out")
-    return path, out
+    path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
+    name = os.path.basename(path)
+    return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
+                         else os.path.join("samples", _slug(os.path.splitext(name)[0])))
 
 
 def make_folder(path, sub=""):
@@ -2272,7 +2327,7 @@ def load_image(path, short=448):
     if not os.path.isfile(path):
         raise NadaError(f"{path}: not a regular file")
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise NadaError(f"{path}: {img.width}x{img.height} pixels, more than the {MAX_PIXELS} an image may "
                                 "have here (a decompression bomb?); use a smaller image")
@@ -2320,8 +2375,9 @@ def environment():
     """The variables nada reads, checked before anything loads -> (WORLD_SIZE, LOCAL_RANK)."""
     world, rank, local = (os.environ.get(k, "0") for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if not (world.isdigit() and rank.isdigit() and local.isdigit()) or int(world) > 1 and "RANK" not in os.environ:
-        raise NadaError(f"WORLD_SIZE={world!r}, RANK={rank!r}, LOCAL_RANK={local!r}: torchrun sets these; run "
-                        "`torchrun --nproc_per_node N nada.py ...`, or unset them")
+        shown = ", ".join(f"{k}={os.environ[k]!r}" for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ)
+        raise NadaError(f"{shown}: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; run `torchrun --nproc_per_node N "
+                        "nada.py ...`, or unset them")
     mirror = os.environ.get("NADA_MIRROR", "")
     if mirror and not re.match(r"(https?|ftp|file)://", mirror):
         raise NadaError(f"NADA_MIRROR={mirror[:80]!r} is not a URL (http://, https://, ftp:// or file://)")
@@ -2682,11 +2738,19 @@ def _cell(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)       # Pillow >= 10.1 scales its built-in font
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def draw_labelled_grid(rows, labels, path):
     """One row of images ([N, 3, H, W] each) per label, the label written to its left; tiles 64-256 px."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     tile = min(max(rows[0].shape[-1], 64), 256)
-    font = ImageFont.load_default(size=max(tile // 6, 11))
+    font = _font(max(tile // 6, 11))
     margin = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lb, font=font)) for lb in labels) + 16
     sheet = Image.new("RGB", (margin + tile * len(rows[0]), tile * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -2700,7 +2764,7 @@ def draw_labelled_grid(rows, labels, path):
 
 def draw_loss_plot(curves, path, size=(720, 420)):
     """{label: [(step, loss)]} -> a line chart with axes and a legend, drawn with PIL."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f")
     W, H, (left, right, top, bottom) = *size, (64, 200, 20, 40)
     points = [p for c in curves.values() for p in c if math.isfinite(p[1])] or [(0, 0.0)]
@@ -2709,7 +2773,7 @@ def draw_loss_plot(curves, path, size=(720, 420)):
     sx = lambda x: left + (W - left - right) * x / x1
     sy = lambda y: top + (H - top - bottom) * (y1 - y) / (y1 - y0)
     img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
+    draw, font = ImageDraw.Draw(img), _font(12)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for k in range(5):                                  # ticks: 5 on each axis
         x, y = x1 * k / 4, y0 + (y1 - y0) * k / 4
@@ -2922,8 +2986,9 @@ def build_parser():
                 cli["action"] = "store_true"
             elif f.type is not list:
                 cli["type"] = f.type
-            shown = "" if f.default in (None, False) or "default" in f.metadata["help"] else f" (default: {f.default})"
-            c.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown, **cli)
+            help = record.helps.get(f.name, f.metadata["help"])
+            shown = "" if f.default is None or f.default is False or "default" in help else f" (default: {f.default})"
+            c.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help + shown, **cli)
     return p
 
 
@@ -2943,7 +3008,7 @@ def run_command(cmd, args):
         print(f"  weights      {gib(e['weights_bytes'])}   both generators and the CLIP models' image towers")
         print(f"  optimizer    {gib(e['optimizer_bytes'])}   Adam's two moments of the trained weights")
         print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
-        context = f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: " \
+        context = f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: needs " \
                   f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU"
         print(f"  peak         {gib(e['peak_bytes'])}" + (context if e["device"].startswith("cuda") else ""))
     else:
@@ -2960,14 +3025,18 @@ def main(argv=None):
     except NadaError as e:
         print(f"nada: error: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:           # the CPU allocator's is a RuntimeError only its text tells
-        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:           # the CPU allocator, CUDA calls and cuDNN raise plain
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and not re.search(   # RuntimeErrors:
+                r"out of memory|can't allocate memory", str(e)):                                # their text tells
             raise
         print(f"nada: error: out of memory ({_first_line(e)[:160]}); lower --batch, --n-sample or --n, or use a "
               "smaller model", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         return e.args[0] if isinstance(e, Interrupted) else 130
+    except BrokenPipeError:                             # the reader (`| head`) has gone: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if "WORLD_SIZE" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1563,6 +1563,7 @@ def test_pickle_loading_reads_only_g_ema_from_disk(tmp_path):
 # bound, and run nothing. Loads happen in a subprocess with a memory cap and a per-case alarm (_WORKER).
 
 import contextlib
+import dataclasses
 import errno
 import io
 import pickletools
@@ -2620,7 +2621,26 @@ def _container_cases(folder, clip_archive):
     torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, legacy, _use_new_zipfile_serialization=False)
     (folder / "polyglot.pt").write_bytes(legacy.read_bytes() + open(ros, "rb").read())
     padding = [(f"{root}/data/pad", os.urandom(2 << 20))] + [(f"{root}/data/z{i}", bytes(1900 << 10)) for i in range(20)]
-    return {"deflate_bomb.pt": ("gen", _zip_with(ros, folder / "deflate_bomb.pt", {record: bomb},
+    for kind, method in (("bzip2", zipfile.ZIP_BZIP2), ("deflate", zipfile.ZIP_DEFLATED), ("lzma", zipfile.ZIP_LZMA)):
+        buf = io.BytesIO()                                # a record that declares 100 bytes and inflates to 300 MB
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(zipfile.ZipInfo("archive/data.pkl"), bytes(300 << 20), compress_type=method)
+        data = bytearray(buf.getvalue())
+        struct.pack_into("<I", data, data.find(b"PK\x03\x04") + 22, 100)
+        struct.pack_into("<I", data, data.find(b"PK\x01\x02") + 24, 100)
+        (folder / f"lying_{kind}.pt").write_bytes(bytes(data))
+    dag = "a"
+    for _ in range(40):                                   # 2^40 keys as text, in a list of shared references
+        dag = [dag, dag]
+    (folder / "legacy_dag_keys.pt").write_bytes(b"".join(pickle.dumps(v, 2) for v in (
+        0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, None, [dag])))
+    torch.save({"g_ema": {k * (2 ** 61 - 1): 0 for k in range(3000)}}, folder / "hash_flood.pt")   # one hash
+    (folder / "resolution.pkl").write_bytes(_dumps({"G_ema": _persistent(
+        "Generator", {"synthesis": _persistent("S"), "mapping": _persistent("M")}, img_resolution=2 ** 40000,
+        c_dim=0, w_dim=8)}))
+    return {**{f"lying_{k}.pt": ("gen", folder / f"lying_{k}.pt") for k in ("bzip2", "deflate", "lzma")},
+            **{n: ("gen", folder / n) for n in ("legacy_dag_keys.pt", "hash_flood.pt", "resolution.pkl")},
+            "deflate_bomb.pt": ("gen", _zip_with(ros, folder / "deflate_bomb.pt", {record: bomb},
                                                  compress=zipfile.ZIP_DEFLATED)),
             "code_bomb_clip.pt": ("clip", _zip_with(clip_archive, folder / "code_bomb_clip.pt", {code: bomb},
                                                     compress=zipfile.ZIP_DEFLATED)),
@@ -2637,7 +2657,9 @@ def _container_cases(folder, clip_archive):
                                                          compress=zipfile.ZIP_DEFLATED))}
 
 
-CONTAINERS = {"deflate_bomb.pt": "inflate", "code_bomb_clip.pt": "inflate", "many_records.pt": "inflate",
+CONTAINERS = {  # file -> words of its one clean error"lying_bzip2.pt": "compressed", "lying_deflate.pt": "compressed", "lying_lzma.pt": "compressed",
+              "legacy_dag_keys.pt": "storages", "hash_flood.pt": "large number", "resolution.pkl": "img_resolution",
+              "deflate_bomb.pt": "inflate", "code_bomb_clip.pt": "inflate", "many_records.pt": "inflate",
               "duplicate_names.pt": "repeat a name", "polyglot.pt": "two formats", "state_hash_bomb.pt": "dictionary key",
               "state_deep.pt": "deeper than", "state_deflate_bomb.pt": "inflate"}
 
@@ -2765,7 +2787,7 @@ def test_a_huge_prompt_is_refused_before_tokenizing(tmp_path, capsys, colour_cli
 
 
 @pytest.mark.parametrize("env,flags,words", [
-    ({"WORLD_SIZE": "abc"}, [], "WORLD_SIZE='abc'"), ({"WORLD_SIZE": "2"}, [], "torchrun sets these"),
+    ({"WORLD_SIZE": "abc"}, [], "WORLD_SIZE='abc'"), ({"WORLD_SIZE": "2"}, [], "torchrun sets WORLD_SIZE"),
     ({"LOCAL_RANK": "-1"}, [], "LOCAL_RANK='-1'"), ({"NADA_MIRROR": "not a url"}, [], "NADA_MIRROR"),
     ({}, ["--clip-weights", "nan"], "each weight must be a positive number"),
     ({}, ["--clip-weights", "-1"], "each weight must be a positive number"),
@@ -2808,3 +2830,82 @@ def test_sample_never_writes_into_a_run_or_study_folder(tmp_path, capsys, tiny_c
     rc, _, err = main_in_process(capsys, "sample", "--ckpt", tiny_ckpt, "--n", 1, "--out", folder)
     assert_clean_error(rc, err, "a run's or a study's folder")
     assert (folder / "grid.png").read_bytes() == b"the study's"
+
+
+# ---- settings records: one declaration per flag ---------------------------------------------------------------
+
+def test_every_setting_is_a_flag_with_its_default_and_the_cli_types_it():
+    parser = nada.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for cmd, record in nada.COMMANDS.items():
+        flags = {a.dest: a for a in commands[cmd]._actions if a.dest != "help"}
+        fields = {f.name: f for f in dataclasses.fields(record) if f.metadata["help"] and f.name not in record.hidden}
+        assert set(flags) == set(fields), cmd
+        for name, f in fields.items():
+            own = record.helps.get(name, f.metadata["help"])
+            if f.default is not None and f.default is not False and "default" not in own:   # 0 is shown too
+                assert f"(default: {f.default})" in flags[name].help, (cmd, name)
+    args = vars(parser.parse_args(["train", "--iters", "7", "--class", "bird", "--tgt-img", "a.png", "b.png"]))
+    assert args == {"cmd": "train", "iters": 7, "cls": "bird", "tgt_img": ["a.png", "b.png"]}   # only what was typed
+    assert "--sample-every" not in commands["study"].format_help() and "--eval-clip" in commands["study"].format_help()
+
+
+def test_a_resumed_run_keeps_its_recorded_steps_settings(tmp_path, capsys, colour_clip, tiny_ckpt):
+    """--save-every, --sample-every and --n-sample are recorded: a continuation keeps them unless they are typed."""
+    rc, _, err = main_in_process(capsys, *train_args(tmp_path, colour_clip, tiny_ckpt), "--tgt", "red photo",
+                                 "--save-every", 1, "--sample-every", 1, "--n-sample", 2)
+    assert rc == 0, err
+    rc, _, err = main_in_process(capsys, "train", "--resume", tmp_path / "ok", "--iters", 3)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert (cfg["save_every"], cfg["sample_every"], cfg["n_sample"], cfg["iters"]) == (1, 1, 2, 3)
+    assert sorted(os.listdir(tmp_path / "ok" / "samples")) == [f"{i:06d}.png" for i in range(4)]
+    settings = nada.TrainSettings(tgt="red photo", ckpt=tiny_ckpt, clip=colour_clip, iters=1, progress=False,
+                                  out=str(tmp_path / "rec"))
+    assert nada.train(**vars(settings)) == str(tmp_path / "rec")   # a record passes as keywords
+
+
+def test_a_pickle_cannot_change_the_stand_ins_that_serve_the_next_file():
+    """BUILD on a global a pickle names (a function shared by every load) is refused: it would outlive the file."""
+    hostile = b"\x80\x02cbuiltins\nset\nN}X\x0c\x00\x00\x00__defaults__]X\x04\x00\x00\x00evilq\x00a\x85s\x86b0}."
+    with pytest.raises(nada._Refused, match="sets the state of a class or function"):
+        nada._unpickle(nada._PickleFile(io.BytesIO(hostile)), nada._torch_globals(nvidia=True))
+    assert nada._set() == set() and nada._ordered_dict.__defaults__ is None
+
+
+def test_clip_files_after_a_comma_are_made_absolute_too(tmp_path, monkeypatch, colour_clip):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(colour_clip, tmp_path / "b.pt")
+    s = nada.train_settings(tgt="red photo", clip=f"{colour_clip}, b.pt")
+    assert s.clip == f"{colour_clip},{tmp_path / 'b.pt'}"
+
+
+def test_inputs_that_cannot_be_used_are_refused_before_any_download(tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    offline = ["--weights-dir", tmp_path / "w", "--offline"]
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", "ffhq", "--tgt-img", tmp_path / "bad.png", *offline)
+    assert_clean_error(rc, err, "bad.png: not a readable image")
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", "ffhq", "--out", tmp_path / "run", *offline)
+    assert_clean_error(rc, err, "a run's or a study's folder")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_save_renames_state_pt_last(tmp_path, colour_clip, tiny_ckpt, monkeypatch):
+    """A kill between the two renames must leave state.pt behind generator.pt (--resume redoes those steps), never
+    ahead of it (a finished state with a stale generator would never be written again)."""
+    renamed, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(os.path.basename(b)), real(a, b))[1])
+    nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=1, layers="all", clip=colour_clip,
+               progress=False, sample_every=100)
+    saves = [n for n in renamed if n.endswith(".pt")]
+    assert saves == ["generator.pt", "state.pt"]
+
+
+@pytest.mark.parametrize("text", ["CUDA error: out of memory", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED out of memory"])
+def test_every_out_of_memory_is_one_clear_error(tmp_path, capsys, colour_clip, tiny_ckpt, monkeypatch, text):
+    monkeypatch.setattr(nada, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(text)))
+    rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo",
+                                 "--out", tmp_path / "run")
+    assert_clean_error(rc, err, "out of memory", "lower --batch")
