@@ -893,25 +893,25 @@ class TrainSettings(Common):
     """adapt a generator from text
 
     Adapt a pretrained StyleGAN2 generator from --src to --tgt with the directional CLIP loss."""
-    src: str = setting("photo", "source prompt", "run")
-    tgt: str = setting("sketch", "target prompt", "run")
-    tgt_img: list = setting(None, "target images instead of a target prompt", "run", nargs="+")
-    ckpt: str = setting("ffhq", "base generator: a file or a name from `nada.py models`", "run")
-    cls: str = setting(None, "class-conditional generators: NAME, INDEX or all", "run", flags=("--class",))
-    clip: str = setting("ViT-B/32", "CLIP models, comma-separated names or files", "run")
-    clip_weights: str = setting(None, "their loss weights, comma-separated (default: 1 each)", "run")
-    layers: str = setting("auto", "auto | all | last:N | first:N | resolutions like 16,32", "run")
-    auto_k: int = setting(None, "auto: train the layers of the top K W+ entries (default: all of them)", "run")
-    batch: int = setting(2, "latents per step", "run", (1, None))
-    lr: float = setting(LR, "Adam, betas (0, 0.99^0.8): NADA's effective values", "run", (1e-12, None))
-    mixing: float = setting(0.0, "style-mixing probability (0.9 helps shape changes)", "run", (0, 1))
+    src: str = setting("photo", "source prompt", kind="run")
+    tgt: str = setting("sketch", "target prompt", kind="run")
+    tgt_img: list = setting(None, "target images instead of a target prompt", kind="run", nargs="+")
+    ckpt: str = setting("ffhq", "base generator: a file or a name from `nada.py models`", kind="run")
+    cls: str = setting(None, "class-conditional generators: NAME, INDEX or all", kind="run", flags=("--class",))
+    clip: str = setting("ViT-B/32", "CLIP models, comma-separated names or files", kind="run")
+    clip_weights: str = setting(None, "their loss weights, comma-separated (default: 1 each)", kind="run")
+    layers: str = setting("auto", "auto | all | last:N | first:N | resolutions like 16,32", kind="run")
+    auto_k: int = setting(None, "auto: train the layers of the top K W+ entries (default: all of them)", kind="run")
+    batch: int = setting(2, "latents per step", kind="run", bounds=(1, None))
+    lr: float = setting(LR, "Adam, betas (0, 0.99^0.8): NADA's effective values", kind="run", bounds=(1e-12, None))
+    mixing: float = setting(0.0, "style-mixing probability (0.9 helps shape changes)", kind="run", bounds=(0, 1))
     consistency: float = setting(0.0, "weight of the pairwise-cosine consistency loss that keeps images diverse "
-                                 "(HyperDomainNet; 0 = NADA as published)", "run", (0, None))
-    seed: int = setting(0, "seeds every random draw; same seed, same run", "run", (0, 2 ** 63 - 4))
-    iters: int = setting(300, "training steps", "steps", (1, None))
-    sample_every: int = setting(50, "write a preview grid every N steps", "steps", (1, None))
-    save_every: int = setting(50, "write generator.pt and state.pt every N steps", "steps", (1, None))
-    n_sample: int = setting(4, "preview columns (fixed seeds)", "steps", (1, GRID_MAX))
+                                 "(HyperDomainNet; 0 = NADA as published)", kind="run", bounds=(0, None))
+    seed: int = setting(0, "seeds every random draw; same seed, same run", kind="run", bounds=(0, 2 ** 63 - 4))
+    iters: int = setting(300, "training steps", kind="steps", bounds=(1, None))
+    sample_every: int = setting(50, "write a preview grid every N steps", kind="steps", bounds=(1, None))
+    save_every: int = setting(50, "write generator.pt and state.pt every N steps", kind="steps", bounds=(1, None))
+    n_sample: int = setting(4, "preview columns (fixed seeds)", kind="steps", bounds=(1, GRID_MAX))
     out: str = setting(None, "run folder (default: runs/<src>_to_<tgt>)")
     resume: str = setting(None, "continue an interrupted run (its settings are the defaults)", metavar="DIR")
     memory: str = setting("auto", "low: recompute layers in backward, CLIP in float16 on CUDA; auto: low only when "
@@ -2372,7 +2372,7 @@ def clip_metrics(base, adapted, target, direction):
 
 
 def environment():
-    """The variables nada reads, checked before anything loads -> (WORLD_SIZE, LOCAL_RANK)."""
+    """torchrun's variables and $NADA_MIRROR, checked before anything loads -> (WORLD_SIZE, LOCAL_RANK)."""
     world, rank, local = (os.environ.get(k, "0") for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if not (world.isdigit() and rank.isdigit() and local.isdigit()) or int(world) > 1 and "RANK" not in os.environ:
         shown = ", ".join(f"{k}={os.environ[k]!r}" for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ)

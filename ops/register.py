@@ -3,8 +3,8 @@ running them, and the autograd formulas, so autograd and torch.compile see one o
 autograd.Function. build.py's load_op runs register(op) right after it loads the op's library; `import nada`
 never imports this file.
 
-- upfirdn2d: linear, so its gradient is another upfirdn2d (the transposed filter, see `upfirdn2d` in nada.py),
-  and gradients of any order work.
+- upfirdn2d: linear, so its gradient is another upfirdn2d (the filter flipped, up and down swapped, the padding
+  mirrored onto the output's grid), and gradients of any order work.
 - bias_act: the gradient is rebuilt from the output y alone, by nada::bias_act_backward, which also sums the bias
   gradient in the accumulation type. First order only: differentiating it raises.
 """
