@@ -3013,6 +3013,8 @@ def run_command(cmd, args):
         print(f"  peak         {gib(e['peak_bytes'])}" + (context if e["device"].startswith("cuda") else ""))
     else:
         dict(train=train, sample=sample, eval=evaluate, study=study)[cmd](**args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()                     # under torchrun, every process done before any leaves
     return 0
 
 
