@@ -748,6 +748,7 @@ def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
     """Everything a run of settings `s` needs: the frozen base, its trainable copy, the optimizer, the CLIP targets
     and the step. meta: the dry run's twin of a run on `device`, on the meta device (shapes, no data).
     generator, clip_models: a base and CLIP modules already loaded (study, tests); they are not changed."""
+    images = [load_image(p) for p in s.tgt_img]        # read first: a bad image fails before any model loads
     G_frozen = base_generator(s, device, meta, generator).requires_grad_(False)
     layers = parse_layers(s.layers, G_frozen, s.auto_k)
     names, weights, models = run_clip_models(s, device, memory, meta, clip_models)
@@ -756,7 +757,6 @@ def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
     G.checkpointing = memory == "low"
     opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith(("style.", "embed."))],
                            lr=s.lr, betas=BETAS)        # the mapping network never trains
-    images = [load_image(p) for p in s.tgt_img]
     targets = clip_targets(models, weights, G_frozen, s.src, s.tgt, images, s.cls,
                            torch.Generator().manual_seed(s.seed + 1), here)
     for m in models if clip_models is None else ():     # the directions are computed: training reads images only
@@ -1017,8 +1017,6 @@ def train_settings(**kw):
     missing = [p for p in s.tgt_img if not os.path.isfile(p)]
     if missing:
         raise NadaError(f"--tgt-img: no such file: {missing[0]}")
-    for p in s.tgt_img:                                 # readable, and no bomb, before anything loads
-        load_image(p)
     if not s.tgt_img:
         check_prompts(s.src, s.tgt)
     if s.consistency and s.batch < 2:
@@ -2641,15 +2639,14 @@ def study(*, clip_models=None, eval_models=None, **settings):
                               "save_every": max(s.iters // 10, 1)}) for g in grid]   # OUT/<setting>, checked
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
     rank, world, device = distributed(s.device, s.impl)
+    goal = Goal(s.src, None if s.tgt_img else s.tgt, [load_image(p) for p in s.tgt_img or []])   # before any model
     base = load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device, s.impl).requires_grad_(False)
     for g in grid:
         parse_layers(g["layers"], base, s.auto_k)
-    class_labels(base, s.cls, 1)
     samples = Samples(list(range(s.n)), class_labels(base, s.cls, s.n), s.trunc, s.batch)
     names, _, models = load_clip_models(s.clip, s.clip_weights, device, s.wdir, s.offline, clip_models)
     eval_names, _, judges = load_clip_models(s.eval_clip, None, device, s.wdir, s.offline, eval_models,
                                              flag="--eval-clip")
-    goal = Goal(s.src, None if s.tgt_img else s.tgt, [load_image(p) for p in s.tgt_img or []])
     make_folder(out)
     if rank == 0:
         print(startup_line("study", device, s.impl, f"{len(grid)} settings", f"base {s.ckpt}",
