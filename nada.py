@@ -472,20 +472,36 @@ def encode_images(model, img):
 
 
 @torch.no_grad()
-def encode_prompts(model, text, templates=IMAGENET_TEMPLATES):
-    """Unit-norm CLIP embeddings [T, D] of `text` in every template."""
-    try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
-        tokens = _import_clip().tokenize([t.format(text) for t in templates]).to(next(model.parameters()).device)
-    except RuntimeError:
-        raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
-                        "it") from None
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+def encode_prompts(model, texts, templates=IMAGENET_TEMPLATES):
+    """Unit-norm CLIP embeddings of each text in every template, in one batch: [P, T, D] for a list of P texts, [T, D]
+    for one. CLIP's text transformer is causal and reads its output at the end-of-text token (the largest token id),
+    so the padding after it changes nothing: the batch runs on the shortest context that holds the longest prompt
+    (clip-anytorch cuts its positional embedding and attention mask to the length it is given)."""
+    clip, one = _import_clip(), isinstance(texts, str)
+    texts = [texts] if one else list(texts)
+    tokens = []
+    for text in texts:                                  # never cut a prompt silently: CLIP reads 77 tokens at most
+        try:
+            tokens.append(clip.tokenize([t.format(text) for t in templates]))
+        except RuntimeError:
+            raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
+                            "it") from None
+    tokens = torch.cat(tokens)
+    tokens = tokens[:, :int(tokens.argmax(-1).max()) + 1].to(next(model.parameters()).device)
+    emb = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(texts), len(templates), -1)
+    return emb[0] if one else emb
+
+
+def text_targets(model, source, target, templates=IMAGENET_TEMPLATES):
+    """NADA's text direction: the mean over templates of (target - source) unit embeddings, normalised [D]; and the
+    target prompt's template-mean embedding, normalised [D]. Both prompts go through CLIP in one batch."""
+    src, tgt = encode_prompts(model, [source, target], templates)                  # [T, D] each
+    return F.normalize((tgt - src).mean(0), dim=0), F.normalize(tgt.mean(0), dim=0)
 
 
 def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
-    """NADA's text direction: mean over templates of (target - source) unit embeddings, normalised. [D]"""
-    change = encode_prompts(model, target, templates) - encode_prompts(model, source, templates)   # [T, D]
-    return F.normalize(change.mean(0), dim=0)
+    """NADA's text direction source -> target [D] (see text_targets)."""
+    return text_targets(model, source, target, templates)[0]
 
 
 @torch.no_grad()
@@ -679,9 +695,8 @@ def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
     for model, weight in zip(models, weights):
         if images:
             direction, target = image_direction(model, [img.to(device) for img in images], generated)
-        else:                                           # the target prompt, template-averaged, guides auto layers
-            direction = text_direction(model, src, tgt)
-            target = F.normalize(encode_prompts(model, tgt).mean(0), dim=0)
+        else:                                           # the target prompt's embedding guides auto layers
+            direction, target = text_targets(model, src, tgt)
         targets.append(ClipTarget(model, weight, direction, target))
     return targets
 
@@ -1849,13 +1864,15 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
     else:
         raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
     sd = read_clip_weights(path)
-    try:                                                # on the meta device first: shapes that fit, or no memory
+    try:                                                # on the meta device: shapes that fit, no memory, no init
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")             # "copying into a meta parameter is a no-op": that is the point
-            clip.model.build_model(dict(sd))
-        model = clip.model.build_model(sd)
+            model = clip.model.build_model(dict(sd))
+        model.load_state_dict(sd, assign=True)
     except Exception as e:
         raise NadaError(f"{path}: the tensors do not fit a CLIP model: {_first_line(e)}") from None
+    for block in model.transformer.resblocks:           # its causal mask is no parameter: made again, off the meta
+        block.attn_mask = model.build_attention_mask()
     return model.float().eval().requires_grad_(False).to(device)
 
 
@@ -2439,8 +2456,7 @@ def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
             target = F.normalize(target, dim=0).cpu()
             direction = F.normalize(target - base_emb.mean(0), dim=0)
         else:
-            target = F.normalize(encode_prompts(model, goal.tgt).mean(0), dim=0).cpu()
-            direction = text_direction(model, goal.src, goal.tgt).cpu()
+            direction, target = (t.cpu() for t in text_targets(model, goal.src, goal.tgt))
         results.append(clip_metrics(base_emb, emb, target, direction))
     return results
 

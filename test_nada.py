@@ -1844,10 +1844,34 @@ def _tiny_clip(vision_layers, resolution, seed=0):
                 transformer_layers=1).eval()
 
 
+def test_prompts_are_encoded_once_on_the_shortest_context_with_the_full_contexts_result():
+    """Both prompts in one batch of 2 x 80 templates, cut after the longest prompt's end-of-text token: the same
+    embeddings as CLIP on its full 77 tokens (its text transformer is causal), from one call of the text tower."""
+    clip, model = nada._import_clip(), _tiny_clip(1, 32)
+    model.transformer = torch.nn.Sequential(*[_tiny_clip(1, 32, seed).transformer.resblocks[0] for seed in range(3)])
+    for block in model.transformer:                     # three random layers, so that attention mixes positions
+        block.attn_mask = model.build_attention_mask()
+    texts, calls = ["photo", "a red and rather long photograph of something"], []
+    encode = model.encode_text
+    model.encode_text = lambda tokens: calls.append(tokens.shape) or encode(tokens)
+    short = nada.encode_prompts(model, texts)
+    with torch.no_grad():
+        full = torch.stack([F.normalize(encode(clip.tokenize([t.format(x) for t in nada.IMAGENET_TEMPLATES])), dim=-1)
+                            for x in texts])
+    longest = max(len(clip.tokenize(t.format(texts[1]))[0].nonzero()) for t in nada.IMAGENET_TEMPLATES)
+    assert calls == [(160, longest)] and longest < 30
+    assert short.shape == (2, 80, 64) and torch.allclose(short, full, atol=1e-6)
+    direction, target = nada.text_targets(model, *texts)
+    assert torch.allclose(direction, F.normalize((full[1] - full[0]).mean(0), dim=0), atol=1e-6)
+    assert torch.allclose(target, F.normalize(full[1].mean(0), dim=0), atol=1e-6)
+    assert torch.equal(nada.text_direction(model, *texts), direction)
+    assert torch.allclose(nada.encode_prompts(model, texts[0]), full[0], atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_torchscript_clip_is_read_as_data_and_matches_jit_load(tmp_path, variant):
     """OpenAI's CLIP files are traced TorchScript archives: nada reads their tensors without running the archive,
-    and gets exactly torch.jit.load's state dict and clip.load's embeddings."""
+    and gets exactly torch.jit.load's state dict and clip.load's embeddings (of the file's float32 weights)."""
     import clip
     vision_layers, res = (1, 32) if variant == "vit" else ((1, 1, 1, 1), 64)
     m = _tiny_clip(vision_layers, res)
@@ -1857,6 +1881,7 @@ def test_torchscript_clip_is_read_as_data_and_matches_jit_load(tmp_path, variant
         torch.jit.trace(m, (img, tokens)).save(tmp_path / "traced.pt")
         expected = torch.jit.load(tmp_path / "traced.pt").state_dict()
         reference = clip.load(str(tmp_path / "traced.pt"), device="cpu", jit=False)[0].float()
+        reference.load_state_dict(expected)             # clip.load rounds weights to float16; nada keeps the file's
     sd = nada.read_clip_weights(str(tmp_path / "traced.pt"))
     assert sd.keys() == expected.keys()
     assert all(torch.equal(sd[k], expected[k]) and sd[k].dtype == expected[k].dtype for k in sd)
