@@ -14,6 +14,8 @@ import threading
 import time
 import types
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as nada.py's CLI does, before torch loads OpenMP
+
 import numpy as np
 import pytest
 import torch
@@ -2934,3 +2936,13 @@ def test_every_out_of_memory_is_one_clear_error(tmp_path, capsys, colour_clip, t
     rc, _, err = main_in_process(capsys, "train", "--ckpt", tiny_ckpt, "--clip", colour_clip, "--tgt", "red photo",
                                  "--out", tmp_path / "run")
     assert_clean_error(rc, err, "out of memory", "lower --batch")
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_the_cli_lets_openmp_threads_sleep_unless_told_otherwise(policy):
+    """Two jobs on one CPU: spinning OpenMP threads slowed each 4-6x here, so nada.py's CLI sets OMP_WAIT_POLICY=PASSIVE
+    before torch loads, unless the user set it; `doctor` says which."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    p = subprocess.run([sys.executable, os.path.join(HERE, "nada.py"), "doctor", "--device", "cpu"], env=env, text=True,
+                       capture_output=True, timeout=300)
+    assert f"OpenMP waits {policy or 'PASSIVE'}\n" in p.stdout, p.stdout + p.stderr
