@@ -445,6 +445,7 @@ IMAGENET_TEMPLATES = (
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_TEXT_CHANGE = 1e-3                 # a text direction shorter than this: the prompts look the same to CLIP
 DIRECTION_EPS = 1e-2                   # soft norm of the image direction: finite loss and gradient when it is 0
 
 
@@ -499,7 +500,11 @@ def text_targets(model, source, target, templates=IMAGENET_TEMPLATES):
     """NADA's text direction: the mean over templates of (target - source) unit embeddings, normalised [D]; and the
     target prompt's template-mean embedding, normalised [D]. Both prompts go through CLIP in one batch."""
     src, tgt = encode_prompts(model, [source, target], templates)                  # [T, D] each
-    return F.normalize((tgt - src).mean(0), dim=0), F.normalize(tgt.mean(0), dim=0)
+    change = (tgt - src).mean(0)
+    if not change.is_meta and change.norm() < MIN_TEXT_CHANGE:                     # a run would learn nothing
+        raise NadaError(f"{source[:40]!r} and {target[:40]!r} look the same to this CLIP model (their text direction "
+                        f"has length {change.norm():.1e}): choose prompts that differ")
+    return F.normalize(change, dim=0), F.normalize(tgt.mean(0), dim=0)
 
 
 def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
@@ -837,12 +842,12 @@ def sample(ckpt=None, **settings):
     seeds = parse_seeds(checked(s).seeds, s.n)
     path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
     device = check_device(s.device, s.impl)
-    G = load_generator(path, device, s.impl)
+    G = named_generator(s.ckpt or path, s.wdir, s.offline, device, s.impl)
     generators = [G]
     if s.compare:
         if not G.meta.get("base"):
             raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
-        generators = [load_generator(resolve_ckpt(G.meta["base"], s.wdir, s.offline), device, s.impl), G]
+        generators = [named_generator(G.meta["base"], s.wdir, s.offline, device, s.impl), G]
     labels = class_labels(G, s.cls if s.cls is not None else G.meta.get("cls"), len(seeds))   # default: the run's
     make_folder(out)
     print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
@@ -867,7 +872,7 @@ def sample(ckpt=None, **settings):
 
 # ==========================================================================================================
 # Plumbing: what the method above calls and does not need to show. It crosses the divider through these names
-# only: train_settings, checked, parse_seeds and SampleSettings (settings); load_generator, resolve_ckpt,
+# only: train_settings, checked, parse_seeds and SampleSettings (settings); named_generator,
 # base_generator, run_clip_models and load_image (files); RunFolder (a run's folder); dry_run and choose_memory
 # (memory); check_device, sample_paths, make_folder, save_image, make_grid, GRID_MAX, startup_line and
 # describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined at the top.
@@ -1855,6 +1860,19 @@ def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
                     f"the names ({', '.join(GENERATORS)})")
 
 
+def named_generator(ckpt, wdir, offline, device, impl="auto", flag="--ckpt"):
+    """A generator by file or by name (resolve_ckpt); a file in the weights folder under a known model's name must have
+    that model's resolution and classes (a stray file there would otherwise be trained on in its place)."""
+    path = resolve_ckpt(ckpt, wdir, offline, flag)
+    G = load_generator(path, device, impl)
+    want = (GENERATORS[ckpt][1], len(GENERATORS[ckpt][3] or ())) if ckpt != path else (G.size, G.c_dim)
+    if (G.size, G.c_dim) != want:
+        raise NadaError(f"{path} is a {G.size} px generator with {G.c_dim or 'no'} classes, but {ckpt} is {want[0]} px "
+                        f"with {want[1] or 'no'} classes: move the file away (nada then downloads {ckpt}), or pass a "
+                        "file by its path")
+    return G
+
+
 def load_clip(name, device="cpu", wdir=None, offline=False):
     """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
     clip = _import_clip()
@@ -2048,8 +2066,7 @@ def base_generator(s, device, meta=False, generator=None):
     if meta:
         G = meta_generator(s.ckpt, s.wdir)
     else:
-        G = generator if generator is not None else load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device,
-                                                                    s.impl)
+        G = generator if generator is not None else named_generator(s.ckpt, s.wdir, s.offline, device, s.impl)
     class_labels(G, s.cls, 1)                           # a bad --class fails before anything is written
     return G
 
@@ -2177,9 +2194,10 @@ class RunFolder:
             except Exception as e:
                 raise NadaError(f"--resume {self.path}: state.pt is unreadable or from another setup "
                                 f"({_first_line(e)[:120]}); the run cannot continue: start a new --out") from None
-            if start > s.iters:
-                raise NadaError(f"--resume {self.path}: the run is at step {start}; --iters {s.iters} would go back: "
-                                f"pass --iters {start} or more")
+            if start >= s.iters:
+                raise NadaError(f"--resume {self.path}: the run is " + ("finished" if start == s.iters else
+                                f"at step {start}; --iters {s.iters} would go back") + f" (step {start}): pass --iters N "
+                                f"over {start} to train further")
         kept = [r for r in read_log(self.path) if r["iter"] < start]   # a line torn by a kill goes too
         atomic_write_text(os.path.join(self.path, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
         self.started = time.time()                      # log.jsonl's seconds count the whole run
@@ -2541,7 +2559,7 @@ def load_base(s, G, path, device):
                         "NAME|FILE")
     if not s.base and not os.path.isfile(base) and base not in GENERATORS:
         raise NadaError(f"the base this run recorded ({base}) is missing: pass --base NAME|FILE")
-    B = load_generator(resolve_ckpt(base, s.wdir, s.offline, "--base"), device, s.impl)
+    B = named_generator(base, s.wdir, s.offline, device, s.impl, "--base")
     theirs, ours = B.state_dict(), G.state_dict()
     if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
         raise NadaError(f"--base {base} has another architecture than {path}: pass the generator the run adapted")
@@ -2659,7 +2677,7 @@ def study(*, clip_models=None, eval_models=None, **settings):
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
     rank, world, device = distributed(s.device, s.impl)
     goal = Goal(s.src, None if s.tgt_img else s.tgt, [load_image(p) for p in s.tgt_img or []])   # before any model
-    base = load_generator(resolve_ckpt(s.ckpt, s.wdir, s.offline), device, s.impl).requires_grad_(False)
+    base = named_generator(s.ckpt, s.wdir, s.offline, device, s.impl).requires_grad_(False)
     for g in grid:
         parse_layers(g["layers"], base, s.auto_k)
     samples = Samples(list(range(s.n)), class_labels(base, s.cls, s.n), s.trunc, s.batch)
@@ -2851,7 +2869,7 @@ def meta_generator(ckpt, wdir=None):
     train.py configures them: channel_base 32768 (16384 for the 256 px paper256 models), channel_max 512, 8 mapping
     layers (2 for cifar10)."""
     if ckpt not in GENERATORS or os.path.isfile(ckpt):
-        return load_generator(resolve_ckpt(ckpt, wdir, offline=True), "meta")
+        return named_generator(ckpt, wdir, True, "meta")
     _, res, _, classes = GENERATORS[ckpt]
     base = 16384 if res == 256 else 32768
     with torch.device("meta"):
