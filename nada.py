@@ -712,9 +712,9 @@ def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
 def autocast(device, precision):
     """bfloat16 autocast for --precision bf16 on CUDA or the CPU (weights and Adam stay float32); else a no-op."""
     kind = torch.device(device).type
-    if precision != "bf16" or kind not in ("cuda", "cpu"):
+    if precision != "bf16" or kind not in ("cuda", "cpu", "meta"):
         return contextlib.nullcontext()
-    return torch.autocast(kind, torch.bfloat16)
+    return MetaAutocast() if kind == "meta" else torch.autocast(kind, torch.bfloat16)   # meta: the dry run's
 
 
 def number(t):
@@ -764,15 +764,17 @@ def train_step(G_frozen, G, opt, targets, *, layers, batch, mixing, cls, rng, de
     return layers, number(loss), [number(part) for part in losses]
 
 
-Training = namedtuple("Training", "G_frozen G opt rng step layers names weights models images")
+Training = namedtuple("Training", "G_frozen G opt rng step layers names weights models images memory why")
 
 
-def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
+def prepare(s, device, memory=None, meta=False, generator=None, clip_models=None):
     """Everything a run of settings `s` needs: the frozen base, its trainable copy, the optimizer, the CLIP targets
-    and the step. meta: the dry run's twin of a run on `device`, on the meta device (shapes, no data).
-    generator, clip_models: a base and CLIP modules already loaded (study, tests); they are not changed."""
+    and the step; memory: fast or low, else chosen for s.memory. meta: the dry run's twin of a run on `device`, on
+    the meta device (shapes, no data). generator, clip_models: a base and CLIP modules already loaded (study, tests);
+    they are not changed."""
     images = [load_image(p) for p in s.tgt_img]        # read first: a bad image fails before any model loads
     G_frozen = base_generator(s, device, meta, generator).requires_grad_(False)
+    memory, why = (memory, "") if memory else choose_memory(s, device, G_frozen)
     layers = parse_layers(s.layers, G_frozen, s.auto_k)
     names, weights, models = run_clip_models(s, device, memory, meta, clip_models)
     here = "meta" if meta else device
@@ -787,7 +789,7 @@ def prepare(s, device, memory, meta=False, generator=None, clip_models=None):
     rng = torch.Generator().manual_seed(s.seed)         # every random draw of the run, so resume replays exactly
     step = functools.partial(train_step, G_frozen, G, opt, targets, layers=layers, batch=s.batch, mixing=s.mixing,
                              cls=s.cls, rng=rng, device=here, precision=s.precision, consistency=s.consistency)
-    return Training(G_frozen, G, opt, rng, step, layers, names, weights, models, images)
+    return Training(G_frozen, G, opt, rng, step, layers, names, weights, models, images, memory, why)
 
 
 def train(*, generator=None, clip_models=None, **settings):
@@ -803,9 +805,8 @@ def train(*, generator=None, clip_models=None, **settings):
         return dry_run(s)
     run = RunFolder(s)                                  # checked now; written once everything has loaded
     device = check_device(s.device, s.impl)
-    memory, why = choose_memory(s, device)
-    t = prepare(s, device, memory, generator=generator, clip_models=clip_models)
-    print(startup_line("train", device, s.impl, *describe_run(s, t, f"memory {memory} ({why})"), f"out {run.path}"),
+    t = prepare(s, device, generator=generator, clip_models=clip_models)
+    print(startup_line("train", device, s.impl, *describe_run(s, t, f"memory {t.memory} ({t.why})"), f"out {run.path}"),
           flush=True)
     with run:                                           # its lock; a new run that fails before a save leaves nothing
         start = run.resume(t.G, t.opt, t.rng)
@@ -872,8 +873,8 @@ def sample(ckpt=None, **settings):
 
 # ==========================================================================================================
 # Plumbing: what the method above calls and does not need to show. It crosses the divider through these names
-# only: train_settings, checked, parse_seeds and SampleSettings (settings); named_generator,
-# base_generator, run_clip_models and load_image (files); RunFolder (a run's folder); dry_run and choose_memory
+# only: train_settings, checked, parse_seeds and SampleSettings (settings); named_generator, base_generator,
+# run_clip_models and load_image (files); RunFolder (a run's folder); dry_run, choose_memory and MetaAutocast
 # (memory); check_device, sample_paths, make_folder, save_image, make_grid, GRID_MAX, startup_line and
 # describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined at the top.
 # ==========================================================================================================
@@ -2064,7 +2065,7 @@ def base_generator(s, device, meta=False, generator=None):
     """A run's base generator: `generator` if one is given (already loaded), else s.ckpt loaded onto `device`; for the
     dry run (meta), its twin on the meta device: a named model's known architecture, or the file's tensor shapes."""
     if meta:
-        G = meta_generator(s.ckpt, s.wdir)
+        G = meta_generator(s.ckpt, s.wdir) if generator is None else meta_twin(generator)
     else:
         G = generator if generator is not None else named_generator(s.ckpt, s.wdir, s.offline, device, s.impl)
     class_labels(G, s.cls, 1)                           # a bad --class fails before anything is written
@@ -2209,10 +2210,12 @@ class RunFolder:
 
     def log(self, step, loss, losses, layers):
         """A line of log.jsonl, and the progress bar; a loss that is not finite stops the run, saying why."""
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):                     # the weights saved after `saved` steps gave step `saved`'s loss
             raise NadaError(f"the loss became {loss} at step {step}; stopped. " + (
-                f"The last good checkpoint (step {self.saved}) is in {self.path}." if self.saved is not None else
-                "Nothing was saved yet, so the run folder was removed.") + " Try a lower --lr.")
+                "Nothing was saved yet, so the run folder was removed." if self.saved is None else
+                f"The last good checkpoint (step {self.saved}) is in {self.path}." if self.saved < step else
+                f"The checkpoint in {self.path} (step {self.saved}) gives that loss too: start again.") +
+                " Try a lower --lr.")
         with writing(os.path.join(self.path, "log.jsonl")), open(os.path.join(self.path, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
@@ -2841,27 +2844,36 @@ def free_gpu_bytes(device):
     return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
 
 
-def choose_memory(s, device):
-    """--memory auto -> low exactly when fast's estimated peak (plus the CUDA context) exceeds the free GPU memory.
-    -> (mode, why), why for the startup line."""
+def choose_memory(s, device, G):
+    """--memory auto -> low exactly when fast's estimated peak (plus the CUDA context) exceeds the free GPU memory;
+    G: the base generator, already loaded. -> (mode, why), why for the startup line."""
     if s.memory != "auto":
         return s.memory, "as asked"
     if not device.startswith("cuda"):
         return "fast", "on the CPU"
-    need = dry_run(dataclasses.replace(s, memory="fast", device=device))["peak_bytes"] + CUDA_CONTEXT
+    need = dry_run(dataclasses.replace(s, memory="fast", device=device), G)["peak_bytes"] + CUDA_CONTEXT
     free = free_gpu_bytes(device)
     if free is None:
         return "fast", f"needs {need / 2 ** 30:.1f} GiB; no GPU here to compare"
     return ("low" if need > free else "fast"), f"fast needs {need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free"
 
 
-def dry_run(s):
+def dry_run(s, generator=None):
     """What a run of settings `s` needs on s.device (a GPU need not be here): the run's own setup and two of its steps
-    on the meta device, counted by estimate_memory; nothing is read, downloaded or written. -> a dict of bytes"""
+    on the meta device, counted by estimate_memory; nothing is downloaded or written. generator: the base, if it is
+    loaded already. -> a dict of bytes"""
     device = check_device(s.device, here=False)
-    memory, why = choose_memory(s, device)
-    t = prepare(s, device, memory, meta=True)
-    return dict(estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt), device=device, memory=memory, why=why)
+    t = prepare(s, device, None if s.memory == "auto" else s.memory, meta=True, generator=generator)
+    return dict(estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt), device=device, memory=t.memory,
+                why=t.why or "as asked")
+
+
+def meta_twin(G):
+    """G's architecture on the meta device, with its metadata."""
+    with torch.device("meta"):
+        twin = Generator(**G.config())
+    twin.meta = G.meta
+    return twin
 
 
 def meta_generator(ckpt, wdir=None):
@@ -2919,6 +2931,20 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
                 self.track(t)
         self.peak = max(self.peak, self.now)
         return out
+
+
+class MetaAutocast(torch.overrides.TorchFunctionMode):
+    """bfloat16 autocast for the dry run, where torch.autocast does not take the meta device: the functions that
+    autocast computes in bfloat16 get their float32 tensors cast first, above autograd, so the casts and what
+    autograd saves are counted as on a GPU."""
+    LOWER = {F.conv2d, F.conv_transpose2d, F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+             torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.LOWER:
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: t.to(torch.bfloat16) if t.dtype == torch.float32 else t, (args, kwargs))
+        return func(*args, **(kwargs or {}))
 
 
 def estimate_memory(step, modules, opt, steps=2):

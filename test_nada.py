@@ -2457,6 +2457,24 @@ def test_a_huge_lr_says_nothing_was_saved(tmp_path, colour_clip, tiny_ckpt):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("nan_at, says", [(3, "The last good checkpoint (step 2) is in"),
+                                          (2, "(step 2) gives that loss too: start again")])
+def test_a_nan_loss_names_the_last_good_checkpoint_only_when_it_is_good(tmp_path, colour_clip, tiny_ckpt, monkeypatch,
+                                                                        nan_at, says):
+    """The weights saved after 2 steps give step 2's loss: with a NaN there, that checkpoint is not a good one."""
+    step, calls = nada.train_step, []
+
+    def nan_at_step(*a, **k):
+        layers, loss, losses = step(*a, **k)
+        calls.append(1)
+        return (layers, math.nan, losses) if len(calls) - 1 == nan_at else (layers, loss, losses)
+    monkeypatch.setattr(nada, "train_step", nan_at_step)
+    with pytest.raises(nada.NadaError) as e:
+        nada.train(tgt="red photo", ckpt=tiny_ckpt, out=str(tmp_path / "r"), iters=6, save_every=2, clip=colour_clip,
+                   progress=False)
+    assert f"became nan at step {nan_at}; stopped. " in str(e.value) and says in str(e.value)
+
+
 def test_resume_bookkeeping(tmp_path, capsys, colour_clip, tiny_ckpt, monkeypatch):
     """--iters grows a run and config.json follows; a finished run does nothing; fewer steps is refused; a
     relative --ckpt is stored absolute, so the run resumes from another folder."""
@@ -2968,3 +2986,32 @@ def test_prompts_that_look_the_same_to_clip_are_refused_before_training(tmp_path
     assert_clean_error(rc, err, "'a  photo' and 'a photo' look the same to this CLIP model (their text direction has length "
                        "0.0e+00): choose prompts that differ")
     assert not (tmp_path / "ok").exists()
+
+
+def test_memory_auto_estimates_from_the_loaded_base_without_reading_its_file_again(monkeypatch, tiny_ckpt,
+                                                                                   colour_clip):
+    G = nada.load_generator(tiny_ckpt)
+    s = nada.train_settings(ckpt=tiny_ckpt, clip=colour_clip, src="photo", tgt="red photo", device="cuda")
+    fast = dataclasses.replace(s, memory="fast")
+    from_file = nada.dry_run(fast)["peak_bytes"]
+    reads = []
+    monkeypatch.setattr(nada, "load_generator", lambda *a, **k: reads.append(a))
+    mode, why = nada.choose_memory(s, "cuda", G)
+    assert reads == [] and mode == "fast" and why == f"needs {(from_file + nada.CUDA_CONTEXT) / 2 ** 30:.1f} GiB; " \
+                                                      "no GPU here to compare"
+    assert nada.dry_run(fast, G)["peak_bytes"] == from_file
+
+
+def test_the_dry_run_counts_bf16_activations_as_autocast_makes_them(tiny_ckpt, colour_clip):
+    """torch.autocast does not run on the meta device; MetaAutocast stands in, and its count is the real one: the same
+    bytes (to a few scalars) as two real bf16 steps on the CPU, counted by the same LiveBytes, and fewer than float32's."""
+    peaks = {}
+    for precision in ("fp32", "bf16"):
+        s = nada.train_settings(ckpt=tiny_ckpt, clip=colour_clip, src="photo", tgt="red photo", precision=precision,
+                                layers="all", device="cpu")
+        t = nada.prepare(s, "cpu", "fast")
+        real = nada.estimate_memory(t.step, [t.G_frozen, t.G, *t.models], t.opt)
+        estimate = nada.dry_run(s)
+        assert abs(estimate["peak_bytes"] - real["peak_bytes"]) <= 1024, precision   # a few scalars differ
+        peaks[precision] = real["activation_bytes"]
+    assert peaks["bf16"] < 0.95 * peaks["fp32"]
