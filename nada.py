@@ -41,8 +41,8 @@ import zipfile
 import zlib
 from collections import OrderedDict, namedtuple
 
-if __name__ == "__main__":             # before torch loads OpenMP: idle threads sleep instead of spinning, so that
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # two jobs on one CPU do not slow each other down 4-6x
+if __name__ == "__main__":             # before torch loads OpenMP: idle threads sleep, so two jobs on a CPU share it
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -477,39 +477,27 @@ def encode_images(model, img):
 
 @torch.no_grad()
 def encode_prompts(model, texts, templates=IMAGENET_TEMPLATES):
-    """Unit-norm CLIP embeddings of each text in every template, in one batch: [P, T, D] for a list of P texts, [T, D]
-    for one. CLIP's text transformer is causal and reads its output at the end-of-text token (the largest token id),
-    so the padding after it changes nothing: the batch runs on the shortest context that holds the longest prompt
-    (clip-anytorch cuts its positional embedding and attention mask to the length it is given)."""
-    clip, one = _import_clip(), isinstance(texts, str)
-    texts = [texts] if one else list(texts)
-    tokens = []
-    for text in texts:                                  # never cut a prompt silently: CLIP reads 77 tokens at most
-        try:
-            tokens.append(clip.tokenize([t.format(text) for t in templates]))
-        except RuntimeError:
-            raise NadaError(f"the prompt {text[:40]!r}... does not fit CLIP's 77 tokens in every template: shorten "
-                            "it") from None
-    tokens = torch.cat(tokens)
+    """Unit-norm CLIP embeddings [P, T, D] of P texts in T templates, in one batch cut after the longest prompt: CLIP's
+    text transformer is causal and reads its output at the end-of-text token (the largest id), so the padding after
+    it changes nothing (clip-anytorch cuts its positional embedding and attention mask to the length it is given)."""
+    try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
+        tokens = _import_clip().tokenize([t.format(text) for text in texts for t in templates])
+    except RuntimeError:
+        raise NadaError(f"the prompt {max(texts, key=len)[:40]!r}... does not fit CLIP's 77 tokens in every template: "
+                        "shorten it") from None
     tokens = tokens[:, :int(tokens.argmax(-1).max()) + 1].to(next(model.parameters()).device)
-    emb = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(texts), len(templates), -1)
-    return emb[0] if one else emb
+    return F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(texts), len(templates), -1)
 
 
 def text_targets(model, source, target, templates=IMAGENET_TEMPLATES):
-    """NADA's text direction: the mean over templates of (target - source) unit embeddings, normalised [D]; and the
-    target prompt's template-mean embedding, normalised [D]. Both prompts go through CLIP in one batch."""
+    """-> (NADA's text direction: the mean over templates of (target - source) unit embeddings, normalised [D]; the
+    target prompt's template-mean embedding, normalised [D]). Both prompts go through CLIP in one batch."""
     src, tgt = encode_prompts(model, [source, target], templates)                  # [T, D] each
     change = (tgt - src).mean(0)
     if not change.is_meta and change.norm() < MIN_TEXT_CHANGE:                     # a run would learn nothing
         raise NadaError(f"{source[:40]!r} and {target[:40]!r} look the same to this CLIP model (their text direction "
                         f"has length {change.norm():.1e}): choose prompts that differ")
     return F.normalize(change, dim=0), F.normalize(tgt.mean(0), dim=0)
-
-
-def text_direction(model, source, target, templates=IMAGENET_TEMPLATES):
-    """NADA's text direction source -> target [D] (see text_targets)."""
-    return text_targets(model, source, target, templates)[0]
 
 
 @torch.no_grad()
@@ -570,10 +558,8 @@ def synthesis_blocks(G):
 
 
 def layers_driven_by(G, j):
-    """The layers that read ws[j] in G.synthesis: conv1 <- ws[0]; convs[j-1] <- ws[j]; the toRGBs read odd j.
-
-    (The original NADA maps W+ index i to convs[i-2], one off from this.)
-    """
+    """The layers that read ws[j] in G.synthesis: conv1 <- ws[0]; convs[j-1] <- ws[j]; the toRGBs read odd j. (The
+    original NADA maps W+ index i to convs[i-2], one off from this.)"""
     if j == 0:
         return ["conv1"]
     layers = [f"convs.{j - 1}"] if j - 1 < len(G.convs) else []
@@ -589,10 +575,8 @@ def in_block_order(G, names):
 
 
 def parse_layers(spec, G, auto_k=None):
-    """--layers -> the layer names to train, or, for `auto`, the number k of W+ entries to choose at every step.
-
-    auto with k = num_ws chooses everything, so it is returned as the fixed list of those layers.
-    """
+    """--layers -> the layer names to train, or, for `auto`, the number k of W+ entries to choose at every step
+    (auto with k = num_ws chooses everything: the fixed list of those layers)."""
     blocks = synthesis_blocks(G)
     spec = str(spec).strip()
     if spec == "auto":
@@ -634,8 +618,7 @@ def select_layers_auto(G, ws, targets, k, chunk=None, lr=0.01):
 
     ws: [B, num_ws, w_dim] from the frozen mapping. targets: ClipTargets (their `target` embeddings are used).
     chunk: render at most this many latents at once. Each latent's gradient depends on it alone, so chunks
-    weighted by their share of B give the gradient of the whole batch, at the memory of one chunk.
-    """
+    weighted by their share of B give the gradient of the whole batch, at the memory of one chunk."""
     grad = torch.zeros_like(ws)
     for i in range(0, len(ws), chunk or len(ws)):
         part = ws[i:i + (chunk or len(ws))].detach().clone().requires_grad_(True)
@@ -699,14 +682,9 @@ def clip_targets(models, weights, G, src, tgt, images, cls, rng, device):
     if images:
         with torch.no_grad():
             generated = G.synthesis(draw_ws(G, 16, cls, rng, device)[0])
-    targets = []
-    for model, weight in zip(models, weights):
-        if images:
-            direction, target = image_direction(model, [img.to(device) for img in images], generated)
-        else:                                           # the target prompt's embedding guides auto layers
-            direction, target = text_targets(model, src, tgt)
-        targets.append(ClipTarget(model, weight, direction, target))
-    return targets
+    pairs = [image_direction(model, [img.to(device) for img in images], generated) if images else
+             text_targets(model, src, tgt) for model in models]              # (direction, target embedding) each
+    return [ClipTarget(model, weight, *pair) for model, weight, pair in zip(models, weights, pairs)]
 
 
 def autocast(device, precision):
@@ -769,9 +747,8 @@ Training = namedtuple("Training", "G_frozen G opt rng step layers names weights 
 
 def prepare(s, device, memory=None, meta=False, generator=None, clip_models=None):
     """Everything a run of settings `s` needs: the frozen base, its trainable copy, the optimizer, the CLIP targets
-    and the step; memory: fast or low, else chosen for s.memory. meta: the dry run's twin of a run on `device`, on
-    the meta device (shapes, no data). generator, clip_models: a base and CLIP modules already loaded (study, tests);
-    they are not changed."""
+    and the step; memory: fast or low, else chosen for s.memory. meta: the dry run's twin on the meta device (shapes,
+    no data). generator, clip_models: a base and CLIP modules already loaded (study, tests), left unchanged."""
     images = [load_image(p) for p in s.tgt_img]        # read first: a bad image fails before any model loads
     G_frozen = base_generator(s, device, meta, generator).requires_grad_(False)
     memory, why = (memory, "") if memory else choose_memory(s, device, G_frozen)
@@ -797,9 +774,9 @@ def train(*, generator=None, clip_models=None, **settings):
 
     settings: the fields of TrainSettings, as keywords: nada.train(src="photo", tgt="sketch", iters=300).
     generator, clip_models: a base generator and CLIP modules already loaded (study, tests); they are not changed.
-    The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt
-    (optimizer and RNG state for --resume). With dry_run: the same setup and two steps on the meta device, nothing
-    read, downloaded or written -> the memory estimate (a dict, see estimate_memory) instead of the folder."""
+    The run folder holds generator.pt (the adapted generator), log.jsonl, config.json, samples/ and state.pt (what
+    --resume needs). With dry_run: the same setup and two steps on the meta device, nothing downloaded or written
+    -> the memory estimate (a dict, see estimate_memory) instead of the folder."""
     s = train_settings(**settings)                      # every setting checked before anything loads
     if s.dry_run:
         return dry_run(s)
@@ -837,22 +814,20 @@ def seed_latents(G, seeds):
 
 @torch.no_grad()
 def sample(ckpt=None, **settings):
-    """Render one PNG per seed and a grid.png -> the output folder. settings: the other fields of SampleSettings, as
-    keywords (seeds or n, trunc, noise_mode, cls, out, ...); compare: the base beside the adapted generator."""
+    """Render one PNG per seed and a grid.png (or, with walk, an animation) -> the output folder. settings: the other
+    fields of SampleSettings, as keywords (seeds or n, trunc, noise_mode, cls, out, compare, also, walk, ...)."""
     s = SampleSettings(ckpt=ckpt, **settings)
-    seeds = parse_seeds(checked(s).seeds, s.n)
-    path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline)
+    seeds = parse_seeds(checked(s).seeds, s.walk or s.n)
+    path, out = sample_paths(s.ckpt, s.out, s.wdir, s.offline, settings=s)
     device = check_device(s.device, s.impl)
     G = named_generator(s.ckpt or path, s.wdir, s.offline, device, s.impl)
-    generators = [G]
-    if s.compare:
-        if not G.meta.get("base"):
-            raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
-        generators = [named_generator(G.meta["base"], s.wdir, s.offline, device, s.impl), G]
+    generators = sample_generators(G, path, s, device)  # the columns: base (--compare, --walk), G, --also's
     labels = class_labels(G, s.cls if s.cls is not None else G.meta.get("cls"), len(seeds))   # default: the run's
     make_folder(out)
     print(startup_line("sample", device, s.impl, path, f"{len(seeds)} seeds, truncation {s.trunc}, "
                        f"noise {s.noise_mode}"), flush=True)
+    if s.walk:
+        return write_walk(generators, seeds, labels, s, device, out)
     rows = [[] for _ in generators]
     for i, seed in enumerate(seeds):
         z = seed_latents(G, [seed]).to(device)
@@ -865,7 +840,7 @@ def sample(ckpt=None, **settings):
         save_image(torch.cat(imgs, dim=3), os.path.join(out, f"seed{seed:04d}.png"))
         for row, img in zip(rows, imgs if i < GRID_MAX else ()):   # the grid shows the first seeds
             row.append(img)
-    ncol = len(rows[0]) if s.compare else math.ceil(math.sqrt(len(rows[0])))
+    ncol = len(rows[0]) if len(generators) > 1 else math.ceil(math.sqrt(len(rows[0])))
     save_image(make_grid(torch.cat([torch.cat(r) for r in rows]), ncol=ncol), os.path.join(out, "grid.png"))
     print(f"wrote {len(seeds)} images and grid.png to {out}")
     return out
@@ -875,8 +850,9 @@ def sample(ckpt=None, **settings):
 # Plumbing: what the method above calls and does not need to show. It crosses the divider through these names
 # only: train_settings, checked, parse_seeds and SampleSettings (settings); named_generator, base_generator,
 # run_clip_models and load_image (files); RunFolder (a run's folder); dry_run, choose_memory and MetaAutocast
-# (memory); check_device, sample_paths, make_folder, save_image, make_grid, GRID_MAX, startup_line and
-# describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined at the top.
+# (memory); check_device, sample_paths, sample_generators, write_walk, make_folder, save_image, make_grid, GRID_MAX,
+# startup_line and describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined
+# at the top.
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
@@ -889,6 +865,7 @@ STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
 MAX_PROMPT = 1000                      # characters in a prompt
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
+MAX_FRAMES = 2000                      # frames of a --walk animation, all held in memory until written
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
 
 
@@ -995,6 +972,13 @@ class SampleSettings(Common):
                               choices=NOISE_MODES)
     cls: str = setting(None, "conditional generators: NAME or INDEX (or all)", flags=("--class",))
     compare: bool = setting(False, "the base too: grid.png's base row above the adapted, each PNG base | adapted")
+    also: list = setting(None, "more adapted generators of the same base: a row (a column in PNGs) each", nargs="+",
+                         metavar="CKPT")
+    walk: int = setting(None, "write an animation instead: a loop through N latents (seeds 0..N-1, or --seeds), the "
+                        "base beside the adapted", bounds=(2, 1000), metavar="N")
+    frames: int = setting(24, "--walk: frames from one latent to the next", bounds=(1, 1000))
+    fps: int = setting(24, "--walk: frames per second", bounds=(1, 100))
+    format: str = setting("webp", "--walk: the animation's format", choices=("webp", "gif"))
     out: str = setting(None, "output folder (default: RUN/sample or samples/<ckpt>)")
 
 
@@ -2284,9 +2268,11 @@ def read_log(folder):
     return records
 
 
-def sample_paths(ckpt, out, wdir, offline, runs="runs"):
+def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     """-> (checkpoint file: --ckpt, else the newest runs/*/generator.pt; output folder: --out, else RUN/sample
-    for a run's generator, else samples/<checkpoint name>)."""
+    for a run's generator, else samples/<checkpoint name>). settings: sample's, whose --walk flags are checked."""
+    if settings:
+        check_walk(settings)
     found = [os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else [])]
     found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
@@ -2298,6 +2284,59 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs"):
     name = os.path.basename(path)
     return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
                          else os.path.join("samples", _slug(os.path.splitext(name)[0])))
+
+
+def check_walk(s):
+    """sample's animation flags, before anything loads: --frames, --fps and --format only with --walk; two seeds or
+    more; at most MAX_FRAMES frames; WebP only where Pillow can write it."""
+    if not s.walk:
+        if (s.frames, s.fps, s.format) != (24, 24, "webp"):
+            raise NadaError("--frames, --fps and --format shape the animation of --walk N: add --walk, or drop them")
+        return
+    seeds = parse_seeds(s.seeds, s.walk)
+    if len(seeds) < 2 or len(seeds) * s.frames > MAX_FRAMES:
+        raise NadaError(f"--walk: {len(seeds)} seeds x {s.frames} frames; a walk needs 2 seeds or more and at most "
+                        f"{MAX_FRAMES} frames in all")
+    from PIL import features
+    if s.format == "webp" and not features.check("webp"):
+        raise NadaError("this Pillow cannot write WebP: pass --format gif")
+
+
+def sample_generators(G, path, s, device):
+    """The generators sample renders, in column order: the base G records (with --compare, and with --walk when G
+    records one), G, and --also's, each of G's architecture."""
+    base = G.meta.get("base")
+    if s.compare and not base:
+        raise NadaError(f"--compare: {path} records no base generator (only checkpoints written by `train` do)")
+    others = [named_generator(p, s.wdir, s.offline, device, s.impl, "--also") for p in s.also or ()]
+    for p, other in zip(s.also or (), others):
+        if other.config() != G.config():
+            raise NadaError(f"--also {p}: another architecture than {path}; pass generators of the same base")
+    first = [named_generator(base, s.wdir, s.offline, device, s.impl)] if s.compare or s.walk and base else []
+    return first + [G] + others
+
+
+@torch.no_grad()
+def write_walk(generators, seeds, labels, s, device, out):
+    """sample --walk: an animation that loops through the seeds' latents, eased in W (it slows into each latent), the
+    generators side by side on the same ws and noise, as OUT/walk.webp or walk.gif -> OUT."""
+    from PIL import Image
+    G = generators[0]
+    ws = G.mapping(seed_latents(G, seeds).to(device), None if labels is None else labels.to(device), s.trunc)
+    noise = [t.to(device) for t in G.make_noise(1, torch.Generator().manual_seed(seeds[0]), "cpu")] \
+        if s.noise_mode == "random" else None          # one noise for the whole walk: random per frame flickers
+    frames = []
+    for i, f in itertools.product(range(len(seeds)), range(s.frames)):
+        t = f / s.frames
+        w = ws[i].lerp(ws[(i + 1) % len(seeds)], t * t * (3 - 2 * t))[None]            # smoothstep easing
+        frames.append(Image.fromarray(to_uint8(torch.cat([g.synthesis(w, s.noise_mode, noise) for g in generators],
+                                                         dim=3))[0]))
+    path = os.path.join(out, f"walk.{s.format}")
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format=s.format.upper(), save_all=True, append_images=frames[1:], loop=0,
+                       duration=round(1000 / s.fps), **({"quality": 90} if s.format == "webp" else {}))
+    print(f"wrote {path}: {len(frames)} frames at {s.fps} fps, {len(generators)} generator(s) side by side")
+    return out
 
 
 def make_folder(path, sub=""):

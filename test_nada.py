@@ -753,10 +753,10 @@ def test_directional_loss_against_hand_computation():
     assert abs(nada.directional_loss(e_frozen, e_adapted, direction).item() - loss.item()) < 1e-3
 
 
-def test_text_direction_is_template_mean_of_normalised_differences(colour_clip):
+def test_the_text_direction_is_the_template_mean_of_normalised_differences(colour_clip):
     model = nada.load_clip(colour_clip)
     templates = ("a {}.", "a photo of a {}.", "{} art")
-    d = nada.text_direction(model, "photo", "red photo", templates)
+    d = nada.text_targets(model, "photo", "red photo", templates)[0]
     clip = nada._import_clip()
     with torch.no_grad():
         enc = lambda t: F.normalize(model.encode_text(clip.tokenize([tp.format(t) for tp in templates])).float(), dim=-1)
@@ -849,7 +849,7 @@ def test_step_zero_is_finite_and_small(colour_clip):
     G0 = tiny_generator().requires_grad_(False)
     G = tiny_generator()
     model = nada.load_clip(colour_clip)
-    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"), None)]
+    targets = [nada.ClipTarget(model, 1.0, nada.text_targets(model, "photo", "red photo")[0], None)]
     before = {k: v.clone() for k, v in G.state_dict().items()}
     opt = torch.optim.Adam([p for k, p in G.named_parameters() if not k.startswith("style.")], lr=nada.LR, betas=nada.BETAS)
     layers, loss, _ = nada.train_step(G0, G, opt, targets, layers=nada.parse_layers("all", G), batch=2, mixing=0.0,
@@ -873,7 +873,7 @@ def test_training_moves_images_toward_the_prompt(tmp_path, colour_clip, tiny_ckp
         before, after = G0(z), G1(z)
     assert redness(after, channel) > redness(before, channel) + 0.1
     model = nada.load_clip(colour_clip)
-    direction = nada.text_direction(model, "photo", f"{word} photo")
+    direction = nada.text_targets(model, "photo", f"{word} photo")[0]
     with torch.no_grad():
         loss = nada.directional_loss(nada.encode_images(model, before), nada.encode_images(model, after), direction)
     assert loss < 0.5
@@ -941,8 +941,8 @@ def test_train_conditional_generator_with_class(tmp_path, colour_clip):
 def _step_pair(colour_clip, layers_spec, **step_kw):
     """Two identical (frozen, trainable, optimiser) setups and CLIP targets for comparing steps."""
     model = nada.load_clip(colour_clip)
-    targets = [nada.ClipTarget(model, 1.0, nada.text_direction(model, "photo", "red photo"),
-                               F.normalize(nada.encode_prompts(model, "red photo").mean(0), dim=0))]
+    targets = [nada.ClipTarget(model, 1.0, nada.text_targets(model, "photo", "red photo")[0],
+                               F.normalize(nada.encode_prompts(model, ["red photo"])[0].mean(0), dim=0))]
     setups = []
     for _ in range(2):
         G0, G = tiny_generator().requires_grad_(False), tiny_generator()
@@ -995,7 +995,7 @@ def test_shared_prefix_renders_what_the_whole_network_renders():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_chunked_selection_picks_what_unchunked_selection_picks(colour_clip, seed):
     model = nada.load_clip(colour_clip)
-    targets = [nada.ClipTarget(model, 1.0, None, F.normalize(nada.encode_prompts(model, "blue photo").mean(0), dim=0))]
+    targets = [nada.ClipTarget(model, 1.0, None, F.normalize(nada.encode_prompts(model, ["blue photo"])[0].mean(0), dim=0))]
     G = tiny_generator()
     ws = G.mapping(torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))).detach()
     for k in (1, 3, 5):
@@ -1173,6 +1173,53 @@ def test_eval_scores_a_red_run_above_a_blue_run_for_red(tmp_path, colour_clip, r
                              progress=False)                  # defaults: the run's own prompts and base
     assert recorded["tgt"] == "blue photo" and recorded["directional"] > 0.5
     assert os.path.isfile(tmp_path / "b.json")
+
+
+def test_sample_walk_animates_the_base_beside_each_run(tmp_path, red_and_blue_runs, capsys):
+    """--walk 3 --frames 4: 12 frames looping through seeds 0-2, base | red | blue side by side; the first frame is
+    seed 0's image from each generator, and the red column is the reddest."""
+    from PIL import Image
+    red, blue = (os.path.join(red_and_blue_runs[w], "generator.pt") for w in ("red", "blue"))
+    for fmt in ("webp", "gif"):
+        rc, out, err = main_in_process(capsys, "sample", "--ckpt", red, "--also", blue, "--walk", 3, "--frames", 4,
+                                       "--fps", 10, "--format", fmt, "--out", tmp_path / fmt)
+        assert rc == 0 and f"12 frames at 10 fps, 3 generator(s)" in out, err
+        assert os.listdir(tmp_path / fmt) == [f"walk.{fmt}"]
+        anim = Image.open(tmp_path / fmt / f"walk.{fmt}")
+        anim.load()                                       # a frame says its duration once read
+        assert (anim.format, anim.size, anim.n_frames, anim.info["duration"]) == (fmt.upper(), (96, 32), 12, 100)
+    assert main_in_process(capsys, "sample", "--ckpt", red, "--also", blue, "--compare", "--seeds", "0-1", "--out",
+                           tmp_path / "png")[0] == 0
+    stills = [np.asarray(Image.open(tmp_path / "png" / f"seed000{i}.png")).astype(float) for i in (0, 1)]
+    anim = Image.open(tmp_path / "webp" / "walk.webp")
+    frames = []
+    for i in (0, 4):                                      # frame 4 is seed 1's: the walk has reached it
+        anim.seek(i)
+        frames.append(np.asarray(anim.convert("RGB")).astype(float))
+    dist = [[np.abs(f - still).mean() for still in stills] for f in frames]
+    assert dist[0][0] < 10 and dist[1][1] < 10 and dist[0][1] > 2 * dist[0][0] and dist[1][0] > 2 * dist[1][1], dist
+    still = stills[0]
+    reds = [(still[:, i:i + 32, 0] - still[:, i:i + 32, 1:].mean(-1)).mean() for i in (0, 32, 64)]
+    assert reds[1] > reds[0] + 5 and reds[1] > reds[2] + 5
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--frames", 3], "--frames, --fps and --format shape the animation of --walk N"),
+    (["--walk", 1], "--walk 1"),
+    (["--walk", 2, "--seeds", 5], "a walk needs 2 seeds or more"),
+    (["--walk", 100, "--frames", 100], "at most 2000 frames"),
+    (["--walk", 2, "--fps", 0], "--fps 0"),
+])
+def test_sample_walk_refusals(tmp_path, tiny_ckpt, flags, words):
+    rc, _, err = run_cli("sample", "--ckpt", tiny_ckpt, *flags, "--out", tmp_path / "w")
+    assert_clean_error(rc, err, words)
+    assert not (tmp_path / "w").exists()
+
+
+def test_sample_also_refuses_another_architecture(tmp_path, tiny_ckpt, red_and_blue_runs):
+    rc, _, err = run_cli("sample", "--ckpt", os.path.join(red_and_blue_runs["red"], "generator.pt"), "--also",
+                         os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "--out", tmp_path / "s")
+    assert_clean_error(rc, err, "--also", "another architecture")
 
 
 def test_eval_refusals_are_one_clear_error(tmp_path, colour_clip, tiny_ckpt, red_and_blue_runs):
@@ -1866,8 +1913,6 @@ def test_prompts_are_encoded_once_on_the_shortest_context_with_the_full_contexts
     direction, target = nada.text_targets(model, *texts)
     assert torch.allclose(direction, F.normalize((full[1] - full[0]).mean(0), dim=0), atol=1e-6)
     assert torch.allclose(target, F.normalize(full[1].mean(0), dim=0), atol=1e-6)
-    assert torch.equal(nada.text_direction(model, *texts), direction)
-    assert torch.allclose(nada.encode_prompts(model, texts[0]), full[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
