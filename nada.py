@@ -2187,9 +2187,7 @@ class RunFolder:
         atomic_write_text(os.path.join(self.path, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
         self.started = time.time()                      # log.jsonl's seconds count the whole run
         self.t0 = self.started - (max(float(kept[-1]["seconds"]), 0.0) if kept else 0.0)
-        from tqdm import tqdm
-        self.bar = tqdm(total=s.iters, initial=start, disable=None if s.progress else True, dynamic_ncols=True,
-                        desc="train")
+        self.bar = Progress("train", s.iters, start, s.progress)
         return start
 
     def log(self, step, loss, losses, layers):
@@ -2203,8 +2201,7 @@ class RunFolder:
         with writing(os.path.join(self.path, "log.jsonl")), open(os.path.join(self.path, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(iter=step, loss=loss, losses=losses, layers=layers,
                                     seconds=round(time.time() - self.t0, 3))) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.bar.update(loss=f"{loss:.4f}")
 
     @torch.no_grad()
     def preview(self, G_frozen, G, step):
@@ -2337,6 +2334,39 @@ def write_walk(generators, seeds, labels, s, device, out):
                        duration=round(1000 / s.fps), **({"quality": 90} if s.format == "webp" else {}))
     print(f"wrote {path}: {len(frames)} frames at {s.fps} fps, {len(generators)} generator(s) side by side")
     return out
+
+
+class Progress:
+    """A progress bar on a terminal; where stdout is not one (a log file, CI, nohup), a line at every tenth of the
+    work and at least once a minute: what, how far, the latest figures, the rate and the time left."""
+
+    def __init__(self, what, total, done=0, show=True, unit="steps"):
+        self.what, self.total, self.done, self.unit, self.first = what, max(total, 1), done, unit, done
+        self.bar = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=what, unit=unit[:-1], dynamic_ncols=True)
+        self.lines = show and not sys.stdout.isatty()
+        self.t0 = self.said = time.time()
+
+    def update(self, n=1, **figures):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(figures, refresh=False)
+        now = time.time()
+        if self.lines and (self.done * 10 // self.total > (self.done - n) * 10 // self.total or now - self.said >= 60):
+            rate = (self.done - self.first) / max(now - self.t0, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else 0.0
+            shown = "".join(f", {k} {v}" for k, v in figures.items())
+            left = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+            print(f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done // self.total}%){shown}, "
+                  f"{rate:.3g} {self.unit}/s, {left} left", flush=True)
+            self.said = now
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_folder(path, sub=""):
@@ -2497,11 +2527,11 @@ def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
     """clip_metrics per CLIP model (a list of dicts) of G against base, on the images of `samples` (ws from the base's
     mapping, constant noise). Under torchrun (shard: rank, world size) each process embeds its share of the samples
     and every process gets the merged result."""
-    from tqdm import tqdm
     rank, world = shard
     mine = list(range(rank, len(samples.seeds), world))
     embs = [[[], []] for _ in models]                   # [model][base, G]: batches of unit embeddings [n, D]
-    for i in tqdm(range(0, len(mine), samples.batch), desc="eval", disable=None if show else True, dynamic_ncols=True):
+    bar = Progress("eval", len(mine), show=show, unit="images")
+    for i in range(0, len(mine), samples.batch):
         idx = mine[i:i + samples.batch]
         z = seed_latents(base, [samples.seeds[k] for k in idx]).to(device)
         ws = base.mapping(z, None if samples.labels is None else samples.labels[idx].to(device), samples.trunc)
@@ -2509,6 +2539,8 @@ def measure(base, G, models, goal, samples, device, shard=(0, 1), show=True):
             img = g.synthesis(ws)
             for m, model in enumerate(models):
                 embs[m][j].append(encode_images(model, img).cpu())
+        bar.update(len(idx))
+    bar.close()
     parts = gather((mine, [[torch.cat(e) for e in per_model] for per_model in embs]), world)
     order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()   # back into seed order
     results = []

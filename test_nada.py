@@ -3060,3 +3060,28 @@ def test_the_dry_run_counts_bf16_activations_as_autocast_makes_them(tiny_ckpt, c
         assert abs(estimate["peak_bytes"] - real["peak_bytes"]) <= 1024, precision   # a few scalars differ
         peaks[precision] = real["activation_bytes"]
     assert peaks["bf16"] < 0.95 * peaks["fp32"]
+
+
+def test_progress_lines_where_stdout_is_no_terminal(tmp_path, colour_clip, tiny_ckpt):
+    """A log file gets a line at every tenth of the run: step, loss, rate, time left (eval likewise, in images)."""
+    rc, out, err = run_cli(*train_args(tmp_path, colour_clip, tiny_ckpt), "--iters", 20, "--tgt", "red photo")
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith("train: ")]
+    assert [int(re.match(r"train: (\d+)/20 steps \((\d+)%\), loss [\d.]+, [\d.e+]+ steps/s, \d+ s left$", ln).group(1))
+            for ln in lines] == list(range(2, 21, 2)), out
+    rc, out, err = run_cli("eval", "--ckpt", tmp_path / "ok", "--clip", colour_clip, "--n", 20, "--batch", 1)
+    assert rc == 0, err
+    assert [ln.split(" (")[0] for ln in out.splitlines() if ln.startswith("eval: ")] == [f"eval: {i}/20 images"
+                                                                                       for i in range(2, 21, 2)], out
+
+
+def test_progress_says_something_at_least_once_a_minute(monkeypatch, capsys):
+    clock = iter(range(0, 10 ** 6, 61))
+    monkeypatch.setattr(nada.time, "time", lambda: next(clock))
+    bar = nada.Progress("study", 1000)
+    for _ in range(3):
+        bar.update(loss="0.5")
+    assert capsys.readouterr().out.splitlines() == [
+        "study: 1/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left",
+        "study: 2/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left",
+        "study: 3/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left"]
