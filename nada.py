@@ -750,7 +750,7 @@ def prepare(s, device, memory=None, meta=False, generator=None, clip_models=None
     and the step; memory: fast or low, else chosen for s.memory. meta: the dry run's twin on the meta device (shapes,
     no data). generator, clip_models: a base and CLIP modules already loaded (study, tests), left unchanged."""
     images = [load_image(p) for p in s.tgt_img]        # read first: a bad image fails before any model loads
-    G_frozen = base_generator(s, device, meta, generator).requires_grad_(False)
+    G_frozen = base_generator(s, device, meta, generator, clip_models is None).requires_grad_(False)
     memory, why = (memory, "") if memory else choose_memory(s, device, G_frozen)
     layers = parse_layers(s.layers, G_frozen, s.auto_k)
     names, weights, models = run_clip_models(s, device, memory, meta, clip_models)
@@ -1834,6 +1834,35 @@ def weights_dir(override=None):
     return os.path.abspath(override or os.environ.get("NADA_WEIGHTS") or os.path.join(HERE, "weights"))
 
 
+CLIP_MB = {"RN50": 244, "RN101": 278, "RN50x4": 402, "RN50x16": 630, "RN50x64": 1260, "ViT-B/32": 338,
+           "ViT-B/16": 335, "ViT-L/14": 890, "ViT-L/14@336px": 891}   # approximate download sizes
+
+
+def fetch_weights(generators, clips, wdir, offline):
+    """Download every named file a command needs (generator names, CLIP model names; files are left alone) before
+    anything loads, saying what and where first. Offline, or when a download fails, one message names every file
+    still missing, with its URL, size and folder."""
+    clip = _import_clip()
+    wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if n in GENERATORS and not os.path.isfile(n)]
+    wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
+               if n in clip.available_models() and not os.path.isfile(n)]
+    folder = weights_dir(wdir)
+    missing = [w for w in dict.fromkeys(wanted) if not os.path.isfile(os.path.join(folder, os.path.basename(w[1])))]
+    if not missing:
+        return
+    listed = "; ".join(f"{n}: {url} (about {mb} MB) as {os.path.basename(url)}" for n, url, mb in missing)
+    if offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0"):
+        raise NadaError(f"nada is offline (--offline or NADA_OFFLINE) and {folder} lacks {len(missing)} file(s): "
+                        f"{listed}. Fetch them yourself into that folder, or run online")
+    print(f"downloading {len(missing)} file(s) into {folder} (once): {listed}", flush=True)
+    for i, (name, url, _) in enumerate(missing):
+        try:
+            (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
+        except NadaError as e:
+            rest = "; ".join(f"{n}: {u} (about {mb} MB)" for n, u, mb in missing[i:])
+            raise NadaError(f"{e}. Still missing in {folder}: {rest}") from None
+
+
 def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
     """A file path as it is, or a known model name, downloaded on first use -> a local path."""
     if name_or_path and os.path.isfile(name_or_path):
@@ -1861,14 +1890,7 @@ def named_generator(ckpt, wdir, offline, device, impl="auto", flag="--ckpt"):
 def load_clip(name, device="cpu", wdir=None, offline=False):
     """A CLIP model by name (downloaded into the weights folder) or from a local file; float32, frozen."""
     clip = _import_clip()
-    if os.path.isfile(name):
-        path = name
-    elif name in clip.available_models():
-        url = clip.clip._MODELS[name]
-        path = download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
-                        offline=offline)
-    else:
-        raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
+    path = resolve_clip(name, wdir, offline)
     sd = read_clip_weights(path)
     try:                                                # on the meta device: shapes that fit, no memory, no init
         with torch.device("meta"), warnings.catch_warnings():
@@ -1880,6 +1902,18 @@ def load_clip(name, device="cpu", wdir=None, offline=False):
     for block in model.transformer.resblocks:           # its causal mask is no parameter: made again, off the meta
         block.attn_mask = model.build_attention_mask()
     return model.float().eval().requires_grad_(False).to(device)
+
+
+def resolve_clip(name, wdir=None, offline=False):
+    """A CLIP model's file: `name` itself, or OpenAI's file for a model name, downloaded into the weights folder."""
+    clip = _import_clip()
+    if os.path.isfile(name):
+        return name
+    if name not in clip.available_models():
+        raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
+    url = clip.clip._MODELS[name]
+    return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
+                    offline=offline)
 
 
 def read_clip_weights(path):
@@ -2045,12 +2079,14 @@ def _fetch(url, part, name, hand):
                         f"resume, or {hand}")
 
 
-def base_generator(s, device, meta=False, generator=None):
+def base_generator(s, device, meta=False, generator=None, clips=True):
     """A run's base generator: `generator` if one is given (already loaded), else s.ckpt loaded onto `device`; for the
-    dry run (meta), its twin on the meta device: a named model's known architecture, or the file's tensor shapes."""
+    dry run (meta), its twin on the meta device: a named model's known architecture, or the file's tensor shapes.
+    Every named file the run needs is fetched first, s.clip's too unless `clips` is False (models given)."""
     if meta:
         G = meta_generator(s.ckpt, s.wdir) if generator is None else meta_twin(generator)
     else:
+        fetch_weights([s.ckpt] if generator is None else [], parse_clip(s.clip)[0] if clips else [], s.wdir, s.offline)
         G = generator if generator is not None else named_generator(s.ckpt, s.wdir, s.offline, device, s.impl)
     class_labels(G, s.cls, 1)                           # a bad --class fails before anything is written
     return G
@@ -2180,9 +2216,9 @@ class RunFolder:
                 raise NadaError(f"--resume {self.path}: state.pt is unreadable or from another setup "
                                 f"({_first_line(e)[:120]}); the run cannot continue: start a new --out") from None
             if start >= s.iters:
-                raise NadaError(f"--resume {self.path}: the run is " + ("finished" if start == s.iters else
-                                f"at step {start}; --iters {s.iters} would go back") + f" (step {start}): pass --iters N "
-                                f"over {start} to train further")
+                where = "finished" if start == s.iters else f"at step {start}; --iters {s.iters} would go back"
+                raise NadaError(f"--resume {self.path}: the run is {where} (step {start}): pass --iters N over {start} "
+                                "to train further")
         kept = [r for r in read_log(self.path) if r["iter"] < start]   # a line torn by a kill goes too
         atomic_write_text(os.path.join(self.path, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
         self.started = time.time()                      # log.jsonl's seconds count the whole run
@@ -2270,6 +2306,7 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     for a run's generator, else samples/<checkpoint name>). settings: sample's, whose --walk flags are checked."""
     if settings:
         check_walk(settings)
+        fetch_weights([ckpt, *(settings.also or ())] if ckpt else [], [], wdir, offline)
     found = [os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else [])]
     found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
@@ -2659,6 +2696,8 @@ def evaluate(ckpt=None, *, clip_models=None, **settings):
     goal = Goal(src, None if images else tgt, [load_image(p) for p in images])
     cls = s.cls if s.cls is not None else G.meta.get("cls")
     samples = Samples(seeds, class_labels(G, cls, len(seeds)), s.trunc, s.batch)
+    fetch_weights([s.base or G.meta.get("base") or ""], parse_clip(s.clip)[0] if clip_models is None else [], s.wdir,
+                  s.offline)                            # all that is missing in one message
     base, B = load_base(s, G, path, device)
     names, _, models = load_clip_models(s.clip, None, device, s.wdir, s.offline, clip_models)
     if rank == 0:
@@ -2751,6 +2790,8 @@ def study(*, clip_models=None, eval_models=None, **settings):
     steps = study_steps(out, runs, s.iters)            # every flag and folder checked before anything loads
     rank, world, device = distributed(s.device, s.impl)
     goal = Goal(s.src, None if s.tgt_img else s.tgt, [load_image(p) for p in s.tgt_img or []])   # before any model
+    fetch_weights([s.ckpt], (parse_clip(s.clip)[0] if clip_models is None else []) +
+                  (parse_clip(s.eval_clip, flag="--eval-clip")[0] if eval_models is None else []), s.wdir, s.offline)
     base = named_generator(s.ckpt, s.wdir, s.offline, device, s.impl).requires_grad_(False)
     for g in grid:
         parse_layers(g["layers"], base, s.auto_k)
@@ -2870,31 +2911,68 @@ def draw_labelled_grid(rows, labels, path):
         sheet.save(tmp, format="PNG")
 
 
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten apart) from at most lo to at least hi."""
+    lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo, hi)   # a flat curve: a band around it
+    raw = (hi - lo) / (n - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    ticks = [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
+    return ticks, max(0, -math.floor(math.log10(step) + 1e-9))      # and the decimals that tell them apart
+
+
+def draw_dashed(draw, xy, pattern, **kw):
+    """A polyline in the on/off lengths of `pattern` (pixels; () is solid), the pattern running on across vertices."""
+    if not pattern:
+        return draw.line(xy, **kw)
+    k, left = 0, pattern[0]
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+        length, t = math.hypot(x1 - x0, y1 - y0), 0.0
+        while t < length:
+            step = min(left, length - t)
+            if k % 2 == 0:
+                draw.line([(x0 + (x1 - x0) * t / length, y0 + (y1 - y0) * t / length),
+                           (x0 + (x1 - x0) * (t + step) / length, y0 + (y1 - y0) * (t + step) / length)], **kw)
+            t, left = t + step, left - step
+            if left <= 0:
+                k = (k + 1) % len(pattern)
+                left = pattern[k]
+
+
+LINE_STYLES = ((), (9, 4), (2, 3), (9, 3, 2, 3))   # solid, dashed, dotted, dash-dot: told apart in grey too
+LINE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f")
+
+
 def draw_loss_plot(curves, path, size=(720, 420)):
-    """{label: [(step, loss)]} -> a line chart with axes and a legend, drawn with PIL."""
+    """{label: [(step, loss)]} -> a line chart drawn with PIL: round ticks, axis names, a line style and a colour
+    per curve, and a legend."""
     from PIL import Image, ImageDraw
-    colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f")
-    W, H, (left, right, top, bottom) = *size, (64, 200, 20, 40)
+    W, H, (left, right, top, bottom) = *size, (64, 200, 24, 40)
     points = [p for c in curves.values() for p in c if math.isfinite(p[1])] or [(0, 0.0)]
-    x1, (y0, y1) = max(max(p[0] for p in points), 1), (min(p[1] for p in points), max(p[1] for p in points))
-    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
-    sx = lambda x: left + (W - left - right) * x / x1
-    sy = lambda y: top + (H - top - bottom) * (y1 - y) / (y1 - y0)
+    xs, _ = nice_ticks(0, max(max(p[0] for p in points), 1))
+    ys, decimals = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    sx = lambda x: left + (W - left - right) * x / xs[-1]
+    sy = lambda y: top + (H - top - bottom) * (ys[-1] - y) / (ys[-1] - ys[0])
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), _font(12)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(5):                                  # ticks: 5 on each axis
-        x, y = x1 * k / 4, y0 + (y1 - y0) * k / 4
-        draw.text((sx(x), H - bottom + 4), f"{x:.0f}", fill="black", font=font, anchor="mt")
-        draw.text((left - 4, sy(y)), f"{y:.3f}", fill="black", font=font, anchor="rm")
-    draw.text(((left + W - right) / 2, H - 14), "step", fill="black", font=font, anchor="mm")
+    for x in xs:
+        draw.line([(sx(x), H - bottom), (sx(x), H - bottom + 4)], fill="black")
+        draw.text((sx(x), H - bottom + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
+    for y in ys:
+        draw.line([(left - 4, sy(y)), (left, sy(y))], fill="black")
+        draw.text((left - 6, sy(y)), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
+    draw.text(((left + W - right) / 2, H - 12), "step", fill="black", font=font, anchor="mm")
+    draw.text((left, top - 6), "loss", fill="black", font=font, anchor="mb")
     for i, (label, curve) in enumerate(curves.items()):
-        colour = colours[i % len(colours)]
+        style = dict(fill=LINE_COLOURS[i % len(LINE_COLOURS)], width=2 + i // len(LINE_STYLES) % 2)
         xy = [(sx(x), sy(y)) for x, y in curve if math.isfinite(y)]
         if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        draw.line([(W - right + 12, top + 12 + 18 * i), (W - right + 32, top + 12 + 18 * i)], fill=colour, width=3)
-        draw.text((W - right + 38, top + 12 + 18 * i), label, fill="black", font=font, anchor="lm")
+            draw_dashed(draw, xy, LINE_STYLES[i % len(LINE_STYLES)], **style)
+        legend = top + 12 + 18 * i
+        draw_dashed(draw, [(W - right + 10, legend), (W - right + 40, legend)], LINE_STYLES[i % len(LINE_STYLES)],
+                    **style)
+        draw.text((W - right + 46, legend), label, fill="black", font=font, anchor="lm")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 
@@ -3065,8 +3143,8 @@ def list_models(wdir=None):
         size = f"{os.path.getsize(path) / 2 ** 20:.0f} MB" if here else f"~{mb} MB"
         extra = f"  (conditional: {len(classes)} classes)" if classes else ""
         print(f"{name:<12} {res:>5} {size:>8}  {'downloaded' if here else '-':<11} {url}{extra}")
-    print("CLIP models (--clip): ViT-B/32 (338 MB), ViT-B/16 (335 MB), ViT-L/14 (890 MB), RN50 (244 MB), ...; "
-          "downloaded into the same folder on first use")
+    print("CLIP models (--clip): " + ", ".join(f"{n} ({mb} MB)" for n, mb in CLIP_MB.items()) + "; downloaded into "
+          "the same folder on first use")
 
 
 def doctor(device="auto", build_ops=False, wdir=None):

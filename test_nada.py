@@ -1423,7 +1423,7 @@ def test_torchrun_needs_a_sample_per_process_and_a_gpu_per_process(tmp_path, col
 
 def test_torchrun_study_and_eval_match_one_process(tmp_path, colour_clip, tiny_ckpt):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}   # torchrun gives each process 1 thread
-    flags = ["--ckpt", tiny_ckpt, "--clip", colour_clip, "--eval-clip", colour_clip, "--layers", "first:1,all",
+    flags = ["--ckpt", tiny_ckpt, "--tgt", "red photo", "--clip", colour_clip, "--eval-clip", colour_clip, "--layers", "first:1,all",
              "--consistency", "0,4", "--iters", "3", "--batch", "3", "--samples", "16", "--grid", "2"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               os.path.join(HERE, "nada.py")]
@@ -2257,6 +2257,26 @@ def test_offline_and_unreachable_fail_fast_with_instructions(tmp_path):
     assert not any(f.endswith(".pkl") for f in left)     # nothing under a final name
 
 
+def test_one_message_names_every_missing_file(tmp_path):
+    """Offline, the README's first command names all it lacks at once; online, a failed download names the rest."""
+    w = tmp_path / "w"
+    rc, _, err = run_cli("train", "--ckpt", "ffhq", "--clip", "ViT-B/32,RN50", "--weights-dir", w, "--offline",
+                         "--out", tmp_path / "r")
+    assert_clean_error(rc, err, f"nada is offline (--offline or NADA_OFFLINE) and {w} lacks 3 file(s): ffhq: "
+                       f"{nada.GENERATORS['ffhq'][0]} (about 364 MB) as ffhq.pkl; ViT-B/32: ", "(about 338 MB) as "
+                       "ViT-B-32.pt; RN50: ", "(about 244 MB) as RN50.pt. Fetch them yourself into that folder")
+    srv = _Server({"cifar10.pkl": open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()})
+    try:
+        rc, out, err = run_cli("train", "--ckpt", "cifar10", "--clip", "RN50,ViT-B/32", "--weights-dir", w, "--out",
+                               tmp_path / "r", env={"NADA_MIRROR": srv.url})
+    finally:
+        srv.close()
+    assert "downloading 3 file(s) into" in out, out
+    assert_clean_error(rc, err, "could not download RN50.pt (HTTP 404", f"Still missing in {w}: RN50: ",
+                       "(about 244 MB); ViT-B/32: ")
+    assert sorted(os.listdir(w)) == ["cifar10.pkl", "manifest.json"] and not (tmp_path / "r").exists()
+
+
 def test_named_model_end_to_end_through_a_mirror(tmp_path):
     data = open(os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "rb").read()
     srv = _Server({"cifar10.pkl": data})
@@ -3085,3 +3105,23 @@ def test_progress_says_something_at_least_once_a_minute(monkeypatch, capsys):
         "study: 1/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left",
         "study: 2/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left",
         "study: 3/1000 steps (0%), loss 0.5, 0.0164 steps/s, 16.9 h left"]
+
+
+def test_plot_ticks_are_round_and_cover_the_data():
+    assert nada.nice_ticks(0, 37) == ([0, 10, 20, 30, 40], 0)
+    ticks, decimals = nada.nice_ticks(0.4321, 0.9876)
+    assert [round(t, 9) for t in ticks] == [0.4, 0.6, 0.8, 1.0] and decimals == 1
+    assert [round(t, 9) for t in nada.nice_ticks(0.99, 1.0)[0]] == [0.99, 0.995, 1.0]
+    ticks, _ = nada.nice_ticks(1.0, 1.0)                 # a flat curve sits inside its axis
+    assert ticks[0] < 1.0 < ticks[-1]
+
+
+def test_dashed_lines_keep_their_pattern_across_vertices():
+    """(9, 4): 9 px on (PIL draws both ends: 10 pixels), 4 off, every 13 px, through the vertex at x = 25."""
+    from PIL import Image, ImageDraw
+    img = Image.new("L", (60, 3), 0)
+    nada.draw_dashed(ImageDraw.Draw(img), [(0, 1), (25, 1), (59, 1)], (9, 4), fill=255, width=1)
+    assert "".join("#" if v else "." for v in np.asarray(img)[1]) == "##########..." * 4 + "########"
+    img = Image.new("L", (60, 3), 0)
+    nada.draw_dashed(ImageDraw.Draw(img), [(0, 1), (59, 1)], (), fill=255, width=1)
+    assert np.asarray(img)[1].all()
