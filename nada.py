@@ -408,8 +408,8 @@ class Generator(nn.Module):
     def _run_layer(self, layer, *inputs):
         """layer(*inputs); with `checkpointing` (--memory low) only the inputs are kept for backward, and the
         layer runs again then: each layer's intermediates (5 full-size maps) never pile up over the network."""
-        if self.checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+        if self.checkpointing and torch.is_grad_enabled():   # the dry run's MetaAutocast too: replay_modes
+            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False, context_fn=replay_modes)
         return layer(*inputs)
 
     def forward(self, z, c=None, truncation=1.0, noise_mode="const"):
@@ -692,7 +692,7 @@ def autocast(device, precision):
     kind = torch.device(device).type
     if precision != "bf16" or kind not in ("cuda", "cpu", "meta"):
         return contextlib.nullcontext()
-    return MetaAutocast() if kind == "meta" else torch.autocast(kind, torch.bfloat16)   # meta: the dry run's
+    return torch.autocast("cpu" if kind == "meta" else kind, torch.bfloat16)   # meta: the dry run's MetaAutocast
 
 
 def number(t):
@@ -849,10 +849,10 @@ def sample(ckpt=None, **settings):
 # ==========================================================================================================
 # Plumbing: what the method above calls and does not need to show. It crosses the divider through these names
 # only: train_settings, checked, parse_seeds and SampleSettings (settings); named_generator, base_generator,
-# run_clip_models and load_image (files); RunFolder (a run's folder); dry_run, choose_memory and MetaAutocast
-# (memory); check_device, sample_paths, sample_generators, write_walk, make_folder, save_image, make_grid, GRID_MAX,
-# startup_line and describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError is defined
-# at the top.
+# run_clip_models and load_image (files); RunFolder (a run's folder); dry_run, choose_memory and replay_modes
+# (memory); check_device, sample_paths, sample_generators, write_walk, make_folder, save_image, make_grid,
+# GRID_MAX, startup_line and describe_run (a command's checks and outputs); load_op (the CUDA kernels). NadaError
+# is defined at the top.
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2306,7 +2306,6 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     for a run's generator, else samples/<checkpoint name>). settings: sample's, whose --walk flags are checked."""
     if settings:
         check_walk(settings)
-        fetch_weights([ckpt, *(settings.also or ())] if ckpt else [], [], wdir, offline)
     found = [os.path.join(runs, d, "generator.pt") for d in (os.listdir(runs) if os.path.isdir(runs) else [])]
     found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
@@ -2314,6 +2313,7 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     if out and any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
         raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
                         "is RUN/sample); choose another --out")
+    fetch_weights([ckpt, *(settings.also or ())] if ckpt and settings else [], [], wdir, offline)
     path = resolve_ckpt(ckpt, wdir, offline) if ckpt else max(found, key=os.path.getmtime)
     name = os.path.basename(path)
     return path, out or (os.path.join(os.path.dirname(path), "sample") if name == "generator.pt"
@@ -3082,15 +3082,30 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def replay_modes():
+    """torch.utils.checkpoint's context_fn: a layer recomputed in backward runs under the torch function modes of its
+    forward (such as the dry run's MetaAutocast), which autograd does not carry into backward by itself."""
+    modes = torch.overrides._get_current_function_mode_stack()
+
+    @contextlib.contextmanager
+    def within():
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            yield
+    return contextlib.nullcontext(), within()
+
+
 class MetaAutocast(torch.overrides.TorchFunctionMode):
-    """bfloat16 autocast for the dry run, where torch.autocast does not take the meta device: the functions that
-    autocast computes in bfloat16 get their float32 tensors cast first, above autograd, so the casts and what
-    autograd saves are counted as on a GPU."""
+    """bfloat16 autocast for the dry run: torch.autocast does not act on meta tensors, so train_step's autocast() turns
+    on CPU autocast there as a flag, and while it is on, the functions that autocast computes in bfloat16 get their
+    float32 tensors cast first, above autograd: the casts and what autograd saves are counted as on a GPU. The flag
+    is what torch.utils.checkpoint restores when --memory low recomputes a layer, so the recomputation agrees."""
     LOWER = {F.conv2d, F.conv_transpose2d, F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
              torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.LOWER:
+        if func in self.LOWER and torch.is_autocast_enabled("cpu"):
             args, kwargs = torch.utils._pytree.tree_map_only(
                 torch.Tensor, lambda t: t.to(torch.bfloat16) if t.dtype == torch.float32 else t, (args, kwargs))
         return func(*args, **(kwargs or {}))
@@ -3100,7 +3115,7 @@ def estimate_memory(step, modules, opt, steps=2):
     """Run `steps` training steps on meta tensors and count: weights (both generators and the CLIP models),
     Adam's state, and the peak. Two steps, as Adam's state appears in the first. -> dict of bytes, seconds"""
     t0 = time.time()
-    with LiveBytes(t for m in modules for t in itertools.chain(m.parameters(), m.buffers())) as live:
+    with LiveBytes(t for m in modules for t in itertools.chain(m.parameters(), m.buffers())) as live, MetaAutocast():
         weights = live.now
         for _ in range(steps):
             step()
