@@ -964,7 +964,7 @@ class EvalSettings(Common):
 @dataclasses.dataclass
 class SampleSettings(Common):
     """render images from a generator"""
-    ckpt: str = setting(None, "a file or a model name (default: the newest runs/*/generator.pt)")
+    ckpt: str = setting(None, "a file, a run folder or a model name (default: the newest runs/*/generator.pt)")
     n: int = setting(8, "number of images (seeds 0..n-1) when --seeds is not given", bounds=(1, MAX_IMAGES))
     seeds: str = setting(None, "e.g. 0-15 or 1,5,9")
     trunc: float = setting(1.0, "truncation psi toward the average w", bounds=(-10, 10))
@@ -1864,9 +1864,14 @@ def fetch_weights(generators, clips, wdir, offline):
 
 
 def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
-    """A file path as it is, or a known model name, downloaded on first use -> a local path."""
+    """A file path as it is, a run folder's generator.pt, or a known model name, downloaded on first use -> a local
+    path."""
     if name_or_path and os.path.isfile(name_or_path):
         return name_or_path
+    if name_or_path and os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "generator.pt")):
+            raise NadaError(f"{flag} {name_or_path}: no generator.pt there (a run saves it every --save-every steps)")
+        return os.path.join(name_or_path, "generator.pt")
     if name_or_path in GENERATORS:
         url = GENERATORS[name_or_path][0]
         return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), offline=offline)
@@ -1879,7 +1884,8 @@ def named_generator(ckpt, wdir, offline, device, impl="auto", flag="--ckpt"):
     that model's resolution and classes (a stray file there would otherwise be trained on in its place)."""
     path = resolve_ckpt(ckpt, wdir, offline, flag)
     G = load_generator(path, device, impl)
-    want = (GENERATORS[ckpt][1], len(GENERATORS[ckpt][3] or ())) if ckpt != path else (G.size, G.c_dim)
+    named = ckpt in GENERATORS and not os.path.exists(ckpt)
+    want = (GENERATORS[ckpt][1], len(GENERATORS[ckpt][3] or ())) if named else (G.size, G.c_dim)
     if (G.size, G.c_dim) != want:
         raise NadaError(f"{path} is a {G.size} px generator with {G.c_dim or 'no'} classes, but {ckpt} is {want[0]} px "
                         f"with {want[1] or 'no'} classes: move the file away (nada then downloads {ckpt}), or pass a "
@@ -2627,11 +2633,6 @@ def write_json(obj, path):
 def eval_paths(ckpt, out, wdir, offline):
     """--ckpt RUN_DIR|FILE (default: the newest run) -> (generator file, output file: --out, else eval.json beside
     it); the output is checked before any model loads: a .json file (or a new name) in a folder we may write."""
-    if ckpt and os.path.isdir(ckpt):
-        ckpt = os.path.join(ckpt, "generator.pt")
-        if not os.path.isfile(ckpt):
-            raise NadaError(f"--ckpt {os.path.dirname(ckpt)}: no generator.pt there (a run saves it every --save-every "
-                            "steps)")
     path = sample_paths(ckpt, None, wdir, offline)[0]
     name = os.path.basename(path)
     default = "eval.json" if name == "generator.pt" else _slug(os.path.splitext(name)[0]) + "_eval.json"

@@ -1180,7 +1180,7 @@ def test_sample_walk_animates_the_base_beside_each_run(tmp_path, red_and_blue_ru
     """--walk 3 --frames 4: 12 frames looping through seeds 0-2, base | red | blue side by side; the first frame is
     seed 0's image from each generator, and the red column is the reddest."""
     from PIL import Image
-    red, blue = (os.path.join(red_and_blue_runs[w], "generator.pt") for w in ("red", "blue"))
+    red, blue = red_and_blue_runs["red"], red_and_blue_runs["blue"]   # run folders stand for their generator.pt
     for fmt in ("webp", "gif"):
         rc, out, err = main_in_process(capsys, "sample", "--ckpt", red, "--also", blue, "--walk", 3, "--frames", 4,
                                        "--fps", 10, "--format", fmt, "--out", tmp_path / fmt)
