@@ -1842,10 +1842,11 @@ def fetch_weights(generators, clips, wdir, offline):
     """Download every named file a command needs (generator names, CLIP model names; files are left alone) before
     anything loads, saying what and where first. Offline, or when a download fails, one message names every file
     still missing, with its URL, size and folder."""
-    clip = _import_clip()
-    wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if n in GENERATORS and not os.path.isfile(n)]
-    wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
-               if n in clip.available_models() and not os.path.isfile(n)]
+    wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if n in GENERATORS and not os.path.exists(n)]
+    if clips:                                           # sample needs no CLIP, nor the clip package
+        clip = _import_clip()
+        wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
+                   if n in clip.available_models() and not os.path.exists(n)]
     folder = weights_dir(wdir)
     missing = [w for w in dict.fromkeys(wanted) if not os.path.isfile(os.path.join(folder, os.path.basename(w[1])))]
     if not missing:
