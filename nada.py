@@ -301,10 +301,8 @@ def default_channels(size, channel_multiplier=2):
 
 
 class Generator(nn.Module):
-    """StyleGAN2 generator: mapping (z, c) -> ws, synthesis ws -> image in about [-1, 1].
-
-    Arguments are the architecture; `load_generator` infers them from a checkpoint's tensor shapes.
-    """
+    """StyleGAN2 generator: mapping (z, c) -> ws, synthesis ws -> image in about [-1, 1]. Arguments are the
+    architecture; `load_generator` infers them from a checkpoint's tensor shapes."""
 
     def __init__(self, size, style_dim=512, n_mlp=8, channels=None, z_dim=None, c_dim=0, embed_dim=None,
                  lr_mlp=0.01, conv_clamp=None, impl="auto"):
@@ -477,16 +475,19 @@ def encode_images(model, img):
 
 @torch.no_grad()
 def encode_prompts(model, texts, templates=IMAGENET_TEMPLATES):
-    """Unit-norm CLIP embeddings [P, T, D] of P texts in T templates, in one batch cut after the longest prompt: CLIP's
-    text transformer is causal and reads its output at the end-of-text token (the largest id), so the padding after
-    it changes nothing (clip-anytorch cuts its positional embedding and attention mask to the length it is given)."""
+    """Unit-norm CLIP embeddings [P, T, D] of P texts in T templates, in one batch cut after the longest prompt (CLIP's
+    text transformer is causal and reads its output at the end-of-text token: the padding after it changes nothing)."""
     try:                                                # never cut a prompt silently: CLIP reads 77 tokens at most
         tokens = _import_clip().tokenize([t.format(text) for text in texts for t in templates])
     except RuntimeError:
         raise NadaError(f"the prompt {max(texts, key=len)[:40]!r}... does not fit CLIP's 77 tokens in every template: "
                         "shorten it") from None
-    tokens = tokens[:, :int(tokens.argmax(-1).max()) + 1].to(next(model.parameters()).device)
-    return F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(texts), len(templates), -1)
+    tokens, n = tokens.to(next(model.parameters()).device), int(tokens.argmax(-1).max()) + 1   # n: the longest
+    try:                                                # clip-anytorch cuts its positions to n; OpenAI's clip takes 77
+        emb = model.encode_text(tokens[:, :n])
+    except RuntimeError:
+        emb = model.encode_text(tokens)
+    return F.normalize(emb.float(), dim=-1).view(len(texts), len(templates), -1)
 
 
 def text_targets(model, source, target, templates=IMAGENET_TEMPLATES):
@@ -865,7 +866,7 @@ STUDY_DEFAULT_LAYERS = "first:2,last:2,all,auto"
 MAX_PROMPT = 1000                      # characters in a prompt
 MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2^32 (sample), torch's below 2^64
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
-MAX_FRAMES = 2000                      # frames of a --walk animation, all held in memory until written
+MAX_FRAMES, MAX_WALK_BYTES = 2000, 1 << 32   # a --walk animation's frames, held in memory until written
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
 
 
@@ -1855,13 +1856,23 @@ def fetch_weights(generators, clips, wdir, offline):
     if offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0"):
         raise NadaError(f"nada is offline (--offline or NADA_OFFLINE) and {folder} lacks {len(missing)} file(s): "
                         f"{listed}. Fetch them yourself into that folder, or run online")
-    print(f"downloading {len(missing)} file(s) into {folder} (once): {listed}", flush=True)
-    for i, (name, url, _) in enumerate(missing):
-        try:
-            (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
-        except NadaError as e:
-            rest = "; ".join(f"{n}: {u} (about {mb} MB)" for n, u, mb in missing[i:])
-            raise NadaError(f"{e}. Still missing in {folder}: {rest}") from None
+    dist, error = torch.distributed, None
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1 or dist.get_rank() == 0:              # under torchrun one process downloads, the others wait
+        print(f"downloading {len(missing)} file(s) into {folder} (once): {listed}", flush=True)
+        for i, (name, url, _) in enumerate(missing):
+            try:
+                (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
+            except NadaError as e:
+                rest = "; ".join(f"{n}: {u} (about {mb} MB)" for n, u, mb in missing[i:])
+                error = f"{e}. Still missing in {folder}: {rest}"
+                break
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise NadaError(error)
 
 
 def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
@@ -2353,7 +2364,12 @@ def sample_generators(G, path, s, device):
     for p, other in zip(s.also or (), others):
         if other.config() != G.config():
             raise NadaError(f"--also {p}: another architecture than {path}; pass generators of the same base")
-    first = [named_generator(base, s.wdir, s.offline, device, s.impl)] if s.compare or s.walk and base else []
+    here = base and (os.path.exists(base) or base in GENERATORS)
+    if s.compare and not here:
+        raise NadaError(f"--compare: the base {path} records, {base}, is not there any more; sample without --compare")
+    if s.walk and base and not here:
+        print(f"walk: the base {path} records, {base}, is not there any more: the walk shows the run alone")
+    first = [named_generator(base, s.wdir, s.offline, device, s.impl)] if here and (s.compare or s.walk) else []
     return first + [G] + others
 
 
@@ -2366,6 +2382,11 @@ def write_walk(generators, seeds, labels, s, device, out):
     ws = G.mapping(seed_latents(G, seeds).to(device), None if labels is None else labels.to(device), s.trunc)
     noise = [t.to(device) for t in G.make_noise(1, torch.Generator().manual_seed(seeds[0]), "cpu")] \
         if s.noise_mode == "random" else None          # one noise for the whole walk: random per frame flickers
+    width, n = G.size * len(generators), len(seeds) * s.frames
+    if width > (16383 if s.format == "webp" else 65535) or n * width * G.size * 3 > MAX_WALK_BYTES:
+        raise NadaError(f"--walk: {n} frames of {width}x{G.size} px ({n * width * G.size * 3 / 2 ** 30:.1f} GiB held "
+                        f"until written; at most {MAX_WALK_BYTES / 2 ** 30:.0f} GiB, {s.format.upper()} frames at most "
+                        f"{16383 if s.format == 'webp' else 65535} px wide): fewer seeds, --frames or --also runs")
     frames = []
     for i, f in itertools.product(range(len(seeds)), range(s.frames)):
         t = f / s.frames
@@ -2913,12 +2934,13 @@ def draw_labelled_grid(rows, labels, path):
         sheet.save(tmp, format="PNG")
 
 
-def nice_ticks(lo, hi, n=5):
-    """About n round tick values (1, 2 or 5 times a power of ten apart) from at most lo to at least hi."""
+def nice_ticks(lo, hi, n=5, least=0.0):
+    """About n round tick values (1, 2 or 5 times a power of ten apart, and at least `least`) from at most lo to at
+    least hi."""
     lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo, hi)   # a flat curve: a band around it
     raw = (hi - lo) / (n - 1)
     power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    step = max(next(m * power for m in (1, 2, 5, 10) if m * power >= raw), least)
     ticks = [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
     return ticks, max(0, -math.floor(math.log10(step) + 1e-9))      # and the decimals that tell them apart
 
@@ -2951,7 +2973,7 @@ def draw_loss_plot(curves, path, size=(720, 420)):
     from PIL import Image, ImageDraw
     W, H, (left, right, top, bottom) = *size, (64, 200, 24, 40)
     points = [p for c in curves.values() for p in c if math.isfinite(p[1])] or [(0, 0.0)]
-    xs, _ = nice_ticks(0, max(max(p[0] for p in points), 1))
+    xs, _ = nice_ticks(0, max(max(p[0] for p in points), 1), least=1)      # steps are whole
     ys, decimals = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
     sx = lambda x: left + (W - left - right) * x / xs[-1]
     sy = lambda y: top + (H - top - bottom) * (ys[-1] - y) / (ys[-1] - ys[0])
@@ -3006,6 +3028,8 @@ def choose_memory(s, device, G):
     free = free_gpu_bytes(device)
     if free is None:
         return "fast", f"needs {need / 2 ** 30:.1f} GiB; no GPU here to compare"
+    if not G.latent_avg.is_meta:                        # a run: the base and the CUDA context are held (and in `need`)
+        free += torch.cuda.memory_reserved(device) + CUDA_CONTEXT
     return ("low" if need > free else "fast"), f"fast needs {need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free"
 
 
@@ -3102,7 +3126,9 @@ class MetaAutocast(torch.overrides.TorchFunctionMode):
     """bfloat16 autocast for the dry run: torch.autocast does not act on meta tensors, so train_step's autocast() turns
     on CPU autocast there as a flag, and while it is on, the functions that autocast computes in bfloat16 get their
     float32 tensors cast first, above autograd: the casts and what autograd saves are counted as on a GPU. The flag
-    is what torch.utils.checkpoint restores when --memory low recomputes a layer, so the recomputation agrees."""
+    is what torch.utils.checkpoint restores when --memory low recomputes a layer, so the recomputation agrees. A
+    function mode is off while it handles a call, so calls inside one PyTorch writes in Python (CLIP's attention, which
+    runs under autocast only in --layers auto's selection) stay float32: there the count errs high."""
     LOWER = {F.conv2d, F.conv_transpose2d, F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
              torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
 
@@ -3117,7 +3143,9 @@ def estimate_memory(step, modules, opt, steps=2):
     """Run `steps` training steps on meta tensors and count: weights (both generators and the CLIP models),
     Adam's state, and the peak. Two steps, as Adam's state appears in the first. -> dict of bytes, seconds"""
     t0 = time.time()
-    with LiveBytes(t for m in modules for t in itertools.chain(m.parameters(), m.buffers())) as live, MetaAutocast():
+    meta = any(p.is_meta for m in modules for p in m.parameters())           # real tensors: real autocast alone
+    with LiveBytes(t for m in modules for t in itertools.chain(m.parameters(), m.buffers())) as live, \
+            MetaAutocast() if meta else contextlib.nullcontext():
         weights = live.now
         for _ in range(steps):
             step()
@@ -3180,7 +3208,8 @@ def doctor(device="auto", build_ops=False, wdir=None):
         print(f"CLIP         MISSING: {_first_line(e)} (pip install -r requirements.txt)")
     folder = weights_dir(wdir)
     present = sorted(f for f in os.listdir(folder) if f.endswith((".pkl", ".pt"))) if os.path.isdir(folder) else []
-    print(f"CPU threads  {torch.get_num_threads()}, OpenMP waits {os.environ.get('OMP_WAIT_POLICY', 'spinning')}")
+    print(f"CPU threads  {torch.get_num_threads()}, OpenMP waits "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'as it likes (spinning, then sleeping)')}")
     print(f"weights      {folder} ({len(present)} files{': ' + ', '.join(present) if present else ''})")
     build = ops_build()                                 # the toolkit, ninja and the builds: ops/build.py reports them
     if build is None:

@@ -1217,6 +1217,26 @@ def test_sample_walk_refusals(tmp_path, tiny_ckpt, flags, words):
     assert not (tmp_path / "w").exists()
 
 
+def test_sample_walk_without_its_base_and_walks_too_large(tmp_path, capsys, colour_clip, tiny_ckpt, monkeypatch):
+    """A run whose base file is gone walks alone (and says so); --compare says the base is gone; a walk that would
+    hold more than MAX_WALK_BYTES is refused before it renders."""
+    shutil.copy(tiny_ckpt, tmp_path / "base.pt")
+    run = nada.train(tgt="red photo", ckpt=str(tmp_path / "base.pt"), out=str(tmp_path / "r"), iters=1,
+                     clip=colour_clip, progress=False)
+    os.remove(tmp_path / "base.pt")
+    rc, out, err = main_in_process(capsys, "sample", "--ckpt", run, "--walk", 2, "--frames", 2, "--out", tmp_path / "w")
+    assert rc == 0 and "is not there any more: the walk shows the run alone" in out, err
+    from PIL import Image
+    assert Image.open(tmp_path / "w" / "walk.webp").size == (32, 32)
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", run, "--compare", "--out", tmp_path / "c")
+    assert_clean_error(rc, err, f"--compare: the base {run}/generator.pt records, {tmp_path / 'base.pt'}, is not "
+                       "there any more")
+    monkeypatch.setattr(nada, "MAX_WALK_BYTES", 32 * 32 * 3 * 4 - 1)
+    rc, _, err = main_in_process(capsys, "sample", "--ckpt", run, "--walk", 2, "--frames", 2, "--out", tmp_path / "b")
+    assert_clean_error(rc, err, "--walk: 4 frames of 32x32 px", "fewer seeds, --frames or --also runs")
+    assert not (tmp_path / "b" / "walk.webp").exists()
+
+
 def test_sample_also_refuses_another_architecture(tmp_path, tiny_ckpt, red_and_blue_runs):
     rc, _, err = run_cli("sample", "--ckpt", os.path.join(red_and_blue_runs["red"], "generator.pt"), "--also",
                          os.path.join(FIXTURES, "nvidia_32_cond.pkl"), "--out", tmp_path / "s")
@@ -1914,6 +1934,13 @@ def test_prompts_are_encoded_once_on_the_shortest_context_with_the_full_contexts
     direction, target = nada.text_targets(model, *texts)
     assert torch.allclose(direction, F.normalize((full[1] - full[0]).mean(0), dim=0), atol=1e-6)
     assert torch.allclose(target, F.normalize(full[1].mean(0), dim=0), atol=1e-6)
+
+    def openai_clip(tokens):                              # OpenAI's own clip package adds all 77 positions
+        if tokens.shape[1] != 77:
+            raise RuntimeError(f"The size of tensor a ({tokens.shape[1]}) must match the size of tensor b (77)")
+        return encode(tokens)
+    model.encode_text = openai_clip
+    assert torch.allclose(nada.encode_prompts(model, texts), full, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
@@ -3064,6 +3091,11 @@ def test_memory_auto_estimates_from_the_loaded_base_without_reading_its_file_aga
     assert reads == [] and mode == "fast" and why == f"needs {(from_file + nada.CUDA_CONTEXT) / 2 ** 30:.1f} GiB; " \
                                                       "no GPU here to compare"
     assert nada.dry_run(fast, G)["peak_bytes"] == from_file
+    need = from_file + nada.CUDA_CONTEXT                  # on a GPU, the base and the context are held already
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 << 20)
+    for free, mode in ((need - nada.CUDA_CONTEXT - (10 << 20), "fast"), (need - nada.CUDA_CONTEXT - (10 << 20) - 1, "low")):
+        monkeypatch.setattr(nada, "free_gpu_bytes", lambda device: free)
+        assert nada.choose_memory(s, "cuda", G)[0] == mode
 
 
 @pytest.mark.parametrize("memory", ["fast", "low"])
@@ -3115,6 +3147,10 @@ def test_plot_ticks_are_round_and_cover_the_data():
     assert [round(t, 9) for t in nada.nice_ticks(0.99, 1.0)[0]] == [0.99, 0.995, 1.0]
     ticks, _ = nada.nice_ticks(1.0, 1.0)                 # a flat curve sits inside its axis
     assert ticks[0] < 1.0 < ticks[-1]
+
+
+def test_short_runs_get_whole_step_ticks():
+    assert nada.nice_ticks(0, 2, least=1) == ([0, 1, 2], 0) and nada.nice_ticks(0, 3, least=1)[0] == [0, 1, 2, 3]
 
 
 def test_dashed_lines_keep_their_pattern_across_vertices():
