@@ -5,10 +5,13 @@
 // channel (i / inner). A thread owns one chunk of V consecutive elements of a row (V = 16 bytes' worth when rows
 // and pointers allow, else 1), looks its V bias values up once, and walks down the rows (grid y splits them into
 // G groups): no division and one 16-byte load and store per V elements in the loop.
-// Backward, in the same pass: dx, and per thread the sum of its dx per channel in the accumulation type; those
-// partial sums are reduced per `unit` of columns (a thread's chunk, or the whole block through a shared-memory
-// tree when one channel spans the block) into part[G][K / unit], which a small second kernel sums per channel in
-// a fixed order: deterministic, no atomics.
+// Backward, in the same pass: dx, and the bias gradient. A thread sums its dx per element in the accumulation type
+// over spans of at most kSpan rows and adds each span's sum to a float64 total; the block then sums its W = 256 * V
+// columns per channel with a pairwise tree in shared memory (float64) and writes one partial sum per channel it
+// touches (at most maxch, 2 when inner >= W) to part[G][gx][maxch]; a small second kernel adds a channel's partial
+// sums in float64, in a fixed order. So the buffer is bounded by the number of blocks, not by the input; no
+// float32 running sum ever grows past kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent);
+// deterministic, no atomics.
 #pragma once
 #include <limits>
 #include "common.h"
@@ -24,8 +27,11 @@ struct BiasActArgs {
 
 struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
-    int C, V, G, unit;               // channels, vector width, row groups (grid y), columns per bias-gradient partial
+    int64_t gx;                      // blocks along a row (grid x): ceil(chunks / 256)
+    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one block's columns touch
 };
+
+constexpr int kSpan = 64;                 // rows a thread sums in the accumulation type before its float64 total
 
 constexpr int64_t kTargetBlocks = 4096;   // enough blocks to fill any GPU; more rows per thread beyond that
 
@@ -43,7 +49,9 @@ inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int
     int64_t G = (kTargetBlocks + gx - 1) / gx;
     G = G < s.rows ? G : s.rows;
     s.G = int(G < 65535 ? G : 65535);
-    s.unit = s.inner % (int64_t(s.V) * kBlockThreads) == 0 ? s.V * kBlockThreads : s.inner % s.V == 0 ? s.V : 1;
+    s.gx = gx;
+    const int64_t W = int64_t(s.V) * kBlockThreads, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
+    s.maxch = int(most < C ? most : C);
     return s;
 }
 
@@ -69,20 +77,35 @@ struct alignas(sizeof(T) * V) Pack {
     T v[V];
 };
 
+
+template <typename A>
+NADA_HD bool sign_bit(A v) {
+#ifdef __CUDA_ARCH__
+    return signbit(v);
+#else
+    return std::signbit(v);
+#endif
+}
+
+// Forward. z <= 0 gives -|alpha z|: a value that rounds to zero (in y's dtype, or in the accumulation type) keeps
+// its sign in the sign of that zero (+0 above zero, -0 at or below it), which is all the gradient needs.
 template <typename A>
 NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
-    v = v < A(0) ? v * a.alpha : v;
+    const A t = v * a.alpha;
+    v = v > A(0) ? v : !(t >= A(0)) ? t : -A(0);                  // t < 0, or NaN: kept as it is
     v *= a.gain;
     return v > a.clamp ? a.clamp : (v < -a.clamp ? -a.clamp : v);
 }
 
-// dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y is the sign of
-// x + b (alpha >= 0, gain > 0), so y tells the leaky ReLU's branch.
+// dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y, zeros included
+// (bias_act_value), is the sign of x + b before rounding (alpha >= 0, gain > 0), so y tells the leaky ReLU's side
+// even where x + b rounded to zero. A value that rounded onto the clamp itself gets gradient 0 (the mask is taken
+// from the rounded y, by design: the kernel never sees x + b in backward).
 template <typename A>
 NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
     if (a.clamped && !(y < a.clamp_y && y > -a.clamp_y)) return A(0);
     const A g = dy * a.gain;
-    return y > A(0) ? g : g * a.alpha;
+    return sign_bit(y) ? g * a.alpha : g;
 }
 
 template <int V, typename T, typename A, class Ex>
@@ -105,77 +128,107 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
     });
 }
 
+// A thread's place in its block's pairwise sum per channel: element j of the block's window (its columns) is d
+// elements into its channel's run within the window, which is n elements long.
+template <int V>
+struct GradState {
+    int d[V], n[V];
+};
+
 template <int V, bool STRIDED, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* dy,
-                                    const DyMap& m, const T* y, T* dx, A* part, A* red, int64_t bx, int by) {
-    ex.phase([&](int tid, NoState&) {
+                                    const DyMap& m, const T* y, T* dx, double* part, double* red, int64_t bx,
+                                    int by) {
+    constexpr int W = V * kBlockThreads;
+    const int64_t col0 = bx * W;                                  // the block's first column
+    const int width = int(s.K - col0 < W ? s.K - col0 : W);       // its columns (the last block: fewer)
+    ex.phase([&](int tid, typename Ex::State& st) {
         const int64_t chunk = bx * kBlockThreads + tid;
-        A acc[V];
+        double tot[V];
 #pragma unroll
-        for (int e = 0; e < V; e++) acc[e] = A(0);
+        for (int e = 0; e < V; e++) tot[e] = 0.0;
         if (chunk < s.chunks) {
             const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
-            for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
-                const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
-                Pack<T, V> gv, out;
-                if (STRIDED) {
+            int64_t off = by * s.K + chunk * V;
+            while (off < end) {
+                A acc[V];
+#pragma unroll
+                for (int e = 0; e < V; e++) acc[e] = A(0);
+                for (int n = 0; n < kSpan && off < end; n++, off += step) {
+                    const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
+                    Pack<T, V> gv, out;
+                    if (STRIDED) {
+#pragma unroll
+                        for (int e = 0; e < V; e++) {
+                            int64_t o = 0;
+                            for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
+                            gv.v[e] = dy[o];
+                        }
+                    } else {
+                        gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+                    }
 #pragma unroll
                     for (int e = 0; e < V; e++) {
-                        int64_t o = 0;
-                        for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
-                        gv.v[e] = dy[o];
+                        const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
+                        out.v[e] = T(g);
+                        acc[e] = add_rn(acc[e], g);
                     }
-                } else {
-                    gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+                    *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
                 }
 #pragma unroll
-                for (int e = 0; e < V; e++) {
-                    const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
-                    out.v[e] = T(g);
-                    acc[e] = add_rn(acc[e], g);
-                }
-                *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
+                for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));
             }
         }
         if (!part) return;
-        if (s.unit == 1) {
-            if (chunk < s.chunks)
-                for (int e = 0; e < V; e++) part[by * s.K + chunk * V + e] = acc[e];
-            return;
-        }
-        A t = acc[0];
+        // Where each of this thread's elements sits in its channel's run of the window.
+        const int64_t r0 = (col0 + tid * V) % s.inner;
 #pragma unroll
-        for (int e = 1; e < V; e++) t += acc[e];
-        if (s.unit == V) {
-            if (chunk < s.chunks) part[by * s.chunks + chunk] = t;
-        } else {
-            red[tid] = t;                           // one channel spans the block: reduce it in shared memory
+        for (int e = 0; e < V; e++) {
+            const int j = tid * V + e;
+            int64_t r = r0 + e;
+            if (r >= s.inner) r %= s.inner;                       // only when inner < V
+            st.d[e] = int(r < j ? r : j);
+            const int64_t stop = j - r + s.inner;                 // the run's end (exclusive) in window coordinates
+            st.n[e] = int((stop < width ? stop : width) - (j - st.d[e]));
+            red[j] = j < width ? tot[e] : 0.0;
         }
     });
-    if (!part || s.unit != V * kBlockThreads) return;
-    for (int half = kBlockThreads / 2; half > 0; half /= 2)
-        ex.phase([&](int tid, NoState&) {
-            if (tid < half) red[tid] += red[tid + half];
+    if (!part) return;
+    for (int h = 1; h < W; h *= 2)                                // pairwise within each channel's run
+        ex.phase([&](int tid, typename Ex::State& st) {
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                const int j = tid * V + e;
+                if (j < width && st.d[e] % (2 * h) == 0 && st.d[e] + h < st.n[e]) red[j] = add_rn(red[j], red[j + h]);
+            }
         });
-    ex.phase([&](int tid, NoState&) {
-        if (tid == 0) part[by * (s.chunks / kBlockThreads) + bx] = red[0];
+    ex.phase([&](int tid, typename Ex::State&) {
+        const int64_t c0 = col0 / s.inner, c1 = (col0 + width - 1) / s.inner;
+        if (tid > c1 - c0) return;
+        const int64_t start = (c0 + tid) * s.inner - col0;       // the run of channel c0 + tid in the window
+        part[(int64_t(by) * s.gx + bx) * s.maxch + tid] = red[start > 0 ? start : 0];
     });
 }
 
-// db[c] = the sum of channel c's partial sums part[g][c * upc + u] over every row group g, in a fixed order.
-template <typename A, class Ex>
-NADA_BLOCK void bias_grad_sum_block(Ex& ex, const A* part, int G, int64_t units, int64_t upc, A* db, A* red, int c) {
+// db[c] = the sum of channel c's partial sums over every block that touches it and every row group, in float64,
+// in a fixed order; then rounded once to the accumulation type.
+template <int V, typename A, class Ex>
+NADA_BLOCK void bias_grad_sum_block(Ex& ex, const BiasActShape& s, const double* part, A* db, double* red, int c) {
+    constexpr int64_t W = int64_t(V) * kBlockThreads;
     ex.phase([&](int tid, NoState&) {
-        A t = A(0);
-        for (int g = 0; g < G; g++)
-            for (int64_t u = tid; u < upc; u += kBlockThreads) t += part[g * units + c * upc + u];
+        const int64_t first = c * s.inner / W, last = ((c + 1) * s.inner - 1) / W, nb = last - first + 1;
+        double t = 0.0;
+        for (int64_t i = tid; i < s.G * nb; i += kBlockThreads) {
+            const int64_t g = i / nb, bxi = first + i % nb, slot = c - bxi * W / s.inner;
+            t = add_rn(t, part[(g * s.gx + bxi) * s.maxch + slot]);
+        }
         red[tid] = t;
     });
     for (int half = kBlockThreads / 2; half > 0; half /= 2)
         ex.phase([&](int tid, NoState&) {
-            if (tid < half) red[tid] += red[tid + half];
+            if (tid < half) red[tid] = add_rn(red[tid], red[tid + half]);
         });
     ex.phase([&](int tid, NoState&) {
-        if (tid == 0) db[c] = red[0];
+        if (tid == 0) db[c] = A(red[0]);
     });
 }

@@ -83,7 +83,8 @@ static at::Tensor upfirdn2d_cpu(const at::Tensor& x_, const at::Tensor& f_, int6
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
         UpFirDnKernel kind;
-        TORCH_CHECK(plan_upfirdn2d(p, sizeof(A), kSmemLimit, kind), "upfirdn2d: filter too large");
+        const char* refused = plan_upfirdn2d(p, sizeof(A), kSmemLimit, kind);
+        TORCH_CHECK(!refused, refused);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const float* fp = f.const_data_ptr<float>();
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -109,8 +110,8 @@ static at::Tensor upfirdn2d_cuda_checked(const at::Tensor& x, const at::Tensor& 
     UpFirDnParams p = prepare(x, f, up, down, px0, px1, py0, py1, flip, gain, y);
     if (y.numel() == 0) return y;
     UpFirDnKernel kind;
-    TORCH_CHECK(plan_upfirdn2d(p, x.scalar_type() == at::kDouble ? 8 : 4, kSmemLimit, kind),
-                "upfirdn2d: filter too large");
+    const char* refused = plan_upfirdn2d(p, x.scalar_type() == at::kDouble ? 8 : 4, kSmemLimit, kind);
+    TORCH_CHECK(!refused, refused);
     upfirdn2d_cuda(x, f, p, kind, y);
     return y;
 }

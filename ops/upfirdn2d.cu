@@ -33,7 +33,8 @@ void upfirdn2d_cuda(const at::Tensor& x, const at::Tensor& f, const UpFirDnParam
                     at::Tensor& y) {
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t planes = x.size(0) * x.size(1), gz = (p.tilesY + p.loop - 1) / p.loop;
-    TORCH_CHECK(p.tilesX <= 65535 && gz <= 65535, "upfirdn2d: the output is too wide for one launch");
+    // plan_upfirdn2d refused anything past these limits already (for the CPU twin too): a guard, not a new limit.
+    TORCH_CHECK(p.tilesX <= kMaxGridYZ && gz <= kMaxGridYZ, "upfirdn2d: the plan exceeds the grid's limits");
     const dim3 grid(unsigned(planes), unsigned(p.tilesX), unsigned(gz));
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cuda", [&] {

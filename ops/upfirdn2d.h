@@ -185,8 +185,11 @@ NADA_BLOCK void upfirdn2d_generic_block(Ex& ex, const UpFirDnParams& p, const T*
 enum class UpFirDnKernel { Generic, Blur4, Up2x4, Down2x4 };
 
 // The launch plan, the same for the GPU and the CPU twin: which kernel, tile sizes, tile alignment, the tile loop.
-// Returns false if even a 1x1 generic tile does not fit in `smem_limit` bytes.
-inline bool plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, UpFirDnKernel& kind) {
+// Returns why the op cannot run (nullptr if it can): the limits live here, so the CPU twin refuses exactly what the
+// GPU refuses.
+constexpr int kMaxGridYZ = 65535;                                 // CUDA's limit on grid y and z
+
+inline const char* plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, UpFirDnKernel& kind) {
     const bool k4 = p.fh == 4 && p.fw == 4;
     kind = !k4 ? UpFirDnKernel::Generic
          : p.up == 1 && p.down == 1 ? UpFirDnKernel::Blur4
@@ -210,13 +213,14 @@ inline bool plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, 
             if (int64_t(p.tiw) * p.tih * acc_bytes + int64_t(p.fh) * p.fw * acc_bytes <= smem_limit) break;
             if (p.toh > 1) p.toh /= 2;
             else if (p.tow > 1) p.tow /= 2;
-            else return false;
+            else return "upfirdn2d: filter too large";
         }
     }
     p.tilesX = (p.outW + p.shiftx + p.tow - 1) / p.tow;
     p.tilesY = (p.outH + p.shifty + p.toh - 1) / p.toh;
-    const int fit = (p.tilesY + 65534) / 65535;                   // grid z is at most 65535
+    if (p.tilesX > kMaxGridYZ) return "upfirdn2d: the output is too wide for one launch (tile columns > 65535)";
+    const int fit = (p.tilesY + kMaxGridYZ - 1) / kMaxGridYZ;     // grid z is at most 65535
     const int amortise = p.tilesY / 4 < 4 ? p.tilesY / 4 : 4;     // up to 4 tile rows per block: taps load once
     p.loop = fit > amortise ? fit : (amortise > 1 ? amortise : 1);
-    return true;
+    return nullptr;
 }
