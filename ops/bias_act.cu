@@ -35,7 +35,7 @@ bias_grad_sum_kernel(const double* __restrict__ part, BiasActShape s, A* __restr
 }
 
 static dim3 grid_of(const BiasActShape& s) {
-    return dim3(unsigned((s.chunks + kBlockThreads - 1) / kBlockThreads), unsigned(s.G));
+    return dim3(unsigned(s.gx), unsigned(s.G));
 }
 
 void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, const BiasActShape& s, bool lrelu,

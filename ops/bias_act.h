@@ -8,7 +8,7 @@
 // Backward, in the same pass: dx, and the bias gradient. A thread sums its dx per element in the accumulation type
 // over spans of at most kSpan rows and adds each span's sum to a float64 total; the block then sums its W = 256 * V
 // columns per channel with a pairwise tree in shared memory (float64) and writes one partial sum per channel it
-// touches (at most maxch, 2 when inner >= W) to part[G][gx][maxch]; a small second kernel adds a channel's partial
+// touches (at most maxch, 2 when inner >= W) to part[G][windows][maxch]; a small second kernel adds a channel's partial
 // sums in float64, in a fixed order. So the buffer is bounded by the number of blocks, not by the input; no
 // float32 running sum ever grows past kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent);
 // deterministic, no atomics.
@@ -27,31 +27,39 @@ struct BiasActArgs {
 
 struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
-    int64_t gx;                      // blocks along a row (grid x): ceil(chunks / 256)
-    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one block's columns touch
+    int64_t windows, gx;             // windows of 256 chunks along a row; blocks along a row (grid x) walk them
+    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one window touches
+    FastDiv by_inner;                // column -> channel
 };
 
 constexpr int kSpan = 64;                 // rows a thread sums in the accumulation type before its float64 total
+constexpr int64_t kTurns = 4;             // vectors a thread handles at least, where the tensor allows: its setup
+                                          // is paid once for them all
 
 constexpr int64_t kTargetBlocks = 4096;   // enough blocks to fill any GPU; more rows per thread beyond that
 
 // The launch plan, the same for the GPU and the CPU twin. vmax: elements per 16 bytes, usable if every pointer is
-// 16-byte aligned (`aligned`) and rows split into whole vectors.
+// 16-byte aligned (`aligned`) and a vector's elements share one channel (inner a multiple of vmax) or are channels
+// one after another (inner 1). Blocks: about kTargetBlocks, but no more than gives every thread kTurns vectors; a
+// row's windows of 256 chunks first, then groups of rows (grid y); a block walks every gx-th window.
 inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int vmax, bool aligned) {
     BiasActShape s;
     s.C = int(C);
     s.inner = C > 1 ? stride1 : numel;        // one channel: a single row (its stride may be anything, even 0)
     s.K = C * s.inner;
     s.rows = numel / s.K;
-    s.V = aligned && s.K % vmax == 0 ? vmax : 1;
+    s.V = aligned && (s.inner % vmax == 0 || (s.inner == 1 && C % vmax == 0)) ? vmax : 1;
     s.chunks = s.K / s.V;
-    const int64_t gx = (s.chunks + kBlockThreads - 1) / kBlockThreads;
-    int64_t G = (kTargetBlocks + gx - 1) / gx;
+    s.windows = (s.chunks + kBlockThreads - 1) / kBlockThreads;
+    const int64_t want = (s.rows * s.chunks + kBlockThreads * kTurns - 1) / (kBlockThreads * kTurns);
+    const int64_t blocks = want < kTargetBlocks ? (want > 0 ? want : 1) : kTargetBlocks;
+    s.gx = blocks < s.windows ? blocks : s.windows;
+    int64_t G = blocks / s.gx;
     G = G < s.rows ? G : s.rows;
-    s.G = int(G < 65535 ? G : 65535);
-    s.gx = gx;
+    s.G = int(G < 65535 ? (G > 0 ? G : 1) : 65535);
     const int64_t W = int64_t(s.V) * kBlockThreads, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
     s.maxch = int(most < C ? most : C);
+    s.by_inner = make_fast_div(s.inner);
     return s;
 }
 
@@ -94,7 +102,8 @@ NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
     const A t = v * a.alpha;
     v = v > A(0) ? v : !(t >= A(0)) ? t : -A(0);                  // t < 0, or NaN: kept as it is
     v *= a.gain;
-    return v > a.clamp ? a.clamp : (v < -a.clamp ? -a.clamp : v);
+    v = v > a.clamp ? a.clamp : v;                                 // selects, not min/max: NaN stays NaN
+    return v < -a.clamp ? -a.clamp : v;
 }
 
 // dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y, zeros included
@@ -108,22 +117,37 @@ NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
     return sign_bit(y) ? g * a.alpha : g;
 }
 
+// The V bias values of chunk `chunk`: one channel for them all, or (inner 1) V channels one after another.
+template <int V, typename A>
+NADA_HD void load_bias(const BiasActShape& s, const A* b, int64_t chunk, A (&bias)[V]) {
+    if (!b) {
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = A(0);
+    } else if (s.inner == 1) {
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = b[chunk * V + e];
+    } else {
+        const A c = b[fast_div(chunk * V, s.by_inner)];
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = c;
+    }
+}
+
 template <int V, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* x, const A* b,
                                T* y, int64_t bx, int by) {
     ex.phase([&](int tid, NoState&) {
-        const int64_t chunk = bx * kBlockThreads + tid;
-        if (chunk >= s.chunks) return;
-        A bias[V];
-#pragma unroll
-        for (int e = 0; e < V; e++) bias[e] = b ? b[(chunk * V + e) / s.inner] : A(0);
         const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
-        for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
-            const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + off);
-            Pack<T, V> out;
+        for (int64_t chunk = bx * kBlockThreads + tid; chunk < s.chunks; chunk += s.gx * kBlockThreads) {
+            A bias[V];
+            load_bias<V, A>(s, b, chunk, bias);
+            for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
+                const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + off);
+                Pack<T, V> out;
 #pragma unroll
-            for (int e = 0; e < V; e++) out.v[e] = T(bias_act_value<A>(A(in.v[e]) + bias[e], a));
-            *reinterpret_cast<Pack<T, V>*>(y + off) = out;
+                for (int e = 0; e < V; e++) out.v[e] = T(bias_act_value<A>(A(in.v[e]) + bias[e], a));
+                *reinterpret_cast<Pack<T, V>*>(y + off) = out;
+            }
         }
     });
 }
@@ -140,74 +164,77 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                                     const DyMap& m, const T* y, T* dx, double* part, double* red, int64_t bx,
                                     int by) {
     constexpr int W = V * kBlockThreads;
-    const int64_t col0 = bx * W;                                  // the block's first column
-    const int width = int(s.K - col0 < W ? s.K - col0 : W);       // its columns (the last block: fewer)
-    ex.phase([&](int tid, typename Ex::State& st) {
-        const int64_t chunk = bx * kBlockThreads + tid;
-        double tot[V];
+    for (int64_t w = bx; w < s.windows; w += s.gx) {              // the same windows for every thread of the block
+        const int64_t col0 = w * W;                               // the window's first column
+        const int width = int(s.K - col0 < W ? s.K - col0 : W);   // its columns (the last window: fewer)
+        ex.phase([&](int tid, typename Ex::State& st) {
+            const int64_t chunk = w * kBlockThreads + tid;
+            double tot[V];
 #pragma unroll
-        for (int e = 0; e < V; e++) tot[e] = 0.0;
-        if (chunk < s.chunks) {
-            const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
-            int64_t off = by * s.K + chunk * V;
-            while (off < end) {
-                A acc[V];
+            for (int e = 0; e < V; e++) tot[e] = 0.0;
+            if (chunk < s.chunks) {
+                const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
+                int64_t off = by * s.K + chunk * V;
+                while (off < end) {
+                    A acc[V];
 #pragma unroll
-                for (int e = 0; e < V; e++) acc[e] = A(0);
-                for (int n = 0; n < kSpan && off < end; n++, off += step) {
-                    const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
-                    Pack<T, V> gv, out;
-                    if (STRIDED) {
+                    for (int e = 0; e < V; e++) acc[e] = A(0);
+                    for (int n = 0; n < kSpan && off < end; n++, off += step) {
+                        const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
+                        Pack<T, V> gv, out;
+                        if (STRIDED) {
+#pragma unroll
+                            for (int e = 0; e < V; e++) {
+                                int64_t o = 0;
+                                for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
+                                gv.v[e] = dy[o];
+                            }
+                        } else {
+                            gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+                        }
 #pragma unroll
                         for (int e = 0; e < V; e++) {
-                            int64_t o = 0;
-                            for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
-                            gv.v[e] = dy[o];
+                            const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
+                            out.v[e] = T(g);
+                            acc[e] = add_rn(acc[e], g);
                         }
-                    } else {
-                        gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+                        *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
                     }
 #pragma unroll
-                    for (int e = 0; e < V; e++) {
-                        const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
-                        out.v[e] = T(g);
-                        acc[e] = add_rn(acc[e], g);
-                    }
-                    *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
+                    for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));
                 }
-#pragma unroll
-                for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));
             }
-        }
-        if (!part) return;
-        // Where each of this thread's elements sits in its channel's run of the window.
-        const int64_t r0 = (col0 + tid * V) % s.inner;
-#pragma unroll
-        for (int e = 0; e < V; e++) {
-            const int j = tid * V + e;
-            int64_t r = r0 + e;
-            if (r >= s.inner) r %= s.inner;                       // only when inner < V
-            st.d[e] = int(r < j ? r : j);
-            const int64_t stop = j - r + s.inner;                 // the run's end (exclusive) in window coordinates
-            st.n[e] = int((stop < width ? stop : width) - (j - st.d[e]));
-            red[j] = j < width ? tot[e] : 0.0;
-        }
-    });
-    if (!part) return;
-    for (int h = 1; h < W; h *= 2)                                // pairwise within each channel's run
-        ex.phase([&](int tid, typename Ex::State& st) {
+            if (!part) return;
+            // Where each of this thread's elements sits in its channel's run of the window.
+            const int64_t c = col0 + tid * V, r0 = c - fast_div(c, s.by_inner) * s.inner;
 #pragma unroll
             for (int e = 0; e < V; e++) {
                 const int j = tid * V + e;
-                if (j < width && st.d[e] % (2 * h) == 0 && st.d[e] + h < st.n[e]) red[j] = add_rn(red[j], red[j + h]);
+                int64_t r = r0 + e;
+                if (r >= s.inner) r %= s.inner;                   // only when inner < V
+                st.d[e] = int(r < j ? r : j);
+                const int64_t stop = j - r + s.inner;             // the run's end (exclusive) in window coordinates
+                st.n[e] = int((stop < width ? stop : width) - (j - st.d[e]));
+                red[j] = j < width ? tot[e] : 0.0;
             }
         });
-    ex.phase([&](int tid, typename Ex::State&) {
-        const int64_t c0 = col0 / s.inner, c1 = (col0 + width - 1) / s.inner;
-        if (tid > c1 - c0) return;
-        const int64_t start = (c0 + tid) * s.inner - col0;       // the run of channel c0 + tid in the window
-        part[(int64_t(by) * s.gx + bx) * s.maxch + tid] = red[start > 0 ? start : 0];
-    });
+        if (!part) continue;
+        for (int h = 1; h < W; h *= 2)                            // pairwise within each channel's run
+            ex.phase([&](int tid, typename Ex::State& st) {
+#pragma unroll
+                for (int e = 0; e < V; e++) {
+                    const int j = tid * V + e;
+                    if (j < width && st.d[e] % (2 * h) == 0 && st.d[e] + h < st.n[e])
+                        red[j] = add_rn(red[j], red[j + h]);
+                }
+            });
+        ex.phase([&](int tid, typename Ex::State&) {
+            const int64_t c0 = fast_div(col0, s.by_inner), c1 = fast_div(col0 + width - 1, s.by_inner);
+            if (tid > c1 - c0) return;
+            const int64_t start = (c0 + tid) * s.inner - col0;   // the run of channel c0 + tid in the window
+            part[(int64_t(by) * s.windows + w) * s.maxch + tid] = red[start > 0 ? start : 0];
+        });
+    }
 }
 
 // db[c] = the sum of channel c's partial sums over every block that touches it and every row group, in float64,
@@ -219,8 +246,8 @@ NADA_BLOCK void bias_grad_sum_block(Ex& ex, const BiasActShape& s, const double*
         const int64_t first = c * s.inner / W, last = ((c + 1) * s.inner - 1) / W, nb = last - first + 1;
         double t = 0.0;
         for (int64_t i = tid; i < s.G * nb; i += kBlockThreads) {
-            const int64_t g = i / nb, bxi = first + i % nb, slot = c - bxi * W / s.inner;
-            t = add_rn(t, part[(g * s.gx + bxi) * s.maxch + slot]);
+            const int64_t g = i / nb, wi = first + i % nb, slot = c - wi * W / s.inner;
+            t = add_rn(t, part[(g * s.windows + wi) * s.maxch + slot]);
         }
         red[tid] = t;
     });

@@ -108,7 +108,7 @@ def store_loops(ins, elem_bits):
         tgt = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)
         if tgt and int(tgt.group(1), 16) < a:
             spans.append((int(tgt.group(1), 16), a))
-    found, inside = [], set()
+    found, inside, store_spans = [], set(), []
     for lo, hi in spans:
         if any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in spans):
             continue                                    # not innermost
@@ -117,7 +117,15 @@ def store_loops(ins, elem_bits):
         if bits:
             found.append((len(body), bits // elem_bits))
             inside.update(b for b, _ in body)
-    return sorted(found, key=lambda f: f[1]), len(real) - len(inside)
+            store_spans.append((lo, hi))
+    # A loop around the store loops (bias_act: a thread's chunks): its other instructions run once per turn.
+    outer = [(lo, hi) for lo, hi in spans if store_spans and all(lo <= a and b <= hi and (a, b) != (lo, hi)
+                                                                  for a, b in store_spans)]
+    per_turn = 0
+    if outer:
+        lo, hi = min(outer, key=lambda sp: sp[1] - sp[0])
+        per_turn = sum(1 for b, _ in real if lo <= b <= hi and b not in inside)
+    return sorted(found, key=lambda f: f[1]), len(real) - len(inside) - per_turn, per_turn
 
 
 def main_loop_cost(found, turns):
@@ -131,6 +139,7 @@ def main_loop_cost(found, turns):
 BLOCK = 256
 TARGET_BLOCKS = 4096
 TILE_ROWS_PER_BLOCK = 4         # upfirdn2d.h plan_upfirdn2d: amortise
+TURNS = 4                       # bias_act.h kTurns
 
 
 def plan_upfirdn2d_small(N, C, outH, outW, shifty=0):
@@ -144,18 +153,29 @@ def plan_upfirdn2d_small(N, C, outH, outW, shifty=0):
 
 
 def plan_bias_act(shape, elem_bytes):
-    """-> (vector width, active threads per row group, [rows of each row group])."""
+    """-> (vector width, [(chunks a thread of a row group walks, rows of each: [..]) per thread], ...): here
+    [(threads, chunks per thread, rows per chunk)] grouped by equal work."""
     C, numel = shape[1], 1
     for d in shape:
         numel *= d
     inner = numel // (shape[0] * C)                     # contiguous NC...: stride(1)
     K = C * inner
     rows, vmax = numel // K, 16 // elem_bytes
-    V = vmax if K % vmax == 0 else 1
+    V = vmax if (inner % vmax == 0 or (inner == 1 and C % vmax == 0)) else 1
     chunks = K // V
-    gx = (chunks + BLOCK - 1) // BLOCK
-    G = min((TARGET_BLOCKS + gx - 1) // gx, rows, 65535)
-    return V, chunks, [(rows - g + G - 1) // G for g in range(G)]
+    windows = (chunks + BLOCK - 1) // BLOCK
+    want = (rows * chunks + BLOCK * TURNS - 1) // (BLOCK * TURNS)
+    blocks = max(1, min(want, TARGET_BLOCKS))
+    gx = min(blocks, windows)
+    G = max(1, min(blocks // gx, rows, 65535))
+    work = {}
+    for bx in range(gx):                                # chunks per thread (by its window)
+        nk = (windows - bx + gx - 1) // gx
+        for g in range(G):
+            t = (rows - g + G - 1) // G
+            work[(nk, t)] = work.get((nk, t), 0) + BLOCK
+    active = chunks / (windows * BLOCK)                 # the last window's idle threads: not counted
+    return V, [(n * active, nk, t) for (nk, t), n in work.items()]
 
 
 def stylegan2_shapes(size=1024, batch=2):
@@ -183,7 +203,7 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
             k = kernels_found.get((f"upfirdn2d_small_kernel<{up}, {down}, {dt}>", None))
             if not k:
                 continue
-            found, setup = k
+            found, setup, _ = k
             for shape, (oh, ow) in calls[op]:
                 blocks, turns, tilesX, tilesY = plan_upfirdn2d_small(shape[0], shape[1], oh, ow)
                 per_col = sum(setup + main_loop_cost(found, t) for t in turns) * BLOCK
@@ -194,15 +214,15 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
                              per_col / outs, used))
         for kind in ("bias_act_kernel", "bias_act_grad_kernel"):
             for shape in calls["bias_act"]:
-                V, chunks, group_rows = plan_bias_act(shape, elem)
+                V, work = plan_bias_act(shape, elem)
                 name = f"{kind}<{V}, {dt}>" if kind == "bias_act_kernel" else f"{kind}<{V}, false, {dt}>"
                 k = kernels_found.get((name, None))
                 if not k:
                     continue
-                found, setup = k
-                loop_only = sum(main_loop_cost(found, t) for t in group_rows) * chunks
-                total = loop_only + setup * chunks * len(group_rows)
-                outs = sum(group_rows) * chunks * V
+                found, setup, per_chunk = k
+                loop_only = sum(n * nk * main_loop_cost(found, t) for n, nk, t in work)
+                total = loop_only + sum(n * (setup + nk * per_chunk) for n, nk, t in work)
+                outs = sum(n * nk * t for n, nk, t in work) * V
                 rows.append(("bias_act" if kind == "bias_act_kernel" else "bias_act grad", dt, f"{list(shape)}",
                              loop_only / outs, (total - loop_only) / outs, total / outs, 1.0))
     return rows
@@ -239,10 +259,10 @@ def main(argv=None):
                 print(f"{d[:140]}\n    {usage.get(name, '?')}; {total} instructions; loops: {desc}")
                 short = re.match(r"void (\w+<[^(]*>)\(", d)
                 if short:
-                    found, setup = store_loops(ins, elem)
+                    found, setup, per_chunk = store_loops(ins, elem)
                     if found:
-                        found_by_name[(short.group(1), None)] = (found, setup)
-                        print(f"    main loop {found}, setup {setup} instructions")
+                        found_by_name[(short.group(1), None)] = (found, setup, per_chunk)
+                        print(f"    main loop {found}, setup {setup} instructions, {per_chunk} per outer turn")
     rows = effective(found_by_name)
     print(f"\nEffective instructions per output at the shapes of a 1024 px StyleGAN2 step, batch 2, sm_{args.arch} "
           f"(main loop + setup = effective; used: share of computed outputs inside the image)")
