@@ -124,13 +124,13 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
                 std::vector<double> red(size_t(kBlockThreads) * VM);
                 if (strided) {
-                    auto ex = std::make_unique<CpuBlock<GradState<1>>>();
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
                     bias_act_grad_block<1, true, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
                 } else if (s.V == 1) {
-                    auto ex = std::make_unique<CpuBlock<GradState<1>>>();
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
                     bias_act_grad_block<1, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
                 } else {
-                    auto ex = std::make_unique<CpuBlock<GradState<VM>>>();
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
                     bias_act_grad_block<VM, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
                 }
             });

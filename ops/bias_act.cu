@@ -22,7 +22,7 @@ bias_act_grad_kernel(const T* __restrict__ dy, DyMap m, const T* __restrict__ y,
                      double* __restrict__ part, BiasActShape s, BiasActArgs<at::opmath_type<T>> a) {
     using A = at::opmath_type<T>;
     __shared__ double red[kBlockThreads * V];
-    GpuBlock<GradState<V>> ex;
+    GpuBlock<GradState> ex;
     bias_act_grad_block<V, STRIDED, T, A>(ex, s, a, dy, m, y, dx, part, red, int64_t(blockIdx.x), int(blockIdx.y));
 }
 

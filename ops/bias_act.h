@@ -2,16 +2,19 @@
 // CPU twin in bias_act.cpp. y = clamp(gain * act(x + b), -clamp, clamp), act = identity or leaky ReLU.
 //
 // Layout: a dense tensor is, in memory order, [rows][C][inner] with inner = stride(1), so element i of row r sits in
-// channel (i / inner). A thread owns one chunk of V consecutive elements of a row (V = 16 bytes' worth when rows
-// and pointers allow, else 1), looks its V bias values up once, and walks down the rows (grid y splits them into
-// G groups): no division and one 16-byte load and store per V elements in the loop.
+// channel (i / inner). A thread owns chunks of V consecutive elements of a row (V = 16 bytes' worth when pointers
+// allow and a chunk is one channel or, inner 1, V channels; else 1): it looks a chunk's bias up once (the channel
+// from a multiply-high, FastDiv in common.h) and walks down the rows (grid y splits them into G groups); where
+// rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves at least
+// kTurns vectors. One 16-byte load and store per V elements in the loop.
 // Backward, in the same pass: dx, and the bias gradient. A thread sums its dx per element in the accumulation type
-// over spans of at most kSpan rows and adds each span's sum to a float64 total; the block then sums its W = 256 * V
-// columns per channel with a pairwise tree in shared memory (float64) and writes one partial sum per channel it
-// touches (at most maxch, 2 when inner >= W) to part[G][windows][maxch]; a small second kernel adds a channel's partial
-// sums in float64, in a fixed order. So the buffer is bounded by the number of blocks, not by the input; no
-// float32 running sum ever grows past kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent);
-// deterministic, no atomics.
+// over spans of at most kSpan rows and adds each span's sum to a float64 total. Per window of W = 256 * V columns
+// the block then sums per channel in float64: a thread adds its own V elements (one channel), then a pairwise tree
+// over the threads' runs of each channel in shared memory (with inner 1 every column is its own channel: no sum).
+// One partial sum per channel the window touches (at most maxch: 2 when inner >= W) goes to
+// part[G][windows][maxch], and a small second kernel adds a channel's partial sums in float64, in a fixed order.
+// So the buffer is bounded by the number of blocks' windows, not by the input; no float32 running sum is longer
+// than kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
 #include <limits>
 #include "common.h"
@@ -152,11 +155,10 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
     });
 }
 
-// A thread's place in its block's pairwise sum per channel: element j of the block's window (its columns) is d
-// elements into its channel's run within the window, which is n elements long.
-template <int V>
+// A thread's place in its block's pairwise sum per channel: its chunk is d chunks into its channel's run of
+// chunks within the window, which is n chunks long.
 struct GradState {
-    int d[V], n[V];
+    int d, n;
 };
 
 template <int V, bool STRIDED, typename T, typename A, class Ex>
@@ -205,34 +207,34 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                 }
             }
             if (!part) return;
-            // Where each of this thread's elements sits in its channel's run of the window.
-            const int64_t c = col0 + tid * V, r0 = c - fast_div(c, s.by_inner) * s.inner;
+            if (s.inner == 1) {                                   // every column its own channel: no sums to do
 #pragma unroll
-            for (int e = 0; e < V; e++) {
-                const int j = tid * V + e;
-                int64_t r = r0 + e;
-                if (r >= s.inner) r %= s.inner;                   // only when inner < V
-                st.d[e] = int(r < j ? r : j);
-                const int64_t stop = j - r + s.inner;             // the run's end (exclusive) in window coordinates
-                st.n[e] = int((stop < width ? stop : width) - (j - st.d[e]));
-                red[j] = j < width ? tot[e] : 0.0;
+                for (int e = 0; e < V; e++) red[tid * V + e] = tot[e];
+                return;
             }
+            // The V elements share a channel (inner % V == 0): one value per thread, and where the thread's chunk
+            // sits in its channel's run of chunks in the window (d chunks in, n chunks long).
+            double t = tot[0];
+#pragma unroll
+            for (int e = 1; e < V; e++) t = add_rn(t, tot[e]);
+            const int64_t col = col0 + tid * V, r = (col - fast_div(col, s.by_inner) * s.inner) / V;
+            st.d = int(r < tid ? r : tid);
+            const int64_t stop = tid - r + s.inner / V, wc = (width + V - 1) / V;
+            st.n = int((stop < wc ? stop : wc) - (tid - st.d));
+            red[tid] = tid < wc ? t : 0.0;
         });
         if (!part) continue;
-        for (int h = 1; h < W; h *= 2)                            // pairwise within each channel's run
-            ex.phase([&](int tid, typename Ex::State& st) {
-#pragma unroll
-                for (int e = 0; e < V; e++) {
-                    const int j = tid * V + e;
-                    if (j < width && st.d[e] % (2 * h) == 0 && st.d[e] + h < st.n[e])
-                        red[j] = add_rn(red[j], red[j + h]);
-                }
-            });
+        if (s.inner != 1)
+            for (int h = 1; h < kBlockThreads; h *= 2)            // pairwise within each channel's run
+                ex.phase([&](int tid, typename Ex::State& st) {
+                    if (st.d % (2 * h) == 0 && st.d + h < st.n) red[tid] = add_rn(red[tid], red[tid + h]);
+                });
         ex.phase([&](int tid, typename Ex::State&) {
             const int64_t c0 = fast_div(col0, s.by_inner), c1 = fast_div(col0 + width - 1, s.by_inner);
             if (tid > c1 - c0) return;
-            const int64_t start = (c0 + tid) * s.inner - col0;   // the run of channel c0 + tid in the window
-            part[(int64_t(by) * s.windows + w) * s.maxch + tid] = red[start > 0 ? start : 0];
+            int64_t start = (c0 + tid) * s.inner - col0;          // the run of channel c0 + tid in the window
+            start = start > 0 ? start : 0;
+            part[(int64_t(by) * s.windows + w) * s.maxch + tid] = red[s.inner == 1 ? start : start / V];
         });
     }
 }

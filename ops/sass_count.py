@@ -138,18 +138,22 @@ def main_loop_cost(found, turns):
 # The launch plans, mirrored from ops/*.h.
 BLOCK = 256
 TARGET_BLOCKS = 4096
-TILE_ROWS_PER_BLOCK = 4         # upfirdn2d.h plan_upfirdn2d: amortise
+TARGET_TILE_BLOCKS = 4096       # upfirdn2d.h kTargetTileBlocks
+MAX_LOOP = 16                   # upfirdn2d.h kMaxLoop
 TURNS = 4                       # bias_act.h kTurns
 
 
 def plan_upfirdn2d_small(N, C, outH, outW, shifty=0):
-    """-> (blocks along a column of tiles with their turns, [turns of each], tiles along a row)."""
+    """-> (blocks along a tile column: [(tiles, planes entered) of each], tiles along a row, tiles along a column)."""
     tilesX, tilesY = (outW + 63) // 64, (outH + shifty + 15) // 16
-    fit = (tilesY + 65534) // 65535
-    amortise = min(tilesY // 4, TILE_ROWS_PER_BLOCK)
-    loop = max(fit, amortise, 1)
-    turns = [min(loop, tilesY - z * loop) for z in range((tilesY + loop - 1) // loop)]
-    return N * C * tilesX, turns, tilesX, tilesY
+    planes = N * C
+    slots = planes * tilesY
+    loop = min(max((slots * tilesX + TARGET_TILE_BLOCKS - 1) // TARGET_TILE_BLOCKS, 4), MAX_LOOP, slots)
+    blocks = []
+    for k0 in range(0, slots, loop):
+        k1 = min(k0 + loop, slots)
+        blocks.append((k1 - k0, (k1 - 1) // tilesY - k0 // tilesY + 1))
+    return blocks, tilesX, tilesY
 
 
 def plan_bias_act(shape, elem_bytes):
@@ -203,12 +207,12 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
             k = kernels_found.get((f"upfirdn2d_small_kernel<{up}, {down}, {dt}>", None))
             if not k:
                 continue
-            found, setup, _ = k
+            found, setup, per_plane = k
             for shape, (oh, ow) in calls[op]:
-                blocks, turns, tilesX, tilesY = plan_upfirdn2d_small(shape[0], shape[1], oh, ow)
-                per_col = sum(setup + main_loop_cost(found, t) for t in turns) * BLOCK
-                loop_only = sum(main_loop_cost(found, t) for t in turns) * BLOCK
-                outs = sum(turns) * BLOCK * 4
+                blocks, tilesX, tilesY = plan_upfirdn2d_small(shape[0], shape[1], oh, ow)
+                loop_only = sum(main_loop_cost(found, t) for t, _ in blocks) * BLOCK
+                per_col = loop_only + sum(setup + n * per_plane for _, n in blocks) * BLOCK
+                outs = sum(t for t, _ in blocks) * BLOCK * 4
                 used = oh * ow / (tilesX * 64 * tilesY * 16)
                 rows.append((op, dt, f"{list(shape)}", loop_only / outs, (per_col - loop_only) / outs,
                              per_col / outs, used))

@@ -21,7 +21,8 @@
 struct UpFirDnParams {
     int C, H, W, outH, outW;
     int64_t planes;                  // N * C
-    FastDiv by_C, by_tilesY;         // plane -> (n, c); slot -> (plane, tile row)
+    FastDiv32 by_C;                  // plane -> (n, c)
+    FastDiv by_tilesY;               // slot -> (plane, tile row)
     int64_t xs_n, xs_c, ys_n, ys_c;  // strides between planes, in elements
     int xs_h, xs_w, ys_h, ys_w;      // strides within a plane: 32-bit
     int up, down, px0, py0, fh, fw;
@@ -43,14 +44,13 @@ template <> NADA_HD double gain_of<double>(const UpFirDnParams& p) { return p.ga
 template <typename T, class PlaneFn, class TileFn>
 NADA_BLOCK void walk_slots(const UpFirDnParams& p, const T* x, T* y, int64_t group, PlaneFn&& plane_fn, TileFn&& tile_fn) {
     const int64_t k0 = group * p.loop, total = p.planes * p.tilesY;
-    int64_t k1 = k0 + p.loop;
-    k1 = k1 < total ? k1 : total;
-    int64_t plane = fast_div(k0, p.by_tilesY);
-    int bty = int(k0 - plane * p.tilesY);
-    for (int64_t k = k0; k < k1; plane++, bty = 0) {
-        const int64_t n = fast_div(plane, p.by_C), c = plane - n * p.C;
-        plane_fn(x + n * p.xs_n + c * p.xs_c, y + n * p.ys_n + c * p.ys_c);
-        for (; bty < p.tilesY && k < k1; bty++, k++) tile_fn(bty);
+    int left = int(total - k0 < p.loop ? total - k0 : p.loop);  // tiles this block computes
+    int plane = int(fast_div(k0, p.by_tilesY));
+    int bty = int(k0 - int64_t(plane) * p.tilesY);
+    for (; left > 0; plane++, bty = 0) {
+        const int n = fast_div(plane, p.by_C), c = plane - n * p.C;
+        plane_fn(x + (n * p.xs_n + c * p.xs_c), y + (n * p.ys_n + c * p.ys_c));
+        for (; bty < p.tilesY && left > 0; bty++, left--) tile_fn(bty);
     }
 }
 
@@ -255,7 +255,7 @@ inline const char* plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_
     p.loop = int(loop < slots ? loop : slots);
     if ((slots + p.loop - 1) / p.loop >= INT32_MAX) return "upfirdn2d: too many planes for one launch";
     p.gainf = float(p.gain);
-    p.by_C = make_fast_div(p.C);
+    p.by_C = make_fast_div32(p.C);
     p.by_tilesY = make_fast_div(p.tilesY);
     return nullptr;
 }
