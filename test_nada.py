@@ -587,6 +587,69 @@ def test_bias_act_kernel_bias_gradient_sums_in_float32(compiled_ops):
     assert x.grad.dtype == torch.float16 and bool((x.grad == 1).all())
 
 
+# Kernels v3 (issue 20): the bias gradient's accuracy and buffer, the leaky ReLU's side of values that round to
+# zero, one limit for the CPU twin and the GPU.
+
+def test_bias_act_kernel_bias_gradient_has_no_long_float32_running_sums(compiled_ops):
+    """Issue 20, item 2. Adding n terms one after another to a float32 running sum loses up to about n * 2^-24
+    relative (2^31 terms of 1.25 came out 4% low). The loss grows with the length of the longest float32 running
+    sum, not with the tensor, so a short tensor whose sum used to run long shows it as well as 2^31 elements do:
+    [4096, 3] puts 4096 rows in one channel column, one row group each, and the old combine added those 4096
+    partial sums in float32 (4.1e-5 high). Now no float32 running sum is longer than 64 terms (kSpan) and the
+    rest is float64: the error stays within 64 * 2^-24 relative whatever the size. The second case is a channel
+    wider than many blocks with an odd inner size (the old buffer: 4 bytes per element; now a few float64s per
+    block)."""
+    bound = 64 * 2.0 ** -24
+    x = torch.ones(4096, 3, dtype=torch.float32)
+    g = torch.full_like(x, 1.1)
+    _, db = compiled_ops.bias_act_backward(g, x, False, 1.0, 1.0, -1.0, torch.float32)
+    exact = g.double().sum(0)
+    assert ((db.double() - exact).abs() / exact).max() <= bound, db.tolist()
+    n = 2 ** 21 + 1
+    y = torch.ones(2, 1, n, dtype=torch.float16)
+    dy = torch.full((2, 1, n), 0.1, dtype=torch.float16)
+    dx, db = compiled_ops.bias_act_backward(dy, y, False, 1.0, 1.0, -1.0, torch.float32)
+    exact = dy.double().sum().item()
+    assert abs(db.item() - exact) <= bound * exact and torch.equal(dx, dy), (db.item(), exact)
+
+
+@pytest.mark.parametrize("dtype,b,gain", [(torch.float16, 2.98e-8, 1.0), (torch.float16, 1e-8, nada.SQRT2),
+                                          (torch.bfloat16, 1e-41, 1.0), (torch.float32, 2.0 ** -149, 0.5)])
+def test_bias_act_kernel_side_of_values_that_round_to_zero(compiled_ops, dtype, b, gain):
+    """Issue 20, item 3: x + b > 0 whose output rounds to 0 takes the gradient of the positive side (gain), not
+    alpha * gain; x + b < 0 or == 0 the negative side. The output's zero carries the side in its sign."""
+    x = torch.zeros(2, 3, 1, 1, dtype=dtype)
+    bias = torch.tensor([b, -b, 0.0], dtype=torch.float32)
+    y = compiled_ops.bias_act(x, bias, True, 0.2, gain, -1.0)
+    ref = nada._bias_act_ref(x.double(), bias.double(), "lrelu", 0.2, gain, None)
+    assert torch.equal(y.double(), ref.to(dtype).double()) and bool((y == 0).all())
+    dx = compiled_ops.bias_act_grad(torch.ones_like(y), y, True, 0.2, gain, -1.0)
+    want = torch.tensor([gain, 0.2 * gain, 0.2 * gain], dtype=torch.float64).to(dtype).expand(2, 3)
+    assert torch.equal(dx[:, :, 0, 0], want), dx.flatten().tolist()
+
+
+def test_bias_act_kernel_float16_bias_gradient_rounds_once(compiled_ops):
+    """Issue 20, item 4 (float16 bias): the sum is float32/float64 whatever the bias's dtype and is rounded to
+    float16 once, so a total that float16 holds comes out right even where a running sum would pass 65504; a
+    total of 92,682 is inf in float16 because float16 stops at 65504 (the float32 bias holds it exactly)."""
+    y = torch.ones(1, 2, 92682, dtype=torch.float16)
+    dy = torch.ones_like(y)
+    dy[:, 0, 70000:] = -1                                # channel 0: 70000 - 22682 = 47318 (float16: 47328)
+    _, db = compiled_ops.bias_act_backward(dy, y, False, 1.0, 1.0, -1.0, torch.float16)
+    assert db.dtype == torch.float16 and db[0].item() == torch.tensor(47318.0).half().item()
+    assert db[1].item() == float("inf")
+    _, db = compiled_ops.bias_act_backward(dy, y, False, 1.0, 1.0, -1.0, torch.float32)
+    assert db.tolist() == [47318.0, 92682.0]
+
+
+def test_upfirdn2d_kernel_twin_refuses_what_the_gpu_refuses(compiled_ops):
+    """Issue 20, item 4: the limits are checked in the shared plan, so a launch the GPU cannot make (more than
+    65535 tile columns: 4,194,240 outputs wide for the 4x4 kernels) is refused on the CPU too."""
+    f = torch.ones(4, 4)
+    with pytest.raises(RuntimeError, match="too wide"):
+        compiled_ops.upfirdn2d(torch.ones(1, 1, 1, 1), f, 1, 1, 0, 4194300, 3, 0, False, 1.0)   # 4,194,298 wide
+
+
 def test_bias_act_kernel_argument_checks(compiled_ops):
     """Defect 5: alpha is only checked for lrelu; gain must stay positive; dy must match y."""
     x = torch.randn(2, 3, 4)

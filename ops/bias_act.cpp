@@ -34,7 +34,7 @@ static void for_each_block(int64_t gx, int64_t gy, Run run) {
     });
 }
 
-static int64_t grid_x(const BiasActShape& s) { return (s.chunks + kBlockThreads - 1) / kBlockThreads; }
+static int64_t grid_x(const BiasActShape& s) { return s.gx; }
 
 static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tensor>& b_, bool lrelu, double alpha,
                               double gain, double clamp) {
@@ -53,7 +53,7 @@ static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tenso
     if (x.numel() == 0) return y;
     const BiasActShape s = plan_bias_act(x.numel(), x.size(1), x.stride(1), int(16 / x.element_size()),
                                          aligned16(x) && aligned16(y));
-    TORCH_CHECK(grid_x(s) < INT32_MAX, "bias_act: x is too large");
+    TORCH_CHECK(x.numel() < (int64_t(1) << 62), "bias_act: x is too large");   // FastDiv's range
     if (x.is_cuda()) {
         bias_act_cuda(x, b, y, s, lrelu, alpha, gain, clamp);
         return y;
@@ -107,9 +107,9 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             }
     const BiasActShape s = plan_bias_act(y.numel(), y.size(1), y.stride(1), int(16 / y.element_size()),
                                          !strided && aligned16(dy) && aligned16(y) && aligned16(dx));
-    TORCH_CHECK(grid_x(s) < INT32_MAX, "bias_act_grad: y is too large");
+    TORCH_CHECK(y.numel() < (int64_t(1) << 62), "bias_act_grad: y is too large");
     at::Tensor part;
-    if (db_dtype) part = at::empty({int64_t(s.G) * (s.K / s.unit)}, y.options().dtype(acc));
+    if (db_dtype) part = at::empty({int64_t(s.G) * s.windows * s.maxch}, y.options().dtype(at::kDouble));   // per block
     if (y.is_cuda()) {
         bias_act_grad_cuda(dy, m, strided, y, dx, part, db, s, lrelu, alpha, gain, clamp);
     } else {
@@ -120,20 +120,27 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             const scalar_t* gp = dy.const_data_ptr<scalar_t>();
             const scalar_t* yp = y.const_data_ptr<scalar_t>();
             scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-            A* pp = part.defined() ? part.mutable_data_ptr<A>() : nullptr;
+            double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
             for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
-                CpuBlock<NoState> ex;
-                std::vector<A> red(kBlockThreads);
-                if (strided) bias_act_grad_block<1, true, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
-                else if (s.V == 1) bias_act_grad_block<1, false, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
-                else bias_act_grad_block<VM, false, scalar_t, A>(ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                std::vector<double> red(size_t(kBlockThreads) * VM);
+                if (strided) {
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
+                    bias_act_grad_block<1, true, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                } else if (s.V == 1) {
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
+                    bias_act_grad_block<1, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                } else {
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
+                    bias_act_grad_block<VM, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
+                }
             });
             if (pp) {
                 A* dbp = db.mutable_data_ptr<A>();
                 for_each_block(s.C, 1, [&](int64_t c, int) {
                     CpuBlock<NoState> ex;
-                    std::vector<A> red(kBlockThreads);
-                    bias_grad_sum_block<A>(ex, pp, s.G, s.K / s.unit, s.inner / s.unit, dbp, red.data(), int(c));
+                    std::vector<double> red(kBlockThreads);
+                    if (s.V == 1) bias_grad_sum_block<1, A>(ex, s, pp, dbp, red.data(), int(c));
+                    else bias_grad_sum_block<VM, A>(ex, s, pp, dbp, red.data(), int(c));
                 });
             }
         });

@@ -19,23 +19,23 @@ bias_act_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ 
 template <int V, bool STRIDED, typename T>
 __global__ void __launch_bounds__(kBlockThreads)
 bias_act_grad_kernel(const T* __restrict__ dy, DyMap m, const T* __restrict__ y, T* __restrict__ dx,
-                     at::opmath_type<T>* __restrict__ part, BiasActShape s, BiasActArgs<at::opmath_type<T>> a) {
+                     double* __restrict__ part, BiasActShape s, BiasActArgs<at::opmath_type<T>> a) {
     using A = at::opmath_type<T>;
-    __shared__ A red[kBlockThreads];
-    GpuBlock<NoState> ex;
+    __shared__ double red[kBlockThreads * V];
+    GpuBlock<GradState> ex;
     bias_act_grad_block<V, STRIDED, T, A>(ex, s, a, dy, m, y, dx, part, red, int64_t(blockIdx.x), int(blockIdx.y));
 }
 
-template <typename A>
+template <int V, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-bias_grad_sum_kernel(const A* __restrict__ part, int G, int64_t units, int64_t upc, A* __restrict__ db) {
-    __shared__ A red[kBlockThreads];
+bias_grad_sum_kernel(const double* __restrict__ part, BiasActShape s, A* __restrict__ db) {
+    __shared__ double red[kBlockThreads];
     GpuBlock<NoState> ex;
-    bias_grad_sum_block<A>(ex, part, G, units, upc, db, red, int(blockIdx.x));
+    bias_grad_sum_block<V, A>(ex, s, part, db, red, int(blockIdx.x));
 }
 
 static dim3 grid_of(const BiasActShape& s) {
-    return dim3(unsigned((s.chunks + kBlockThreads - 1) / kBlockThreads), unsigned(s.G));
+    return dim3(unsigned(s.gx), unsigned(s.G));
 }
 
 void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, const BiasActShape& s, bool lrelu,
@@ -69,7 +69,7 @@ void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, cons
         const scalar_t* gp = dy.const_data_ptr<scalar_t>();
         const scalar_t* yp = y.const_data_ptr<scalar_t>();
         scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-        A* pp = part.defined() ? part.mutable_data_ptr<A>() : nullptr;
+        double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
         if (strided)
             bias_act_grad_kernel<1, true, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
         else if (s.V == 1)
@@ -78,8 +78,10 @@ void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, cons
             bias_act_grad_kernel<VM, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (pp) {
-            bias_grad_sum_kernel<A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(
-                pp, s.G, s.K / s.unit, s.inner / s.unit, db.mutable_data_ptr<A>());
+            if (s.V == 1)
+                bias_grad_sum_kernel<1, A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(pp, s, db.mutable_data_ptr<A>());
+            else
+                bias_grad_sum_kernel<VM, A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(pp, s, db.mutable_data_ptr<A>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
     });

@@ -2,13 +2,19 @@
 // CPU twin in bias_act.cpp. y = clamp(gain * act(x + b), -clamp, clamp), act = identity or leaky ReLU.
 //
 // Layout: a dense tensor is, in memory order, [rows][C][inner] with inner = stride(1), so element i of row r sits in
-// channel (i / inner). A thread owns one chunk of V consecutive elements of a row (V = 16 bytes' worth when rows
-// and pointers allow, else 1), looks its V bias values up once, and walks down the rows (grid y splits them into
-// G groups): no division and one 16-byte load and store per V elements in the loop.
-// Backward, in the same pass: dx, and per thread the sum of its dx per channel in the accumulation type; those
-// partial sums are reduced per `unit` of columns (a thread's chunk, or the whole block through a shared-memory
-// tree when one channel spans the block) into part[G][K / unit], which a small second kernel sums per channel in
-// a fixed order: deterministic, no atomics.
+// channel (i / inner). A thread owns chunks of V consecutive elements of a row (V = 16 bytes' worth when pointers
+// allow and a chunk is one channel or, inner 1, V channels; else 1): it looks a chunk's bias up once (the channel
+// from a multiply-high, FastDiv in common.h) and walks down the rows (grid y splits them into G groups); where
+// rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves at least
+// kTurns vectors. One 16-byte load and store per V elements in the loop.
+// Backward, in the same pass: dx, and the bias gradient. A thread sums its dx per element in the accumulation type
+// over spans of at most kSpan rows and adds each span's sum to a float64 total. Per window of W = 256 * V columns
+// the block then sums per channel in float64: a thread adds its own V elements (one channel), then a pairwise tree
+// over the threads' runs of each channel in shared memory (with inner 1 every column is its own channel: no sum).
+// One partial sum per channel the window touches (at most maxch: 2 when inner >= W) goes to
+// part[G][windows][maxch], and a small second kernel adds a channel's partial sums in float64, in a fixed order.
+// So the buffer is bounded by the number of blocks' windows, not by the input; no float32 running sum is longer
+// than kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
 #include <limits>
 #include "common.h"
@@ -24,26 +30,39 @@ struct BiasActArgs {
 
 struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
-    int C, V, G, unit;               // channels, vector width, row groups (grid y), columns per bias-gradient partial
+    int64_t windows, gx;             // windows of 256 chunks along a row; blocks along a row (grid x) walk them
+    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one window touches
+    FastDiv by_inner;                // column -> channel
 };
+
+constexpr int kSpan = 64;                 // rows a thread sums in the accumulation type before its float64 total
+constexpr int64_t kTurns = 4;             // vectors a thread handles at least, where the tensor allows: its setup
+                                          // is paid once for them all
 
 constexpr int64_t kTargetBlocks = 4096;   // enough blocks to fill any GPU; more rows per thread beyond that
 
 // The launch plan, the same for the GPU and the CPU twin. vmax: elements per 16 bytes, usable if every pointer is
-// 16-byte aligned (`aligned`) and rows split into whole vectors.
+// 16-byte aligned (`aligned`) and a vector's elements share one channel (inner a multiple of vmax) or are channels
+// one after another (inner 1). Blocks: about kTargetBlocks, but no more than gives every thread kTurns vectors; a
+// row's windows of 256 chunks first, then groups of rows (grid y); a block walks every gx-th window.
 inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int vmax, bool aligned) {
     BiasActShape s;
     s.C = int(C);
     s.inner = C > 1 ? stride1 : numel;        // one channel: a single row (its stride may be anything, even 0)
     s.K = C * s.inner;
     s.rows = numel / s.K;
-    s.V = aligned && s.K % vmax == 0 ? vmax : 1;
+    s.V = aligned && (s.inner % vmax == 0 || (s.inner == 1 && C % vmax == 0)) ? vmax : 1;
     s.chunks = s.K / s.V;
-    const int64_t gx = (s.chunks + kBlockThreads - 1) / kBlockThreads;
-    int64_t G = (kTargetBlocks + gx - 1) / gx;
+    s.windows = (s.chunks + kBlockThreads - 1) / kBlockThreads;
+    const int64_t want = (s.rows * s.chunks + kBlockThreads * kTurns - 1) / (kBlockThreads * kTurns);
+    const int64_t blocks = want < kTargetBlocks ? (want > 0 ? want : 1) : kTargetBlocks;
+    s.gx = blocks < s.windows ? blocks : s.windows;
+    int64_t G = blocks / s.gx;
     G = G < s.rows ? G : s.rows;
-    s.G = int(G < 65535 ? G : 65535);
-    s.unit = s.inner % (int64_t(s.V) * kBlockThreads) == 0 ? s.V * kBlockThreads : s.inner % s.V == 0 ? s.V : 1;
+    s.G = int(G < 65535 ? (G > 0 ? G : 1) : 65535);
+    const int64_t W = int64_t(s.V) * kBlockThreads, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
+    s.maxch = int(most < C ? most : C);
+    s.by_inner = make_fast_div(s.inner);
     return s;
 }
 
@@ -69,113 +88,176 @@ struct alignas(sizeof(T) * V) Pack {
     T v[V];
 };
 
+
 template <typename A>
-NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
-    v = v < A(0) ? v * a.alpha : v;
-    v *= a.gain;
-    return v > a.clamp ? a.clamp : (v < -a.clamp ? -a.clamp : v);
+NADA_HD bool sign_bit(A v) {
+#ifdef __CUDA_ARCH__
+    return signbit(v);
+#else
+    return std::signbit(v);
+#endif
 }
 
-// dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y is the sign of
-// x + b (alpha >= 0, gain > 0), so y tells the leaky ReLU's branch.
+// Forward. z <= 0 gives -|alpha z|: a value that rounds to zero (in y's dtype, or in the accumulation type) keeps
+// its sign in the sign of that zero (+0 above zero, -0 at or below it), which is all the gradient needs.
+template <typename A>
+NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
+    const A t = v * a.alpha;
+    v = v > A(0) ? v : !(t >= A(0)) ? t : -A(0);                  // t < 0, or NaN: kept as it is
+    v *= a.gain;
+    v = v > a.clamp ? a.clamp : v;                                 // selects, not min/max: NaN stays NaN
+    return v < -a.clamp ? -a.clamp : v;
+}
+
+// dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y, zeros included
+// (bias_act_value), is the sign of x + b before rounding (alpha >= 0, gain > 0), so y tells the leaky ReLU's side
+// even where x + b rounded to zero. A value that rounded onto the clamp itself gets gradient 0 (the mask is taken
+// from the rounded y, by design: the kernel never sees x + b in backward).
 template <typename A>
 NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
     if (a.clamped && !(y < a.clamp_y && y > -a.clamp_y)) return A(0);
     const A g = dy * a.gain;
-    return y > A(0) ? g : g * a.alpha;
+    return sign_bit(y) ? g * a.alpha : g;
+}
+
+// The V bias values of chunk `chunk`: one channel for them all, or (inner 1) V channels one after another.
+template <int V, typename A>
+NADA_HD void load_bias(const BiasActShape& s, const A* b, int64_t chunk, A (&bias)[V]) {
+    if (!b) {
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = A(0);
+    } else if (s.inner == 1) {
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = b[chunk * V + e];
+    } else {
+        const A c = b[fast_div(chunk * V, s.by_inner)];
+#pragma unroll
+        for (int e = 0; e < V; e++) bias[e] = c;
+    }
 }
 
 template <int V, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* x, const A* b,
                                T* y, int64_t bx, int by) {
     ex.phase([&](int tid, NoState&) {
-        const int64_t chunk = bx * kBlockThreads + tid;
-        if (chunk >= s.chunks) return;
-        A bias[V];
-#pragma unroll
-        for (int e = 0; e < V; e++) bias[e] = b ? b[(chunk * V + e) / s.inner] : A(0);
         const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
-        for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
-            const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + off);
-            Pack<T, V> out;
+        for (int64_t chunk = bx * kBlockThreads + tid; chunk < s.chunks; chunk += s.gx * kBlockThreads) {
+            A bias[V];
+            load_bias<V, A>(s, b, chunk, bias);
+            for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
+                const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + off);
+                Pack<T, V> out;
 #pragma unroll
-            for (int e = 0; e < V; e++) out.v[e] = T(bias_act_value<A>(A(in.v[e]) + bias[e], a));
-            *reinterpret_cast<Pack<T, V>*>(y + off) = out;
+                for (int e = 0; e < V; e++) out.v[e] = T(bias_act_value<A>(A(in.v[e]) + bias[e], a));
+                *reinterpret_cast<Pack<T, V>*>(y + off) = out;
+            }
         }
     });
 }
+
+// A thread's place in its block's pairwise sum per channel: its chunk is d chunks into its channel's run of
+// chunks within the window, which is n chunks long.
+struct GradState {
+    int d, n;
+};
 
 template <int V, bool STRIDED, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* dy,
-                                    const DyMap& m, const T* y, T* dx, A* part, A* red, int64_t bx, int by) {
-    ex.phase([&](int tid, NoState&) {
-        const int64_t chunk = bx * kBlockThreads + tid;
-        A acc[V];
+                                    const DyMap& m, const T* y, T* dx, double* part, double* red, int64_t bx,
+                                    int by) {
+    constexpr int W = V * kBlockThreads;
+    for (int64_t w = bx; w < s.windows; w += s.gx) {              // the same windows for every thread of the block
+        const int64_t col0 = w * W;                               // the window's first column
+        const int width = int(s.K - col0 < W ? s.K - col0 : W);   // its columns (the last window: fewer)
+        ex.phase([&](int tid, typename Ex::State& st) {
+            const int64_t chunk = w * kBlockThreads + tid;
+            double tot[V];
 #pragma unroll
-        for (int e = 0; e < V; e++) acc[e] = A(0);
-        if (chunk < s.chunks) {
-            const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
-            for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
-                const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
-                Pack<T, V> gv, out;
-                if (STRIDED) {
+            for (int e = 0; e < V; e++) tot[e] = 0.0;
+            if (chunk < s.chunks) {
+                const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
+                int64_t off = by * s.K + chunk * V;
+                while (off < end) {
+                    A acc[V];
 #pragma unroll
-                    for (int e = 0; e < V; e++) {
-                        int64_t o = 0;
-                        for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
-                        gv.v[e] = dy[o];
+                    for (int e = 0; e < V; e++) acc[e] = A(0);
+                    for (int n = 0; n < kSpan && off < end; n++, off += step) {
+                        const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
+                        Pack<T, V> gv, out;
+                        if (STRIDED) {
+#pragma unroll
+                            for (int e = 0; e < V; e++) {
+                                int64_t o = 0;
+                                for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
+                                gv.v[e] = dy[o];
+                            }
+                        } else {
+                            gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+                        }
+#pragma unroll
+                        for (int e = 0; e < V; e++) {
+                            const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
+                            out.v[e] = T(g);
+                            acc[e] = add_rn(acc[e], g);
+                        }
+                        *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
                     }
-                } else {
-                    gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
-                }
 #pragma unroll
-                for (int e = 0; e < V; e++) {
-                    const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
-                    out.v[e] = T(g);
-                    acc[e] = add_rn(acc[e], g);
+                    for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));
                 }
-                *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
             }
-        }
-        if (!part) return;
-        if (s.unit == 1) {
-            if (chunk < s.chunks)
-                for (int e = 0; e < V; e++) part[by * s.K + chunk * V + e] = acc[e];
-            return;
-        }
-        A t = acc[0];
+            if (!part) return;
+            if (s.inner == 1) {                                   // every column its own channel: no sums to do
 #pragma unroll
-        for (int e = 1; e < V; e++) t += acc[e];
-        if (s.unit == V) {
-            if (chunk < s.chunks) part[by * s.chunks + chunk] = t;
-        } else {
-            red[tid] = t;                           // one channel spans the block: reduce it in shared memory
-        }
-    });
-    if (!part || s.unit != V * kBlockThreads) return;
-    for (int half = kBlockThreads / 2; half > 0; half /= 2)
-        ex.phase([&](int tid, NoState&) {
-            if (tid < half) red[tid] += red[tid + half];
+                for (int e = 0; e < V; e++) red[tid * V + e] = tot[e];
+                return;
+            }
+            // The V elements share a channel (inner % V == 0): one value per thread, and where the thread's chunk
+            // sits in its channel's run of chunks in the window (d chunks in, n chunks long).
+            double t = tot[0];
+#pragma unroll
+            for (int e = 1; e < V; e++) t = add_rn(t, tot[e]);
+            const int64_t col = col0 + tid * V, r = (col - fast_div(col, s.by_inner) * s.inner) / V;
+            st.d = int(r < tid ? r : tid);
+            const int64_t stop = tid - r + s.inner / V, wc = (width + V - 1) / V;
+            st.n = int((stop < wc ? stop : wc) - (tid - st.d));
+            red[tid] = tid < wc ? t : 0.0;
         });
-    ex.phase([&](int tid, NoState&) {
-        if (tid == 0) part[by * (s.chunks / kBlockThreads) + bx] = red[0];
-    });
+        if (!part) continue;
+        if (s.inner != 1)
+            for (int h = 1; h < kBlockThreads; h *= 2)            // pairwise within each channel's run
+                ex.phase([&](int tid, typename Ex::State& st) {
+                    if (st.d % (2 * h) == 0 && st.d + h < st.n) red[tid] = add_rn(red[tid], red[tid + h]);
+                });
+        ex.phase([&](int tid, typename Ex::State&) {
+            const int64_t c0 = fast_div(col0, s.by_inner), c1 = fast_div(col0 + width - 1, s.by_inner);
+            if (tid > c1 - c0) return;
+            int64_t start = (c0 + tid) * s.inner - col0;          // the run of channel c0 + tid in the window
+            start = start > 0 ? start : 0;
+            part[(int64_t(by) * s.windows + w) * s.maxch + tid] = red[s.inner == 1 ? start : start / V];
+        });
+    }
 }
 
-// db[c] = the sum of channel c's partial sums part[g][c * upc + u] over every row group g, in a fixed order.
-template <typename A, class Ex>
-NADA_BLOCK void bias_grad_sum_block(Ex& ex, const A* part, int G, int64_t units, int64_t upc, A* db, A* red, int c) {
+// db[c] = the sum of channel c's partial sums over every block that touches it and every row group, in float64,
+// in a fixed order; then rounded once to the accumulation type.
+template <int V, typename A, class Ex>
+NADA_BLOCK void bias_grad_sum_block(Ex& ex, const BiasActShape& s, const double* part, A* db, double* red, int c) {
+    constexpr int64_t W = int64_t(V) * kBlockThreads;
     ex.phase([&](int tid, NoState&) {
-        A t = A(0);
-        for (int g = 0; g < G; g++)
-            for (int64_t u = tid; u < upc; u += kBlockThreads) t += part[g * units + c * upc + u];
+        const int64_t first = c * s.inner / W, last = ((c + 1) * s.inner - 1) / W, nb = last - first + 1;
+        double t = 0.0;
+        for (int64_t i = tid; i < s.G * nb; i += kBlockThreads) {
+            const int64_t g = i / nb, wi = first + i % nb, slot = c - wi * W / s.inner;
+            t = add_rn(t, part[(g * s.windows + wi) * s.maxch + slot]);
+        }
         red[tid] = t;
     });
     for (int half = kBlockThreads / 2; half > 0; half /= 2)
         ex.phase([&](int tid, NoState&) {
-            if (tid < half) red[tid] += red[tid + half];
+            if (tid < half) red[tid] = add_rn(red[tid], red[tid + half]);
         });
     ex.phase([&](int tid, NoState&) {
-        if (tid == 0) db[c] = red[0];
+        if (tid == 0) db[c] = A(red[0]);
     });
 }

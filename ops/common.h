@@ -65,3 +65,55 @@ struct CpuBlock {
 #endif
 
 struct NoState {};
+
+// n / d by a multiply-high, for 0 <= n < 2^62 and 1 <= d < 2^62, with the constants computed once on the host (a
+// 64-bit division costs the GPU about a hundred instructions). With l = ceil(log2 d) and
+// m = floor(2^64 (2^l - d) / d) + 1 (so m < 2^64): n / d = (mulhi(m, n) + n) >> l, exactly (Granlund and
+// Montgomery, "Division by invariant integers using multiplication", 1994, theorem 4.2 with N = 64; no overflow,
+// as mulhi(m, n) <= n < 2^62).
+struct FastDiv {
+    uint64_t m;
+    int l;
+    int64_t d;
+};
+
+inline FastDiv make_fast_div(int64_t d) {
+    FastDiv f;
+    f.d = d;
+    f.l = 0;
+    while ((int64_t(1) << f.l) < d) f.l++;
+    f.m = uint64_t(((unsigned __int128)1 << 64) * (((unsigned __int128)1 << f.l) - uint64_t(d)) / uint64_t(d)) + 1;
+    return f;
+}
+
+NADA_HD int64_t fast_div(int64_t n, const FastDiv& f) {
+#ifdef __CUDA_ARCH__
+    const uint64_t t = __umul64hi(f.m, uint64_t(n));
+#else
+    const uint64_t t = uint64_t(((unsigned __int128)f.m * uint64_t(n)) >> 64);
+#endif
+    return int64_t((t + uint64_t(n)) >> f.l);
+}
+
+// The same for 0 <= n < 2^31 and 1 <= d <= 2^31 in 32 bits (N = 32: mulhi(m, n) + n < 2^32): two instructions.
+struct FastDiv32 {
+    uint32_t m;
+    int l;
+};
+
+inline FastDiv32 make_fast_div32(int64_t d) {
+    FastDiv32 f;
+    f.l = 0;
+    while ((int64_t(1) << f.l) < d) f.l++;
+    f.m = uint32_t((uint64_t(1) << 32) * ((uint64_t(1) << f.l) - uint64_t(d)) / uint64_t(d) + 1);
+    return f;
+}
+
+NADA_HD int fast_div(int n, const FastDiv32& f) {
+#ifdef __CUDA_ARCH__
+    const uint32_t t = __umulhi(f.m, uint32_t(n));
+#else
+    const uint32_t t = uint32_t((uint64_t(f.m) * uint32_t(n)) >> 32);
+#endif
+    return int((t + uint32_t(n)) >> f.l);
+}

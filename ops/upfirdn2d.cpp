@@ -52,15 +52,16 @@ static UpFirDnParams prepare(const at::Tensor& x, const at::Tensor& f, int64_t u
     p.ys_n = st(y, 0); p.ys_c = st(y, 1); p.ys_h = int(st(y, 2)); p.ys_w = int(st(y, 3));
     p.up = int(up); p.down = int(down); p.px0 = int(px0); p.py0 = int(py0); p.fh = int(fh); p.fw = int(fw);
     p.flip = flip; p.gain = gain;
+    p.planes = x.size(0) * x.size(1);
     return p;
 }
 
 // The CPU twin: every block of the launch grid, each running its 256 threads phase by phase (common.h).
 template <typename T, class Run>
 static void for_each_block(const UpFirDnParams& p, int64_t planes, Run run) {
-    const int64_t gz = (p.tilesY + p.loop - 1) / p.loop, blocks = planes * p.tilesX * gz;
+    const int64_t groups = (planes * p.tilesY + p.loop - 1) / p.loop, blocks = groups * p.tilesX;
     at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t b = lo; b < hi; b++) run(int(b % planes), int(b / planes % p.tilesX), int(b / planes / p.tilesX));
+        for (int64_t b = lo; b < hi; b++) run(b % groups, int(b / groups));
     });
 }
 
@@ -68,10 +69,10 @@ template <int UP, int DOWN, typename T>
 static void small_cpu(const T* x, const float* f, T* y, const UpFirDnParams& p, int64_t planes) {
     using A = at::opmath_type<T>;
     using K = SmallTile<UP, DOWN, 4, 4>;
-    for_each_block<T>(p, planes, [&](int plane, int btx, int btz) {
+    for_each_block<T>(p, planes, [&](int64_t group, int btx) {
         auto ex = std::make_unique<CpuBlock<SmallStateFor<UP, DOWN, 4, 4, A>>>();
         std::vector<A> tile(K::TIH * K::TIW);
-        upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(*ex, p, x, f, y, tile.data(), plane, btx, btz);
+        upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(*ex, p, x, f, y, tile.data(), group, btx);
     });
 }
 
@@ -83,7 +84,8 @@ static at::Tensor upfirdn2d_cpu(const at::Tensor& x_, const at::Tensor& f_, int6
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
         UpFirDnKernel kind;
-        TORCH_CHECK(plan_upfirdn2d(p, sizeof(A), kSmemLimit, kind), "upfirdn2d: filter too large");
+        const char* refused = plan_upfirdn2d(p, sizeof(A), kSmemLimit, kind);
+        TORCH_CHECK(!refused, refused);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const float* fp = f.const_data_ptr<float>();
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -93,10 +95,10 @@ static at::Tensor upfirdn2d_cpu(const at::Tensor& x_, const at::Tensor& f_, int6
             case UpFirDnKernel::Up2x4: small_cpu<2, 1>(xp, fp, yp, p, planes); break;
             case UpFirDnKernel::Down2x4: small_cpu<1, 2>(xp, fp, yp, p, planes); break;
             case UpFirDnKernel::Generic:
-                for_each_block<scalar_t>(p, planes, [&](int plane, int btx, int btz) {
+                for_each_block<scalar_t>(p, planes, [&](int64_t group, int btx) {
                     auto ex = std::make_unique<CpuBlock<NoState>>();
                     std::vector<A> smem(size_t(p.tih) * p.tiw + size_t(p.fh) * p.fw);
-                    upfirdn2d_generic_block<scalar_t, A>(*ex, p, xp, fp, yp, smem.data(), plane, btx, btz);
+                    upfirdn2d_generic_block<scalar_t, A>(*ex, p, xp, fp, yp, smem.data(), group, btx);
                 });
         }
     });
@@ -109,8 +111,8 @@ static at::Tensor upfirdn2d_cuda_checked(const at::Tensor& x, const at::Tensor& 
     UpFirDnParams p = prepare(x, f, up, down, px0, px1, py0, py1, flip, gain, y);
     if (y.numel() == 0) return y;
     UpFirDnKernel kind;
-    TORCH_CHECK(plan_upfirdn2d(p, x.scalar_type() == at::kDouble ? 8 : 4, kSmemLimit, kind),
-                "upfirdn2d: filter too large");
+    const char* refused = plan_upfirdn2d(p, x.scalar_type() == at::kDouble ? 8 : 4, kSmemLimit, kind);
+    TORCH_CHECK(!refused, refused);
     upfirdn2d_cuda(x, f, p, kind, y);
     return y;
 }

@@ -3,9 +3,11 @@
 // correlate with F = flip_filter ? f : f flipped, times gain, keep every `down`-th sample. Output o, tap t reads upsampled
 // coordinate u = o*down - p0 + t, which is an input sample iff u % up == 0 (polyphase: zero taps are never visited).
 //
-// Design: a block owns one plane (n, c) (grid x: the N*C planes) and a column of tiles (grid y: tile column,
-// grid z: a group of `loop` tile rows that it walks through). Per tile, phase 1 stages the tile's input footprint
-// plus its border in shared memory, zero-filled outside the image (so the taps need no bounds checks); phase 2
+// Design: the tiles of every plane (n, c), taken plane by plane and tile row by tile row, are "slots"; a block owns
+// one tile column (grid y) and `loop` consecutive slots (grid x: the groups of slots), which it walks through, from
+// one plane into the next where planes are small: the per-block setup (taps, tile columns) is paid once for up to
+// kMaxLoop tiles at any plane size, and the plane's pointers once per plane. Per tile, phase 1 stages the tile's
+// input footprint plus its border in shared memory, zero-filled outside the image (so the taps need no bounds checks); phase 2
 // computes the outputs. Offsets within a plane are 32-bit (checked on the host).
 //  - Small kernels (StyleGAN2: 4x4 filter with up 2, down 2 or neither): the tap count, factors and tile are
 //    compile-time constants; 32 x 8 threads each compute a 2x2 quad of outputs (a 64 x 16 tile) from a register
@@ -17,16 +19,40 @@
 #include "common.h"
 
 struct UpFirDnParams {
-    int C, H, W, outH, outW;         // the N*C planes come from the grid
+    int C, H, W, outH, outW;
+    int64_t planes;                  // N * C
+    FastDiv32 by_C;                  // plane -> (n, c)
+    FastDiv by_tilesY;               // slot -> (plane, tile row)
     int64_t xs_n, xs_c, ys_n, ys_c;  // strides between planes, in elements
     int xs_h, xs_w, ys_h, ys_w;      // strides within a plane: 32-bit
     int up, down, px0, py0, fh, fw;
     int shiftx, shifty;              // tile 0 starts this many outputs before output 0 (up-phase alignment)
-    int tilesX, tilesY, loop;        // tiles per row and column of the output; tile rows per block
+    int tilesX, tilesY, loop;        // tiles per row and column of the output; slots (tiles) per block
     int tow, toh, tiw, tih;          // tile of outputs and its input footprint (the small kernels: constants)
     bool flip;
     double gain;
+    float gainf;                     // gain rounded to float (the float taps: float(f) * float(gain))
 };
+
+constexpr int kMaxLoop = 16;          // tiles one block walks at most
+
+template <typename A> NADA_HD A gain_of(const UpFirDnParams& p);
+template <> NADA_HD float gain_of<float>(const UpFirDnParams& p) { return p.gainf; }
+template <> NADA_HD double gain_of<double>(const UpFirDnParams& p) { return p.gain; }
+
+// Walks a block's slots: calls plane_fn(xp, yp) at each plane it enters and tile_fn(bty) for each of its tiles.
+template <typename T, class PlaneFn, class TileFn>
+NADA_BLOCK void walk_slots(const UpFirDnParams& p, const T* x, T* y, int64_t group, PlaneFn&& plane_fn, TileFn&& tile_fn) {
+    const int64_t k0 = group * p.loop, total = p.planes * p.tilesY;
+    int left = int(total - k0 < p.loop ? total - k0 : p.loop);  // tiles this block computes
+    int plane = int(fast_div(k0, p.by_tilesY));
+    int bty = int(k0 - int64_t(plane) * p.tilesY);
+    for (; left > 0; plane++, bty = 0) {
+        const int n = fast_div(plane, p.by_C), c = plane - n * p.C;
+        plane_fn(x + (n * p.xs_n + c * p.xs_c), y + (n * p.ys_n + c * p.ys_c));
+        for (; bty < p.tilesY && left > 0; bty++, left--) tile_fn(bty);
+    }
+}
 
 // acc + a*b rounded once, on the GPU and on the CPU alike, so the twin matches the kernel bit for bit.
 template <typename A>
@@ -41,7 +67,7 @@ NADA_HD A mac(A acc, A a, A b) {
 // Tap i (row-major) of the correlation filter: flip and gain folded into the load.
 template <typename A>
 NADA_HD A load_tap(const float* f, const UpFirDnParams& p, int i) {
-    return A(f[p.flip ? i : p.fh * p.fw - 1 - i]) * A(p.gain);
+    return A(f[p.flip ? i : p.fh * p.fw - 1 - i]) * gain_of<A>(p);
 }
 
 template <int UP, int DOWN, int FH, int FW>
@@ -67,17 +93,20 @@ using SmallStateFor = SmallState<A, FH * FW, (SmallTile<UP, DOWN, FH, FW>::TIW +
 
 template <int UP, int DOWN, int FH, int FW, typename T, typename A, class Ex>
 NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x, const float* f, T* y, A* tile,
-                                      int plane, int btx, int btz) {
+                                      int64_t group, int btx) {
     using K = SmallTile<UP, DOWN, FH, FW>;
-    const int n = plane / p.C, c = plane - n * p.C;
-    const T* xp = x + n * p.xs_n + c * p.xs_c;
-    T* yp = y + n * p.ys_n + c * p.ys_c;
+    const T* xp = x;
+    T* yp = y;
     constexpr int NK = (K::TIW + K::TX - 1) / K::TX, NJ = (K::TIH + K::TY - 1) / K::TY;
     const int o0x = btx * K::TOW - p.shiftx;
     const int in0x = floor_div(o0x * DOWN - p.px0, UP);           // exact: the host aligned the phase
     ex.phase([&](int tid, typename Ex::State& s) {                // once per block: taps, tile columns
+        A v[FH * FW];                                             // loads at fixed offsets, then the flip: selects
 #pragma unroll
-        for (int i = 0; i < FH * FW; i++) s.t[i] = load_tap<A>(f, p, i);
+        for (int i = 0; i < FH * FW; i++) v[i] = A(f[i]);
+        const A g = gain_of<A>(p);
+#pragma unroll
+        for (int i = 0; i < FH * FW; i++) s.t[i] = (p.flip ? v[i] : v[FH * FW - 1 - i]) * g;
         s.c0 = (in0x + tid % K::TX) * p.xs_w;
         s.cok = 0;
 #pragma unroll
@@ -86,9 +115,7 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
             s.cok |= unsigned(cc < K::TIW && unsigned(ix) < unsigned(p.W)) << k;
         }
     });
-    for (int l = 0; l < p.loop; l++) {
-        const int bty = btz * p.loop + l;
-        if (bty >= p.tilesY) break;                               // the same for every thread of the block
+    walk_slots(p, x, y, group, [&](const T* xq, T* yq) { xp = xq; yp = yq; }, [&](int bty) {
         const int o0y = bty * K::TOH - p.shifty;
         const int in0y = floor_div(o0y * DOWN - p.py0, UP);
         ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: the input tile, zeros outside x
@@ -138,26 +165,26 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
                 }
             }
         });
-    }
+    });
 }
 
 // Any factors and filter size. Shared memory: the tile [tih, tiw], then the taps [fh, fw].
 template <typename T, typename A, class Ex>
 NADA_BLOCK void upfirdn2d_generic_block(Ex& ex, const UpFirDnParams& p, const T* x, const float* f, T* y, A* smem,
-                                        int plane, int btx, int btz) {
+                                        int64_t group, int btx) {
     A* tile = smem;
     A* taps = smem + p.tih * p.tiw;
-    const int n = plane / p.C, c = plane - n * p.C;
-    const T* xp = x + n * p.xs_n + c * p.xs_c;
-    T* yp = y + n * p.ys_n + c * p.ys_c;
+    const T* xp = x;
+    T* yp = y;
     const int o0x = btx * p.tow, u0x = o0x * p.down - p.px0, in0x = floor_div(u0x, p.up), r0x = u0x - in0x * p.up;
-    for (int l = 0; l < p.loop; l++) {
-        const int bty = btz * p.loop + l;
-        if (bty >= p.tilesY) break;
+    bool first = true;
+    walk_slots(p, x, y, group, [&](const T* xq, T* yq) { xp = xq; yp = yq; }, [&](int bty) {
+        const bool l0 = first;
+        first = false;
         const int o0y = bty * p.toh, u0y = o0y * p.down - p.py0, in0y = floor_div(u0y, p.up),
                   r0y = u0y - in0y * p.up;
         ex.phase([&](int tid, NoState&) {
-            if (l == 0)
+            if (l0)
                 for (int i = tid; i < p.fh * p.fw; i += kBlockThreads) taps[i] = load_tap<A>(f, p, i);
             for (int i = tid; i < p.tih * p.tiw; i += kBlockThreads) {
                 const int r = i / p.tiw, cc = i - r * p.tiw, iy = in0y + r, ix = in0x + cc;
@@ -179,14 +206,18 @@ NADA_BLOCK void upfirdn2d_generic_block(Ex& ex, const UpFirDnParams& p, const T*
                 yp[oy * p.ys_h + ox * p.ys_w] = T(acc);
             }
         });
-    }
+    });
 }
 
 enum class UpFirDnKernel { Generic, Blur4, Up2x4, Down2x4 };
 
 // The launch plan, the same for the GPU and the CPU twin: which kernel, tile sizes, tile alignment, the tile loop.
-// Returns false if even a 1x1 generic tile does not fit in `smem_limit` bytes.
-inline bool plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, UpFirDnKernel& kind) {
+// Returns why the op cannot run (nullptr if it can): the limits live here, so the CPU twin refuses exactly what the
+// GPU refuses.
+constexpr int kMaxGridYZ = 65535;                                 // CUDA's limit on grid y and z
+constexpr int64_t kTargetTileBlocks = 4096;                       // blocks that fill any GPU
+
+inline const char* plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, UpFirDnKernel& kind) {
     const bool k4 = p.fh == 4 && p.fw == 4;
     kind = !k4 ? UpFirDnKernel::Generic
          : p.up == 1 && p.down == 1 ? UpFirDnKernel::Blur4
@@ -210,13 +241,21 @@ inline bool plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_limit, 
             if (int64_t(p.tiw) * p.tih * acc_bytes + int64_t(p.fh) * p.fw * acc_bytes <= smem_limit) break;
             if (p.toh > 1) p.toh /= 2;
             else if (p.tow > 1) p.tow /= 2;
-            else return false;
+            else return "upfirdn2d: filter too large";
         }
     }
     p.tilesX = (p.outW + p.shiftx + p.tow - 1) / p.tow;
     p.tilesY = (p.outH + p.shifty + p.toh - 1) / p.toh;
-    const int fit = (p.tilesY + 65534) / 65535;                   // grid z is at most 65535
-    const int amortise = p.tilesY / 4 < 4 ? p.tilesY / 4 : 4;     // up to 4 tile rows per block: taps load once
-    p.loop = fit > amortise ? fit : (amortise > 1 ? amortise : 1);
-    return true;
+    if (p.tilesX > kMaxGridYZ) return "upfirdn2d: the output is too wide for one launch (tile columns > 65535)";
+    // Tiles per block: enough blocks for kTargetTiles / loop to fill the GPU, but at least 4 tiles where there are
+    // as many slots, and at most kMaxLoop.
+    const int64_t slots = p.planes * p.tilesY, work = slots * p.tilesX;
+    int64_t loop = (work + kTargetTileBlocks - 1) / kTargetTileBlocks;
+    loop = loop < 4 ? 4 : loop > kMaxLoop ? kMaxLoop : loop;
+    p.loop = int(loop < slots ? loop : slots);
+    if ((slots + p.loop - 1) / p.loop >= INT32_MAX) return "upfirdn2d: too many planes for one launch";
+    p.gainf = float(p.gain);
+    p.by_C = make_fast_div32(p.C);
+    p.by_tilesY = make_fast_div(p.tilesY);
+    return nullptr;
 }
