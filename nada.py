@@ -42,7 +42,8 @@ import zlib
 from collections import OrderedDict, namedtuple
 
 if __name__ == "__main__":             # before torch loads OpenMP: idle threads sleep, so two jobs on a CPU share it
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE") == "default":   # OpenMP's own: spin a while, then sleep
+        del os.environ["OMP_WAIT_POLICY"]
 
 import numpy as np
 import torch
