@@ -2936,12 +2936,12 @@ def draw_labelled_grid(rows, labels, path):
 
 
 def nice_ticks(lo, hi, n=5, least=0.0):
-    """About n round tick values (1, 2 or 5 times a power of ten apart, and at least `least`) from at most lo to at
-    least hi."""
+    """Round tick values (1, 2 or 5 times a power of ten apart, as near n of them as that allows, and at least `least`
+    apart) from at most lo to at least hi."""
     lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo, hi)   # a flat curve: a band around it
     raw = (hi - lo) / (n - 1)
     power = 10 ** math.floor(math.log10(raw))
-    step = max(next(m * power for m in (1, 2, 5, 10) if m * power >= raw), least)
+    step = max(min((m * power for m in (1, 2, 5, 10)), key=lambda d: abs((hi - lo) / d + 1 - n)), least)
     ticks = [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
     return ticks, max(0, -math.floor(math.log10(step) + 1e-9))      # and the decimals that tell them apart
 

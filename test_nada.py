@@ -3208,7 +3208,8 @@ def test_plot_ticks_are_round_and_cover_the_data():
     assert nada.nice_ticks(0, 37) == ([0, 10, 20, 30, 40], 0)
     ticks, decimals = nada.nice_ticks(0.4321, 0.9876)
     assert [round(t, 9) for t in ticks] == [0.4, 0.6, 0.8, 1.0] and decimals == 1
-    assert [round(t, 9) for t in nada.nice_ticks(0.99, 1.0)[0]] == [0.99, 0.995, 1.0]
+    assert [round(t, 9) for t in nada.nice_ticks(0.99, 1.0)[0]] == [0.99, 0.992, 0.994, 0.996, 0.998, 1.0]
+    assert nada.nice_ticks(0, 99) == ([0, 20, 40, 60, 80, 100], 0)
     ticks, _ = nada.nice_ticks(1.0, 1.0)                 # a flat curve sits inside its axis
     assert ticks[0] < 1.0 < ticks[-1]
 
