@@ -1836,6 +1836,16 @@ def weights_dir(override=None):
     return os.path.abspath(override or os.environ.get("NADA_WEIGHTS") or os.path.join(HERE, "weights"))
 
 
+def weights_path(url, wdir=None):
+    """Where the file at `url` lives in the weights folder."""
+    return os.path.join(weights_dir(wdir), os.path.basename(url))
+
+
+def is_offline(offline):
+    """--offline, or $NADA_OFFLINE set to anything but 0."""
+    return offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0")
+
+
 CLIP_MB = {"RN50": 244, "RN101": 278, "RN50x4": 402, "RN50x16": 630, "RN50x64": 1260, "ViT-B/32": 338,
            "ViT-B/16": 335, "ViT-L/14": 890, "ViT-L/14@336px": 891}   # approximate download sizes
 
@@ -1850,11 +1860,11 @@ def fetch_weights(generators, clips, wdir, offline):
         wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
                    if n in clip.available_models() and not os.path.exists(n)]
     folder = weights_dir(wdir)
-    missing = [w for w in dict.fromkeys(wanted) if not os.path.isfile(os.path.join(folder, os.path.basename(w[1])))]
+    missing = [w for w in dict.fromkeys(wanted) if not os.path.isfile(weights_path(w[1], wdir))]
     if not missing:
         return
     listed = "; ".join(f"{n}: {url} (about {mb} MB) as {os.path.basename(url)}" for n, url, mb in missing)
-    if offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0"):
+    if is_offline(offline):
         raise NadaError(f"nada is offline (--offline or NADA_OFFLINE) and {folder} lacks {len(missing)} file(s): "
                         f"{listed}. Fetch them yourself into that folder, or run online")
     dist, error = torch.distributed, None
@@ -1887,7 +1897,7 @@ def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
         return os.path.join(name_or_path, "generator.pt")
     if name_or_path in GENERATORS:
         url = GENERATORS[name_or_path][0]
-        return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), offline=offline)
+        return download(url, weights_path(url, wdir), offline=offline)
     raise NadaError(f"{flag} {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
                     f"the names ({', '.join(GENERATORS)})")
 
@@ -1931,8 +1941,7 @@ def resolve_clip(name, wdir=None, offline=False):
     if name not in clip.available_models():
         raise NadaError(f"unknown CLIP model {name!r}: use a file path or one of {', '.join(clip.available_models())}")
     url = clip.clip._MODELS[name]
-    return download(url, os.path.join(weights_dir(wdir), os.path.basename(url)), sha256=url.split("/")[-2],
-                    offline=offline)
+    return download(url, weights_path(url, wdir), sha256=url.split("/")[-2], offline=offline)
 
 
 def read_clip_weights(path):
@@ -2043,7 +2052,7 @@ def download(url, dest, sha256=None, offline=False):
     if os.environ.get("NADA_MIRROR"):
         url = os.environ["NADA_MIRROR"].rstrip("/") + "/" + os.path.basename(url)
     hand = f"fetch {url} yourself and place it at {dest}"
-    if offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0"):
+    if is_offline(offline):
         raise NadaError(f"{name} is not in {folder} and nada is offline (--offline or NADA_OFFLINE): {hand}")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -2343,7 +2352,7 @@ def check_walk(s):
     """sample's animation flags, before anything loads: --frames, --fps and --format only with --walk; two seeds or
     more; at most MAX_FRAMES frames; WebP only where Pillow can write it."""
     if not s.walk:
-        if (s.frames, s.fps, s.format) != (24, 24, "webp"):
+        if any(getattr(s, f.name) != f.default for f in dataclasses.fields(s) if f.name in ("frames", "fps", "format")):
             raise NadaError("--frames, --fps and --format shape the animation of --walk N: add --walk, or drop them")
         return
     seeds = parse_seeds(s.seeds, s.walk)
@@ -2383,11 +2392,11 @@ def write_walk(generators, seeds, labels, s, device, out):
     ws = G.mapping(seed_latents(G, seeds).to(device), None if labels is None else labels.to(device), s.trunc)
     noise = [t.to(device) for t in G.make_noise(1, torch.Generator().manual_seed(seeds[0]), "cpu")] \
         if s.noise_mode == "random" else None          # one noise for the whole walk: random per frame flickers
-    width, n = G.size * len(generators), len(seeds) * s.frames
-    if width > (16383 if s.format == "webp" else 65535) or n * width * G.size * 3 > MAX_WALK_BYTES:
+    width, n, widest = G.size * len(generators), len(seeds) * s.frames, 16383 if s.format == "webp" else 65535
+    if width > widest or n * width * G.size * 3 > MAX_WALK_BYTES:
         raise NadaError(f"--walk: {n} frames of {width}x{G.size} px ({n * width * G.size * 3 / 2 ** 30:.1f} GiB held "
                         f"until written; at most {MAX_WALK_BYTES / 2 ** 30:.0f} GiB, {s.format.upper()} frames at most "
-                        f"{16383 if s.format == 'webp' else 65535} px wide): fewer seeds, --frames or --also runs")
+                        f"{widest} px wide): fewer seeds, --frames or --also runs")
     frames = []
     for i, f in itertools.product(range(len(seeds)), range(s.frames)):
         t = f / s.frames
@@ -2990,13 +2999,13 @@ def draw_loss_plot(curves, path, size=(720, 420)):
     draw.text(((left + W - right) / 2, H - 12), "step", fill="black", font=font, anchor="mm")
     draw.text((left, top - 6), "loss", fill="black", font=font, anchor="mb")
     for i, (label, curve) in enumerate(curves.items()):
+        dashes = LINE_STYLES[i % len(LINE_STYLES)]
         style = dict(fill=LINE_COLOURS[i % len(LINE_COLOURS)], width=2 + i // len(LINE_STYLES) % 2)
         xy = [(sx(x), sy(y)) for x, y in curve if math.isfinite(y)]
         if len(xy) > 1:
-            draw_dashed(draw, xy, LINE_STYLES[i % len(LINE_STYLES)], **style)
+            draw_dashed(draw, xy, dashes, **style)
         legend = top + 12 + 18 * i
-        draw_dashed(draw, [(W - right + 10, legend), (W - right + 40, legend)], LINE_STYLES[i % len(LINE_STYLES)],
-                    **style)
+        draw_dashed(draw, [(W - right + 10, legend), (W - right + 40, legend)], dashes, **style)
         draw.text((W - right + 46, legend), label, fill="black", font=font, anchor="lm")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
@@ -3184,7 +3193,7 @@ def list_models(wdir=None):
     print(f"weights folder: {folder}")
     print(f"{'name':<12} {'px':>5} {'size':>8}  {'status':<11} url")
     for name, (url, res, mb, classes) in GENERATORS.items():
-        path = os.path.join(folder, os.path.basename(url))
+        path = weights_path(url, wdir)
         here = os.path.isfile(path)
         size = f"{os.path.getsize(path) / 2 ** 20:.0f} MB" if here else f"~{mb} MB"
         extra = f"  (conditional: {len(classes)} classes)" if classes else ""
