@@ -869,6 +869,8 @@ MAX_SEED = 2 ** 32 - 1                 # NumPy's RandomState takes seeds below 2
 MAX_IMAGES = 100_000                   # per `sample` call; beyond that, run it again with other --seeds
 MAX_FRAMES, MAX_WALK_BYTES = 2000, 1 << 32   # a --walk animation's frames, held in memory until written
 GRID_MAX = 64                          # grid.png shows the first 64 seeds (every seed still gets its own PNG)
+INVERT_STEPS = 500                     # half in W, half in W+ (README: the reconstruction against the steps)
+INVERT_LR = 0.1                        # the projector's rate, ramped up over 5% of each half and down over its last 25%
 
 
 def setting(default, help=None, kind=None, bounds=None, **cli):
@@ -982,6 +984,42 @@ class SampleSettings(Common):
     fps: int = setting(24, "--walk: frames per second", bounds=(1, 100))
     format: str = setting("webp", "--walk: the animation's format", choices=("webp", "gif"))
     out: str = setting(None, "output folder (default: RUN/sample or samples/<ckpt>)")
+
+
+@dataclasses.dataclass
+class InvertSettings(Common):
+    """find photos' latents in a generator
+
+    Optimise each photo's latent (W, then W+) and noise maps until the generator renders it (StyleGAN2's projector).
+    Photos are resized and centre-cropped to the generator's size. Face generators (ffhq, metfaces) expect faces
+    aligned as FFHQ's: eyes level and centred, the face filling the middle of the frame; nada does not align them."""
+    img: list = setting(None, "photos (PNG, JPEG, WebP, ...)", nargs="+")
+    ckpt: str = setting("ffhq", "the generator: a file or a name from `nada.py models`")
+    steps: int = setting(INVERT_STEPS, "optimisation steps, half in W, half in W+", bounds=(2, 100_000))
+    lr: float = setting(INVERT_LR, "Adam's rate (ramped up, then down)", bounds=(1e-12, None))
+    lpips: str = setting("auto", "perceptual loss: auto (LPIPS on VGG16, downloaded once), off (pixel loss alone), "
+                         "or a FILE")
+    seed: int = setting(0, "seeds the noise maps and the jitter of w", bounds=(0, 2 ** 63 - 4))
+    batch: int = setting(1, "photos optimised together", bounds=(1, 64))
+    out: str = setting("inversions", "output folder: STEM.latent.pt and STEM.recon.png per photo")
+    dry_run: bool = setting(False, "estimate the GPU memory of an inversion (meta device: nothing read or written)")
+
+
+@dataclasses.dataclass
+class EditSettings(InvertSettings):
+    """render photos with adapted generators
+
+    Invert each photo into the runs' base (or reuse its STEM.latent.pt in --out when made from the same bytes and
+    base) and render the latent with every run: STEM.<run>.png each, and STEM.edit.png: input | reconstruction |
+    runs."""
+    ckpt: list = setting(None, "adapted generators of one base: run folders or files", nargs="+", metavar="RUN")
+    base: str = setting(None, "their base, NAME or FILE (default: the one the runs recorded)")
+    latents: list = setting(None, "saved latents (STEM.latent.pt) to render instead of photos", nargs="+",
+                            metavar="FILE")
+    pti: int = setting(0, "pivotal tuning: steps that tune a copy of the base to each photo first (0: off)",
+                       bounds=(0, 100_000))
+    out: str = setting("inversions", "output folder (where `invert` writes too)")
+    hidden = ("dry_run",)
 
 
 @dataclasses.dataclass
@@ -1469,7 +1507,14 @@ def _torch_globals(nvidia=False):
     return allowed
 
 
-_ordered_dict = lambda: OrderedDict()                  # pickled empty, then filled by SETITEMS (which checks keys)
+def _ordered_dict(pairs=()):
+    """An OrderedDict as pickled: empty, then filled by SETITEMS (which checks keys), or, in files of 2017-2018
+    (torchvision's VGG16, LPIPS's calibration), made from a list of [key, value] pairs."""
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise _Refused("an OrderedDict made from something other than key-value pairs; the file is damaged")
+    return OrderedDict(zip(_plain([p[0] for p in pairs]), (p[1] for p in pairs)))
+
+
 _set = lambda items=(): set(_plain(items))             # protocol <= 3 pickles make sets from a list
 
 
@@ -1850,15 +1895,16 @@ CLIP_MB = {"RN50": 244, "RN101": 278, "RN50x4": 402, "RN50x16": 630, "RN50x64": 
            "ViT-B/16": 335, "ViT-L/14": 890, "ViT-L/14@336px": 891}   # approximate download sizes
 
 
-def fetch_weights(generators, clips, wdir, offline):
-    """Download every named file a command needs (generator names, CLIP model names; files are left alone) before
-    anything loads, saying what and where first. Offline, or when a download fails, one message names every file
-    still missing, with its URL, size and folder."""
+def fetch_weights(generators, clips, wdir, offline, lpips=False):
+    """Download every named file a command needs (generator names, CLIP model names, LPIPS's two files with lpips;
+    files are left alone) before anything loads, saying what and where first. Offline, or when a download fails, one
+    message names every file still missing, with its URL, size and folder."""
     wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if n in GENERATORS and not os.path.exists(n)]
     if clips:                                           # sample needs no CLIP, nor the clip package
         clip = _import_clip()
         wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
                    if n in clip.available_models() and not os.path.exists(n)]
+    wanted += [(n, url, mb) for n, (url, _, mb) in LPIPS_FILES.items()] if lpips else []
     folder = weights_dir(wdir)
     missing = [w for w in dict.fromkeys(wanted) if not os.path.isfile(weights_path(w[1], wdir))]
     if not missing:
@@ -1873,7 +1919,10 @@ def fetch_weights(generators, clips, wdir, offline):
         print(f"downloading {len(missing)} file(s) into {folder} (once): {listed}", flush=True)
         for i, (name, url, _) in enumerate(missing):
             try:
-                (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
+                if name in LPIPS_FILES:
+                    download(url, weights_path(url, wdir), LPIPS_FILES[name][1])
+                else:
+                    (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
             except NadaError as e:
                 rest = "; ".join(f"{n}: {u} (about {mb} MB)" for n, u, mb in missing[i:])
                 error = f"{e}. Still missing in {folder}: {rest}"
@@ -2059,12 +2108,8 @@ def download(url, dest, sha256=None, offline=False):
     except OSError as e:
         raise NadaError(f"cannot create the weights folder {folder}: {e.strerror}; choose another with --weights-dir")
     _fetch(url, dest + ".part", name, hand)
-    digest = hashlib.sha256()
-    with open(dest + ".part", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    expected, digest = sha256 or (record or {}).get("sha256"), digest.hexdigest()
-    if expected and digest != expected:
+    expected, digest = sha256 or (record or {}).get("sha256"), sha256_of(dest + ".part")
+    if expected and not digest.startswith(expected):    # torchvision publishes the first 8 hex digits
         os.remove(dest + ".part")
         raise NadaError(f"{name}: SHA-256 mismatch (got {digest[:12]}..., expected {expected[:12]}...); "
                         f"the download was removed; try again, or {hand}")
@@ -2704,10 +2749,15 @@ def load_base(s, G, path, device):
     if not s.base and not os.path.isfile(base) and base not in GENERATORS:
         raise NadaError(f"the base this run recorded ({base}) is missing: pass --base NAME|FILE")
     B = named_generator(base, s.wdir, s.offline, device, s.impl, "--base")
+    check_architecture(B, G, base, path)
+    return base, B
+
+
+def check_architecture(B, G, base, path):
+    """The base B must have the adapted G's tensors, with their shapes."""
     theirs, ours = B.state_dict(), G.state_dict()
     if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
         raise NadaError(f"--base {base} has another architecture than {path}: pass the generator the run adapted")
-    return base, B
 
 
 def evaluate(ckpt=None, *, clip_models=None, **settings):
@@ -2928,18 +2978,25 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def draw_labelled_grid(rows, labels, path):
-    """One row of images ([N, 3, H, W] each) per label, the label written to its left; tiles 64-256 px."""
+def draw_labelled_grid(rows, labels, path, across=False):
+    """One row of images ([N, 3, H, W] each) per label, the label written to its left; tiles 64-256 px. across: the
+    rows drawn as columns instead, each label above its column."""
     from PIL import Image, ImageDraw
-    tile = min(max(rows[0].shape[-1], 64), 256)
-    font = _font(max(tile // 6, 11))
+    tile = min(max(rows[0].shape[-1], 128 if across else 64), 256)   # across: a label's width is a tile's
+    points = max(tile // (12 if across else 6), 11)
+    font = _font(points)
     margin = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lb, font=font)) for lb in labels) + 16
-    sheet = Image.new("RGB", (margin + tile * len(rows[0]), tile * len(rows)), "white")
+    margin = points + 12 if across else margin
+    cols, lines = (len(rows), len(rows[0])) if across else (len(rows[0]), len(rows))
+    size = (tile * cols, margin + tile * lines) if across else (margin + tile * cols, tile * lines)
+    sheet = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(sheet)
     for r, (imgs, label) in enumerate(zip(rows, labels)):
-        draw.text((8, r * tile + tile // 2), label, fill="black", font=font, anchor="lm")
+        at = ((r + 0.5) * tile, margin // 2) if across else (8, r * tile + tile // 2)
+        draw.text(at, label, fill="black", font=font, anchor="mm" if across else "lm")
         for c, img in enumerate(to_uint8(imgs)):
-            sheet.paste(Image.fromarray(img).resize((tile, tile), Image.LANCZOS), (margin + c * tile, r * tile))
+            xy = (r * tile, margin + c * tile) if across else (margin + c * tile, r * tile)
+            sheet.paste(Image.fromarray(img).resize((tile, tile), Image.LANCZOS), xy)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
 
@@ -3009,6 +3066,392 @@ def draw_loss_plot(curves, path, size=(720, 420)):
         draw.text((W - right + 46, legend), label, fill="black", font=font, anchor="lm")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# invert and edit: a photo's latent in the base generator (StyleGAN2's projector: Karras et al. 2020, "Analyzing and
+# Improving the Image Quality of StyleGAN", appendix D), rendered by adapted generators, which keep the base's latents
+
+W_JITTER, W_JITTER_UNTIL = 0.05, 0.75  # noise on w (times w's spread), fading out by 75% of the W half: a wider search
+NOISE_REG = 1e5                        # weight of the noise maps' autocorrelation penalty, as in the projector
+PIXEL_WEIGHT = 1.0                     # the mean squared error beside LPIPS (alone with --lpips off)
+LPIPS_SIZE = 256                       # LPIPS compares images area-downsampled to at most this size
+PTI_LR = 3e-4                          # pivotal tuning's Adam rate (Roich et al. 2021, arXiv 2106.05744)
+W_SAMPLES = 10_000                     # latents that give the mean w and its spread
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"          # torchvision's ImageNet VGG16
+LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+LPIPS_FILES = {"VGG16": (VGG16_URL, "397923af", 528),   # name: url, SHA-256 (its start for torchvision's), MB
+               "LPIPS": (LPIPS_URL, "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868", 1)}
+VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)   # torchvision's indices of VGG16's 13 convolutions
+LPIPS_TAPS, VGG16_POOLS = (2, 4, 7, 10, 13), (2, 4, 7, 10)       # the ReLUs LPIPS reads; max-pools after these convs
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 on VGG16 (Zhang et al. 2018, arXiv 1801.03924): images [N, 3, H, W] in [-1, 1] -> distance [N]. The
+    five feature maps of each image, unit-normalised over channels; their squared difference weighted per channel by
+    the published calibration, averaged over the pixels, summed. Widths come from the weights (tests use a small VGG);
+    `sd` holds torchvision's names (features.N.weight) and LPIPS's (linK.model.1.weight)."""
+
+    def __init__(self, sd):
+        super().__init__()
+        widths = [3] + [sd[f"features.{i}.weight"].shape[0] for i in VGG16_CONVS]
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1, device="meta") for i, o in zip(widths, widths[1:]))
+        self.lins = nn.ParameterList(torch.empty(1, widths[k], 1, 1, device="meta") for k in LPIPS_TAPS)
+        ours = {f"lins.{k}": sd[f"lin{k}.model.1.weight"] for k in range(5)}
+        for j, i in enumerate(VGG16_CONVS):
+            ours.update({f"convs.{j}.weight": sd[f"features.{i}.weight"], f"convs.{j}.bias": sd[f"features.{i}.bias"]})
+        self.load_state_dict(ours, assign=True)         # checks every shape
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.float().requires_grad_(False).eval()
+
+    def features(self, x):
+        x, taps = (x - self.shift) / self.scale, []
+        for k, conv in enumerate(self.convs, 1):
+            x = F.relu(conv(x))
+            taps += [x] if k in LPIPS_TAPS else []
+            x = F.max_pool2d(x, 2) if k in VGG16_POOLS else x
+        return taps
+
+    def forward(self, a, b):
+        d = 0
+        for fa, fb, lin in zip(self.features(a), self.features(b), self.lins):
+            fa, fb = (f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10) for f in (fa, fb))
+            d = d + F.conv2d((fa - fb).square(), lin).mean((1, 2, 3))
+        return d
+
+
+def load_lpips(spec, device, wdir=None, offline=False):
+    """--lpips: off -> None; auto -> torchvision's VGG16 and LPIPS's calibration, downloaded into the weights folder;
+    FILE -> one state dict holding both. Read as data, as every checkpoint, and only the tensors LPIPS uses."""
+    if spec == "off":
+        return None
+    if spec != "auto" and not os.path.isfile(spec):
+        raise NadaError(f"--lpips {spec}: no such file; use auto (downloads LPIPS's VGG16), off, or a file")
+    paths = [spec] if spec != "auto" else [download(url, weights_path(url, wdir), sha256=sha, offline=offline)
+                                           for url, sha, _ in LPIPS_FILES.values()]
+    sd = {}
+    try:
+        for path in paths:
+            with TorchFile(path) as tf:
+                obj = tf.load()
+                sd.update(tf.build({k: v for k, v in obj.items() if str(k).startswith(("features.", "lin"))}))
+        lpips = LPIPS(sd)
+    except Exception as e:
+        raise NadaError(f"--lpips {spec}: not the weights of LPIPS on VGG16 ({_refusal(e)[:200]}); use auto, off, or "
+                        "a state dict of features.N.weight/bias (torchvision's VGG16) and linK.model.1.weight"
+                        ) from None
+    return lpips.to(device)
+
+
+def w_spread(G, device, seed=0):
+    """The mean w [1, 1, w_dim] of G's mapping and the spread of w around it (root mean squared distance), from
+    W_SAMPLES latents."""
+    z = torch.randn(W_SAMPLES, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.no_grad():
+        w = G.style[1:](normalize_2nd_moment(z))                                      # [W_SAMPLES, w_dim]
+    mean = w.mean(0)
+    return mean.view(1, 1, -1), (w - mean).square().sum(1).mean().sqrt().item()
+
+
+def lr_ramp(t, up=0.05, down=0.25):
+    """The projector's rate factor at fraction t of a half: linear warm-up over `up`, cosine ramp-down over `down`."""
+    return min(1.0, t / up) * (0.5 - 0.5 * math.cos(math.pi * min(1.0, (1 - t) / down)))
+
+
+def noise_penalty(noise):
+    """The noise maps' autocorrelation one pixel across and down, at every scale down to 8x8 (appendix D): it keeps
+    the optimiser from drawing the photo into the noise. noise: [N, 1, r, r] per layer -> [N]"""
+    total = 0
+    for n in noise:
+        while True:
+            total = total + (n * n.roll(1, 3)).mean((1, 2, 3)).square() + (n * n.roll(1, 2)).mean((1, 2, 3)).square()
+            if n.shape[2] <= 8:
+                break
+            n = F.avg_pool2d(n, 2)
+    return total
+
+
+def reconstruction_loss(img, target, lpips=None):
+    """How far G's images are from the photos, [N, 3, S, S] each -> [N]: LPIPS at <= 256 px, plus the mean squared
+    error times PIXEL_WEIGHT."""
+    loss = PIXEL_WEIGHT * (img - target).square().mean((1, 2, 3))
+    if lpips is not None:
+        fit = lambda x: F.interpolate(x, size=LPIPS_SIZE, mode="area") if x.shape[-1] > LPIPS_SIZE else x
+        loss = loss + lpips(fit(img), fit(target))
+    return loss
+
+
+def inversion_step(G, w, noise, opt, targets, lpips, jitter, rng):
+    """One step of the projector: render w (plus `jitter` x N(0, I)) with the noise maps, and step both along the
+    reconstruction loss and the noise penalty; the maps are then made zero-mean, unit-variance again.
+    -> (the ws rendered [N, num_ws, w_dim], their reconstruction loss [N]) before the step"""
+    ws = (w + jitter * torch.randn(w.shape, generator=rng).to(w.device)).expand(-1, G.num_ws, -1)
+    rec = reconstruction_loss(G.synthesis(ws, noise=noise), targets, lpips)
+    opt.zero_grad(set_to_none=True)
+    (rec + NOISE_REG * noise_penalty(noise)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        for n in noise:
+            n -= n.mean((1, 2, 3), keepdim=True)
+            n /= n.square().mean((1, 2, 3), keepdim=True).sqrt()
+    return ws.detach(), rec.detach()
+
+
+def invert(G, images, steps=INVERT_STEPS, lr=INVERT_LR, lpips=None, seed=0, show=True):
+    """The latents that G (unconditional) renders as `images` [N, 3, S, S] in [-1, 1], S = G.size: from the mean w,
+    one w per image for the first half of the steps (W), then one per layer (W+), the noise maps optimised beside
+    them. Each image keeps the ws and noise of its lowest reconstruction loss; Ctrl-C stops early with those.
+    -> dict(ws [N, num_ws, w_dim], noise [N, 1, r, r] per layer, loss [N], steps done, interrupted)"""
+    if G.c_dim:
+        raise NadaError("inverting into a class-conditional generator is not supported; use an unconditional one")
+    device, N = images.device, len(images)
+    w_avg, w_std = w_spread(G, device, seed)
+    rng = torch.Generator().manual_seed(seed)
+    noise = [n.to(device).requires_grad_() for n in G.make_noise(N, rng, "cpu")]
+    best = dict(ws=w_avg.expand(N, G.num_ws, -1), noise=[n.detach().clone() for n in noise],
+                loss=torch.full((N,), math.inf, device=device))
+    w, done, interrupted, grads = w_avg.expand(N, 1, -1), 0, False, [p.requires_grad for p in G.parameters()]
+    G.requires_grad_(False)
+    progress = Progress("invert", steps, show=show)
+    try:
+        for half, length in ((1, steps // 2), (G.num_ws, steps - steps // 2)):
+            w = w.detach().expand(-1, half, -1).clone().requires_grad_()              # [N, 1 | num_ws, w_dim]
+            opt = torch.optim.Adam([w, *noise], lr=lr, betas=(0.9, 0.999))
+            for i in range(length):
+                t = i / length
+                for group in opt.param_groups:
+                    group["lr"] = lr * lr_ramp(t)
+                jitter = w_std * W_JITTER * max(0.0, 1 - t / W_JITTER_UNTIL) ** 2 if half == 1 else 0.0
+                maps = [n.detach().clone() for n in noise]
+                ws, rec = inversion_step(G, w, noise, opt, images, lpips, jitter, rng)
+                better = rec < best["loss"]
+                best = dict(ws=torch.where(better[:, None, None], ws, best["ws"]),   # one assignment: Ctrl-C
+                            noise=[torch.where(better[:, None, None, None], m, b) for m, b in zip(maps, best["noise"])],
+                            loss=torch.minimum(rec, best["loss"]))                  # never splits ws from noise
+                done += 1
+                progress.update(loss=f"{rec.mean().item():.4f}")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+        for p, g in zip(G.parameters(), grads):
+            p.requires_grad_(g)
+    return dict(best, steps=done, interrupted=interrupted)
+
+
+def pivotal_tuning(G, ws, noise, images, steps, lpips=None, lr=PTI_LR, show=True):
+    """A copy of G whose synthesis weights are tuned to render `ws` (with `noise`) as `images` (pivotal tuning,
+    Roich et al. 2021): the latent found by `invert` stays put and the generator moves to meet the photo."""
+    T = copy.deepcopy(G).requires_grad_(False)
+    tuned = [p for name, p in T.named_parameters() if not name.startswith(("style.", "embed."))]
+    opt = torch.optim.Adam([p.requires_grad_() for p in tuned], lr=lr)
+    progress = Progress("pivotal tuning", steps, show=show)
+    for _ in range(steps):
+        loss = reconstruction_loss(T.synthesis(ws, noise=noise), images, lpips).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress.update(loss=f"{loss.item() / len(ws):.4f}")
+    progress.close()
+    return T.requires_grad_(False)
+
+
+def moved_by(tuned, base, adapted):
+    """`tuned` plus the change a run made to `base`, weight by weight: the run's domain on a pivotally tuned base.
+    An approximation (the run learned its change around the base's weights, not the tuned ones)."""
+    out, t, b = copy.deepcopy(adapted), tuned.state_dict(), base.state_dict()
+    out.load_state_dict({k: v + t[k] - b[k] if v.is_floating_point() else v for k, v in adapted.state_dict().items()})
+    return out
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_photo(path, size):
+    """A photo -> [1, 3, size, size] in [-1, 1]: its centre square, resized (load_image checks the file first)."""
+    img = load_image(path, short=size)                  # the short side at most `size`: a smaller photo grows below
+    H, W = img.shape[2:]
+    top, left, side = (H - min(H, W)) // 2, (W - min(H, W)) // 2, min(H, W)
+    img = img[:, :, top:top + side, left:left + side]
+    return img if side == size else F.interpolate(img, size=size, mode="bicubic", antialias=True).clamp(-1, 1)
+
+
+def photo_stems(paths, flag="--img", suffix=""):
+    """Each file's name without its extension (or `suffix`): the outputs' names, which must differ."""
+    stems = [os.path.basename(p)[:-len(suffix)] if suffix and p.endswith(suffix) else
+             os.path.splitext(os.path.basename(p))[0] for p in paths]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise NadaError(f"{flag}: two files named {twice[0]} (their outputs would share names); rename one")
+    return stems
+
+
+def read_latent(path, G):
+    """A STEM.latent.pt -> (ws [1, num_ws, w_dim], noise [1, 1, r, r] per layer, the record), checked against G."""
+    try:
+        with TorchFile(path) as tf:
+            record = tf.build(tf.load())
+    except Exception as e:
+        raise NadaError(f"{path}: not a latent file ({_refusal(e)})") from None
+    ws, noise = (record.get(k) if isinstance(record, dict) else None for k in ("ws", "noise"))
+    shapes = [tuple(b.shape[1:]) for b in G.noises.buffers()]
+    if not (torch.is_tensor(ws) and isinstance(noise, list) and all(torch.is_tensor(n) for n in noise)):
+        raise NadaError(f"{path}: not a latent file of `nada.py invert` (a dict with ws and noise)")
+    if tuple(ws.shape) != (G.num_ws, G.w_dim) or [tuple(n.shape) for n in noise] != shapes:
+        raise NadaError(f"{path}: a latent of a generator with {' x '.join(map(str, ws.shape))} ws, but this base has "
+                        f"{G.num_ws} x {G.w_dim} (or other noise maps): invert the photo again with this base")
+    return ws[None].float(), [n[None].float() for n in noise], record
+
+
+def inverted(G, photos, stems, s, lpips, base, device):
+    """Invert the photos [(path, [1, 3, S, S])] s.batch at a time, and write STEM.latent.pt and STEM.recon.png for each
+    into s.out; Ctrl-C writes the best found so far, then stops. base: dict(base=its name, base_sha256). -> {stem:
+    (ws, noise)}"""
+    found = {}
+    for i in range(0, len(photos), s.batch):
+        batch, names = torch.cat([img for _, img in photos[i:i + s.batch]]).to(device), stems[i:i + s.batch]
+        r = invert(G, batch, s.steps, s.lr, lpips, s.seed, s.progress)
+        with torch.no_grad():
+            recon = G.synthesis(r["ws"], noise=r["noise"]).cpu()
+        for j, ((path, _), stem) in enumerate(zip(photos[i:i + s.batch], names)):
+            atomic_save(dict(ws=r["ws"][j].float().cpu(), noise=[n[j].float().cpu() for n in r["noise"]],
+                             loss=float(r["loss"][j]), steps=r["steps"], lr=s.lr, lpips=s.lpips, seed=s.seed,
+                             image=os.path.abspath(path), image_sha256=sha256_of(path), **base),
+                        os.path.join(s.out, f"{stem}.latent.pt"))
+            save_image(recon[j:j + 1], os.path.join(s.out, f"{stem}.recon.png"))
+            found[stem] = r["ws"][j:j + 1], [n[j:j + 1] for n in r["noise"]]
+        losses = ", ".join(f"{x:.4f}" for x in r["loss"].tolist())
+        print(f"wrote {', '.join(f'{n}.latent.pt' for n in names)} and the reconstructions to {s.out} "
+              f"({'pixel' if lpips is None else 'LPIPS + pixel'} loss {losses}, {r['steps']} steps)", flush=True)
+        if r["interrupted"]:
+            print(f"interrupted at step {r['steps']} of {s.steps}: the best latents so far are written", flush=True)
+            raise Interrupted(130)
+    return found
+
+
+def invert_photos(img=None, ckpt="ffhq", **settings):
+    """`nada.py invert`: each photo's latent in a generator, written to `out` as STEM.latent.pt (a dict: ws [num_ws,
+    w_dim], noise, base, the photo's SHA-256, steps, loss) and STEM.recon.png. settings: InvertSettings' fields."""
+    s = checked(InvertSettings(img=img, ckpt=ckpt, **settings))
+    if s.dry_run:
+        return invert_dry_run(s)
+    if not s.img:
+        raise NadaError("pass --img PHOTO [PHOTO ...]: the photos to invert")
+    stems, device = photo_stems(s.img), check_device(s.device, s.impl)
+    fetch_weights([s.ckpt], [], s.wdir, s.offline, lpips=s.lpips == "auto")
+    G = named_generator(s.ckpt, s.wdir, s.offline, device, s.impl)
+    photos = [(p, load_photo(p, G.size)) for p in s.img]
+    lpips = load_lpips(s.lpips, device, s.wdir, s.offline)
+    make_folder(s.out)
+    print(startup_line("invert", device, s.impl, resolve_ckpt(s.ckpt, s.wdir, True), *about_inversion(s, G)),
+          flush=True)
+    inverted(G, photos, stems, s, lpips, dict(base=s.ckpt, base_sha256=sha256_of(resolve_ckpt(s.ckpt, s.wdir, True))),
+             device)
+    return s.out
+
+
+def about_inversion(s, G):
+    """The startup line's account of an inversion."""
+    return (f"{len(s.img)} photo{'s' * (len(s.img) > 1)}, centre-cropped to {G.size} px (face generators expect "
+            "faces aligned as FFHQ's)",
+            f"{s.steps} steps, LPIPS {s.lpips}" + (f", pivotal tuning {s.pti} steps" if getattr(s, "pti", 0) else ""))
+
+
+def edit(img=None, ckpt=None, **settings):
+    """`nada.py edit`: photos (or saved latents) rendered by adapted generators of one base: in `out`, STEM.<run>.png
+    per run and STEM.edit.png (input | reconstruction | each run, labelled). A photo is inverted into the base, or its
+    STEM.latent.pt there reused when it was made from the same bytes and base. settings: EditSettings' fields."""
+    s = checked(EditSettings(img=img, ckpt=ckpt, **settings))
+    if not s.ckpt or bool(s.img) == bool(s.latents):
+        raise NadaError("pass --ckpt RUN [RUN ...] and either --img PHOTO [...] or --latents FILE [...]")
+    if s.pti and not s.img:
+        raise NadaError("--pti tunes the base to a photo: pass --img")
+    stems, device = photo_stems(s.img) if s.img else photo_stems(s.latents, "--latents", ".latent.pt"), \
+        check_device(s.device, s.impl)
+    paths = [resolve_ckpt(c, s.wdir, s.offline) for c in s.ckpt]
+    names = photo_stems([os.path.dirname(p) if os.path.basename(p) == "generator.pt" else p for p in paths], "--ckpt")
+    runs = [load_generator(p, device, s.impl) for p in paths]
+    bases = sorted({str(recorded(G, "base")) for G in runs})
+    if len(bases) > 1 and not s.base:
+        raise NadaError(f"--ckpt: these runs adapt different bases ({', '.join(bases)}): edit one base's runs at a "
+                        "time")
+    fetch_weights([s.base or bases[0]], [], s.wdir, s.offline, lpips=bool(s.img) and s.lpips == "auto")
+    base, B = load_base(s, runs[0], paths[0], device)
+    for G, path in zip(runs[1:], paths[1:]):
+        check_architecture(B, G, base, path)
+    base = dict(base=base, base_sha256=sha256_of(resolve_ckpt(base, s.wdir, True)))
+    found = {stem: read_latent(f, B)[:2] for stem, f in zip(stems, s.latents or ())}
+    photos, lpips = {stem: load_photo(p, B.size) for stem, p in zip(stems, s.img or ())}, None
+    make_folder(s.out)
+    print(startup_line("edit", device, s.impl, f"base {base['base']}", f"runs {', '.join(names)}",
+                       *(about_inversion(s, B) if s.img else [f"{len(s.latents)} latents"])), flush=True)
+    if s.img:
+        found = {stem: reusable(os.path.join(s.out, f"{stem}.latent.pt"), p, B, base) for stem, p in zip(stems, s.img)}
+        todo = [stem for stem in stems if found[stem] is None]
+        lpips = load_lpips(s.lpips, device, s.wdir, s.offline) if todo or s.pti else None
+        found.update(inverted(B, [(p, photos[st]) for st, p in zip(stems, s.img) if st in todo], todo, s, lpips, base,
+                              device))
+    for stem in stems:
+        render_edits(stem, found[stem], photos.get(stem), B, runs, names, s, device, lpips)
+    return s.out
+
+
+def reusable(path, photo, G, base):
+    """A STEM.latent.pt made from the photo's bytes and this base -> (ws, noise), else None (invert again, and replace
+    it: one of another base or photo, or one that cannot be read)."""
+    try:
+        ws, noise, record = read_latent(path, G) if os.path.isfile(path) else (None, None, {})
+    except NadaError:
+        return None
+    if (record.get("image_sha256"), record.get("base_sha256")) != (sha256_of(photo), base["base_sha256"]):
+        return None
+    print(f"reusing {path} (made from the same photo and base)", flush=True)
+    return ws, noise
+
+
+@torch.no_grad()
+def render_edits(stem, latent, photo, B, runs, names, s, device, lpips=None):
+    """A latent rendered by the base and each run (with --pti: by the tuned base, and each run's change added to it)
+    -> STEM.<run>.png each (with --pti STEM.pti.png too: the tuned base's), and STEM.edit.png: input | reconstruction
+    | runs, labelled."""
+    ws, noise = latent[0].to(device), [n.to(device) for n in latent[1]]
+    base = B
+    if s.pti:
+        with torch.enable_grad():
+            base = pivotal_tuning(B, ws, noise, photo.to(device), s.pti, lpips, show=s.progress)
+    imgs = [g.synthesis(ws, noise=noise).cpu() for g in [base, *(moved_by(base, B, G) if s.pti else G for G in runs)]]
+    for name, img in zip(["pti"] * bool(s.pti) + names, imgs[not s.pti:]):
+        save_image(img, os.path.join(s.out, f"{stem}.{name}.png"))
+    labels = ["input"] * (photo is not None) + ["reconstruction" + " (PTI)" * bool(s.pti)] + names
+    draw_labelled_grid([img for img in [photo, *imgs] if img is not None], labels,
+                       os.path.join(s.out, f"{stem}.edit.png"), across=True)
+    print(f"wrote {stem}.edit.png and {len(names)} edits to {s.out}", flush=True)
+
+
+def invert_dry_run(s):
+    """The memory of an inversion on s.device, counted on the meta device: one photo batch, VGG16's LPIPS."""
+    device = check_device(s.device, here=False)
+    G = meta_generator(s.ckpt, s.wdir).requires_grad_(False)
+    widths = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+    with torch.device("meta"):
+        sd = {f"lin{k}.model.1.weight": torch.empty(1, widths[t - 1], 1, 1) for k, t in enumerate(LPIPS_TAPS)}
+        for i, o, n in zip(VGG16_CONVS, widths, (3, *widths)):
+            sd.update({f"features.{i}.weight": torch.empty(o, n, 3, 3), f"features.{i}.bias": torch.empty(o)})
+        lpips = None if s.lpips == "off" else LPIPS(sd).to("meta")
+        w = torch.zeros(s.batch, G.num_ws, G.w_dim, requires_grad=True)
+        noise, images = [n.requires_grad_() for n in G.make_noise(s.batch)], torch.zeros(s.batch, 3, G.size, G.size)
+    opt = torch.optim.Adam([w, *noise])
+    e = estimate_memory(lambda: inversion_step(G, w, noise, opt, images, lpips, 0.0, None),
+                        [G] + [lpips] * (lpips is not None), opt)
+    print_estimate(e, f"nada invert --dry-run | device {device} | {G.size} px, batch {s.batch}, LPIPS {s.lpips}",
+                   device, f"the generator{' and LPIPS VGG16' * (lpips is not None)}", "Adam's moments of ws and noise")
+    return e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3200,6 +3643,8 @@ def list_models(wdir=None):
         print(f"{name:<12} {res:>5} {size:>8}  {'downloaded' if here else '-':<11} {url}{extra}")
     print("CLIP models (--clip): " + ", ".join(f"{n} ({mb} MB)" for n, mb in CLIP_MB.items()) + "; downloaded into "
           "the same folder on first use")
+    print("LPIPS (invert and edit, --lpips auto): " + ", ".join(f"{n} {os.path.basename(url)} (~{mb} MB)" for n, (
+        url, _, mb) in LPIPS_FILES.items()) + ", the same")
 
 
 def doctor(device="auto", build_ops=False, wdir=None):
@@ -3232,8 +3677,9 @@ def doctor(device="auto", build_ops=False, wdir=None):
 # ----------------------------------------------------------------------------------------------------------
 # command line: a subcommand per settings record, a flag per setting
 
-COMMANDS = dict(train=TrainSettings, sample=SampleSettings, eval=EvalSettings, study=StudySettings, models=Common,
-                doctor=DoctorSettings)   # each record's docstring: its line in --help, then its description
+COMMANDS = dict(train=TrainSettings, sample=SampleSettings, eval=EvalSettings, study=StudySettings,
+                invert=InvertSettings, edit=EditSettings, models=Common, doctor=DoctorSettings)
+# each record's docstring: its line in --help, then its description
 
 
 def build_parser():
@@ -3268,20 +3714,27 @@ def run_command(cmd, args):
     if cmd == "models":
         list_models(Common(**args).wdir)
     elif cmd == "train" and args.get("dry_run"):
-        e, gib = train(**args), lambda b: f"{b / 2 ** 30:6.2f} GiB"
-        print(f"nada train --dry-run | device {e['device']} | memory {e['memory']} ({e['why']}) | "
-              f"estimated on the meta device in {e['seconds']:.1f} s")
-        print(f"  weights      {gib(e['weights_bytes'])}   both generators and the CLIP models' image towers")
-        print(f"  optimizer    {gib(e['optimizer_bytes'])}   Adam's two moments of the trained weights")
-        print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
-        context = f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: needs " \
-                  f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU"
-        print(f"  peak         {gib(e['peak_bytes'])}" + (context if e["device"].startswith("cuda") else ""))
+        e = train(**args)
+        print_estimate(e, f"nada train --dry-run | device {e['device']} | memory {e['memory']} ({e['why']})",
+                       e["device"], "both generators and the CLIP models' image towers", "Adam's two moments of the "
+                       "trained weights")
     else:
-        dict(train=train, sample=sample, eval=evaluate, study=study)[cmd](**args)
+        dict(train=train, sample=sample, eval=evaluate, study=study, invert=invert_photos, edit=edit)[cmd](**args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()                     # under torchrun, every process done before any leaves
     return 0
+
+
+def print_estimate(e, title, device, weights, optimizer):
+    """A dry run's figures (estimate_memory's dict), each with what it counts."""
+    gib = lambda b: f"{b / 2 ** 30:6.2f} GiB"
+    print(f"{title} | estimated on the meta device in {e['seconds']:.1f} s")
+    print(f"  weights      {gib(e['weights_bytes'])}   {weights}")
+    print(f"  optimizer    {gib(e['optimizer_bytes'])}   {optimizer}")
+    print(f"  activations  {gib(e['activation_bytes'])}   the peak of a step above those, gradients included")
+    context = f"   + the CUDA context, about {gib(CUDA_CONTEXT).strip()}: needs " \
+              f"{gib(e['peak_bytes'] + CUDA_CONTEXT).strip()} free on the GPU"
+    print(f"  peak         {gib(e['peak_bytes'])}" + (context if device.startswith("cuda") else ""))
 
 
 def main(argv=None):

@@ -3227,3 +3227,266 @@ def test_dashed_lines_keep_their_pattern_across_vertices():
     img = Image.new("L", (60, 3), 0)
     nada.draw_dashed(ImageDraw.Draw(img), [(0, 1), (59, 1)], (), fill=255, width=1)
     assert np.asarray(img)[1].all()
+
+
+# ---- invert and edit ----------------------------------------------------------------------------------------
+
+NVIDIA_32 = os.path.join(FIXTURES, "nvidia_32.pkl")
+
+
+def lpips_state_dict(widths=(8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 16), seed=0):
+    """A random VGG16 (torchvision's names, any widths) with LPIPS's calibration names."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, o, n in zip(nada.VGG16_CONVS, widths, (3, *widths)):
+        sd[f"features.{i}.weight"] = torch.randn(o, n, 3, 3, generator=g) * (2 / (9 * n)) ** 0.5
+        sd[f"features.{i}.bias"] = torch.randn(o, generator=g) * 0.1
+    for k, t in enumerate(nada.LPIPS_TAPS):
+        sd[f"lin{k}.model.1.weight"] = torch.rand(1, widths[t - 1], 1, 1, generator=g)
+    return sd
+
+
+def psnr(a, b):
+    """Per image, for images in [-1, 1] (peak to peak 2)."""
+    return (10 * torch.log10(4 / (a - b).square().mean((1, 2, 3)))).tolist()
+
+
+def test_lpips_is_the_published_formula_on_torchvisions_layer_layout():
+    """An independent LPIPS: torchvision's VGG16 feature stack as one Sequential (conv, ReLU, pool at its published
+    indices), read after ReLUs 3, 8, 15, 22 and 29, each map unit-normalised over channels, the squared difference
+    weighted by lin, averaged over pixels, summed."""
+    sd = lpips_state_dict()
+    layers = []
+    for i in range(30):
+        if i in nada.VGG16_CONVS:
+            w = sd[f"features.{i}.weight"]
+            layers.append(torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1))
+            layers[-1].weight.data, layers[-1].bias.data = w, sd[f"features.{i}.bias"]
+        else:
+            layers.append(torch.nn.MaxPool2d(2) if i in (4, 9, 16, 23) else torch.nn.ReLU())
+    vgg = torch.nn.Sequential(*layers)
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+
+    def reference(a, b):
+        total = 0
+        fa, fb = (a - shift) / scale, (b - shift) / scale
+        for i, layer in enumerate(vgg):
+            fa, fb = layer(fa), layer(fb)
+            if i in (3, 8, 15, 22, 29):
+                k = (3, 8, 15, 22, 29).index(i)
+                na, nb = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10), fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                total = total + ((na - nb) ** 2 * sd[f"lin{k}.model.1.weight"]).sum(1).mean((1, 2))
+        return total
+
+    a, b = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    lpips = nada.LPIPS(sd)
+    torch.testing.assert_close(lpips(a, b), reference(a, b), rtol=1e-5, atol=1e-7)
+    assert lpips(a, a).abs().max() < 1e-9 and (lpips(a, b) > 0).all()
+
+
+def test_lpips_files_of_2017_are_read_as_data_and_wrong_ones_refused(tmp_path):
+    """torchvision's VGG16 and LPIPS's calibration are legacy torch.save files whose OrderedDict is pickled from a
+    list of [key, value] pairs; a file without LPIPS's tensors is one clear error."""
+    from collections import OrderedDict
+
+    class OldDict(OrderedDict):
+        def __reduce__(self):
+            return OrderedDict, ([[k, v] for k, v in self.items()],)
+
+    sd = lpips_state_dict()
+    torch.save(OldDict(sd), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert b"_rebuild_tensor_v2" in (tmp_path / "old.pth").read_bytes()[:2000]
+    lpips = nada.load_lpips(str(tmp_path / "old.pth"), "cpu")
+    torch.testing.assert_close(lpips.convs[3].weight, sd["features.7.weight"])
+    del sd["lin4.model.1.weight"]
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(nada.NadaError, match=r"--lpips .*short\.pt: not the weights of LPIPS on VGG16"):
+        nada.load_lpips(str(tmp_path / "short.pt"), "cpu")
+    assert nada.load_lpips("off", "cpu") is None
+
+
+def test_lpips_downloads_are_named_with_the_others_when_offline(tmp_path):
+    with pytest.raises(nada.NadaError) as e:
+        nada.fetch_weights([], [], str(tmp_path), True, lpips=True)
+    assert "vgg16-397923af.pth" in str(e.value) and "lpips/weights/v0.1/vgg.pth" in str(e.value)
+
+
+def test_a_sha256_prefix_is_checked_as_torchvision_checks_it(tmp_path):
+    server = _Server({"vgg16-397923af.pth": b"not vgg"})
+    try:
+        os.environ["NADA_MIRROR"] = server.url
+        with pytest.raises(nada.NadaError, match="SHA-256 mismatch"):
+            nada.download(nada.VGG16_URL, str(tmp_path / "vgg16-397923af.pth"), sha256="397923af")
+        import hashlib
+        good = hashlib.sha256(b"not vgg").hexdigest()
+        assert nada.download(nada.VGG16_URL, str(tmp_path / "v.pth"), sha256=good[:8]) == str(tmp_path / "v.pth")
+    finally:
+        os.environ.pop("NADA_MIRROR")
+        server.close()
+    assert not os.path.exists(tmp_path / "vgg16-397923af.pth")
+
+
+@pytest.mark.parametrize("lpips", ["off", "vgg"])
+def test_invert_recovers_images_the_generator_rendered(lpips):
+    """Images of the 32 px fixture from random latents (without its noise, which the penalty keeps the maps from
+    copying) come back: about 26 dB after 300 steps (README's table), far above the mean w's image."""
+    G = nada.load_generator(NVIDIA_32)
+    z = torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        targets = G(z, noise_mode="none")
+    r = nada.invert(G, targets, steps=300, lpips=None if lpips == "off" else nada.LPIPS(lpips_state_dict()),
+                    show=False)
+    with torch.no_grad():
+        recon = G.synthesis(r["ws"], noise=r["noise"])
+        start = G.synthesis(nada.w_spread(G, "cpu")[0].expand(3, G.num_ws, -1))
+    print(psnr(recon, targets), psnr(start, targets))
+    assert sum(psnr(recon, targets)) / 3 > 23 and min(psnr(recon, targets)) > max(psnr(start, targets)) + 8
+    assert r["steps"] == 300 and not r["interrupted"] and r["ws"].shape == (3, G.num_ws, G.w_dim)
+    assert not any(p.requires_grad is False for p in G.parameters())   # G's own flags are given back
+
+
+@pytest.fixture(scope="module")
+def photo_of_tiny(tmp_path_factory, tiny_ckpt):
+    """A 'photo': the tiny base's image of seed 3, a PNG."""
+    G = nada.load_generator(tiny_ckpt)
+    path = tmp_path_factory.mktemp("photo") / "face.png"
+    with torch.no_grad():
+        nada.save_image(G(nada.seed_latents(G, [3])), str(path))
+    return str(path)
+
+
+def test_invert_cli_writes_a_plain_latent_and_its_reconstruction(tmp_path, tiny_ckpt, photo_of_tiny):
+    from PIL import Image
+    big = tmp_path / "wide.jpg"                                 # 96x64: centre-cropped to 64x64, then to 32 px
+    Image.open(photo_of_tiny).resize((64, 64)).crop((0, 0, 64, 64)).save(tmp_path / "sq.png")
+    Image.new("RGB", (96, 64), (0, 0, 255)).save(big)
+    rc, out, err = run_cli("invert", "--img", photo_of_tiny, big, "--ckpt", tiny_ckpt, "--lpips", "off", "--steps",
+                           40, "--batch", 2, "--out", tmp_path / "inv", "--device", "cpu")
+    assert rc == 0, err
+    assert "nada invert | device cpu" in out and "centre-cropped to 32 px" in out and "aligned as FFHQ's" in out
+    r = torch.load(tmp_path / "inv" / "face.latent.pt", weights_only=True)
+    assert r["ws"].shape == (8, 32) and r["ws"].dtype == torch.float32 and r["steps"] == 40
+    assert r["base"] == tiny_ckpt and r["image_sha256"] == nada.sha256_of(photo_of_tiny)
+    assert [n.shape for n in r["noise"]] == [b.shape[1:] for b in nada.load_generator(tiny_ckpt).noises.buffers()]
+    recon = nada.load_image(str(tmp_path / "inv" / "wide.recon.png"))
+    assert recon.shape == (1, 3, 32, 32) and os.path.isfile(tmp_path / "inv" / "face.recon.png")
+    assert sorted(os.listdir(tmp_path / "inv")) == ["face.latent.pt", "face.recon.png", "wide.latent.pt",
+                                                     "wide.recon.png"]
+
+
+def test_load_photo_crops_the_centre_and_scales_to_the_generator(tmp_path):
+    from PIL import Image
+    img = Image.new("RGB", (60, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))                  # the centre square is blue, the sides red
+    img.save(tmp_path / "p.png")
+    x = nada.load_photo(str(tmp_path / "p.png"), 32)
+    assert x.shape == (1, 3, 32, 32) and x[0, 2].min() > 0.9 and x[0, 0].max() < -0.9
+
+
+@pytest.mark.parametrize("bad", ["text", "truncated", "bomb", "folder", "fifo", "missing"])
+def test_invert_refuses_what_is_no_photo_and_writes_nothing(tmp_path, tiny_ckpt, photo_of_tiny, bad):
+    path = tmp_path / f"x_{bad}.png"
+    if bad == "text":
+        path.write_text("hello")
+    elif bad == "truncated":
+        path.write_bytes(open(photo_of_tiny, "rb").read()[:200])
+    elif bad == "bomb":
+        _png(path, 30000, 30000)
+    elif bad == "folder":
+        path.mkdir()
+    elif bad == "fifo":
+        os.mkfifo(path)
+    rc, _, err = run_cli("invert", "--img", photo_of_tiny, path, "--ckpt", tiny_ckpt, "--lpips", "off", "--out",
+                         tmp_path / "inv", timeout=60)
+    assert_clean_error(rc, err, str(path))
+    assert not os.path.exists(tmp_path / "inv")
+
+
+def test_invert_stops_on_ctrl_c_with_the_best_latent_so_far(tmp_path, tiny_ckpt, photo_of_tiny):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "nada.py"), "invert", "--img", photo_of_tiny, "--ckpt",
+                          tiny_ckpt, "--lpips", "off", "--steps", "100000", "--out", tmp_path / "inv", "--device",
+                          "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "nada invert |" not in line:                        # the startup line: the steps begin right after it
+        line = p.stdout.readline()
+        assert line, p.stderr.read()
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted at step" in out and "Traceback" not in err
+    r = torch.load(tmp_path / "inv" / "face.latent.pt", weights_only=True)
+    assert 0 < r["steps"] < 100000 and math.isfinite(r["loss"])
+
+
+def test_edit_renders_the_photo_in_each_domain_and_reuses_its_latent(tmp_path, red_and_blue_runs, photo_of_tiny):
+    """The red run's edit is redder than the reconstruction, the blue run's bluer, and the picture is kept: the edit's
+    brightness pattern correlates with the reconstruction's. A second edit reuses face.latent.pt."""
+    runs, out = [red_and_blue_runs["red"], red_and_blue_runs["blue"]], tmp_path / "inv"
+    rc, stdout, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", *runs, "--lpips", "off", "--steps", 200,
+                              "--out", out, "--device", "cpu")
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["face.blue.png", "face.edit.png", "face.latent.pt", "face.recon.png",
+                                       "face.red.png"]
+    recon, red, blue = (nada.load_image(str(out / f"face.{n}.png")) for n in ("recon", "red", "blue"))
+    photo = nada.load_image(photo_of_tiny)
+    print(psnr(recon, photo), redness(red, 0) - redness(recon, 0), redness(blue, 2) - redness(recon, 2))
+    assert psnr(recon, photo)[0] > 20
+    assert redness(red, 0) > redness(recon, 0) + 0.1 and redness(blue, 2) > redness(recon, 2) + 0.1
+    grey = lambda x: (x.mean(1) - x.mean()).flatten()
+    for edited in (red, blue):
+        assert torch.corrcoef(torch.stack([grey(recon), grey(edited)]))[0, 1] > 0.5
+    sheet = nada.load_image(str(out / "face.edit.png"), short=10_000)
+    assert sheet.shape[3] == 4 * 128 and sheet.shape[2] > 128          # input | reconstruction | red | blue
+    latent = (out / "face.latent.pt").stat().st_mtime_ns
+    rc, stdout, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", runs[0], "--lpips", "off", "--out", out)
+    assert rc == 0 and "reusing" in stdout and (out / "face.latent.pt").stat().st_mtime_ns == latent, err
+    rc, stdout, err = run_cli("edit", "--latents", out / "face.latent.pt", "--ckpt", runs[1], "--out", tmp_path / "l")
+    assert rc == 0, err
+    torch.testing.assert_close(nada.load_image(str(tmp_path / "l" / "face.blue.png")), blue)
+
+
+def test_edit_refuses_runs_of_other_bases_and_latents_of_other_shapes(tmp_path, red_and_blue_runs, photo_of_tiny):
+    other = tmp_path / "other.pt"
+    nada.save_generator(tiny_generator(seed=1), other, base=NVIDIA_32)
+    rc, _, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", red_and_blue_runs["red"], other, "--out", tmp_path)
+    assert_clean_error(rc, err, "different bases")
+    G = nada.load_generator(NVIDIA_32)
+    torch.save(dict(ws=torch.zeros(G.num_ws, G.w_dim), noise=[b[0] for b in G.noises.buffers()]), tmp_path / "n.pt")
+    rc, _, err = run_cli("edit", "--latents", tmp_path / "n.pt", "--ckpt", red_and_blue_runs["red"], "--out",
+                         tmp_path / "o")
+    assert_clean_error(rc, err, "n.pt: a latent of a generator with 8 x 64 ws, but this base has 8 x 32")
+    assert not os.path.exists(tmp_path / "o")
+    rc, _, err = run_cli("edit", "--ckpt", red_and_blue_runs["red"])
+    assert_clean_error(rc, err, "--img PHOTO")
+
+
+def test_pivotal_tuning_matches_the_photo_closer_and_keeps_the_domain(tmp_path, red_and_blue_runs, tiny_ckpt):
+    """A photo the base cannot render exactly (its image of seed 3 with a bright square): pivotal tuning brings the
+    reconstruction closer, and the red run's change on the tuned base is still red."""
+    G = nada.load_generator(tiny_ckpt)
+    with torch.no_grad():
+        img = G(nada.seed_latents(G, [3]))
+    img[:, :, 8:16, 8:16] = 0.9
+    nada.save_image(img, str(tmp_path / "sq.png"))
+    out = tmp_path / "inv"
+    args = ["edit", "--img", tmp_path / "sq.png", "--ckpt", red_and_blue_runs["red"], "--lpips", "off", "--steps", 150]
+    assert run_cli(*args, "--out", out)[0] == 0
+    rc, _, err = run_cli(*args, "--out", out, "--pti", 100)
+    assert rc == 0, err
+    photo, plain, tuned, red = (nada.load_image(str(p)) for p in (tmp_path / "sq.png", out / "sq.recon.png",
+                                                                    out / "sq.pti.png", out / "sq.red.png"))
+    print(psnr(plain, photo), psnr(tuned, photo), redness(red, 0) - redness(tuned, 0))
+    assert psnr(tuned, photo)[0] > psnr(plain, photo)[0] + 2            # measured: 26.8 -> 30.0 dB
+    assert redness(red, 0) > redness(tuned, 0) + 0.1
+
+
+def test_invert_dry_run_counts_a_1024_px_inversion_without_reading_anything(tmp_path):
+    rc, out, err = run_cli("invert", "--dry-run", "--ckpt", "ffhq", "--device", "cuda", "--offline", "--weights-dir",
+                           tmp_path / "w", cwd=tmp_path)
+    assert rc == 0, err
+    assert "nada invert --dry-run | device cuda | 1024 px, batch 1, LPIPS auto" in out
+    peak = float(re.search(r"peak +([\d.]+) GiB", out).group(1))
+    weights = float(re.search(r"weights +([\d.]+) GiB", out).group(1))
+    assert 1.0 < peak < 4.0 and 0.15 < weights < 0.25              # measured: 1.99 and 0.18 (G 0.12, VGG16 0.06)
+    assert os.listdir(tmp_path) == []
