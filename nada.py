@@ -3266,6 +3266,7 @@ def moved_by(tuned, base, adapted):
 
 
 def sha256_of(path):
+    """A file's SHA-256, hex: what a latent records of its photo and base, and what downloads are checked against."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
