@@ -2082,6 +2082,15 @@ def read_json(path):
     return {}
 
 
+def sha256_of(path):
+    """A file's SHA-256, hex: what a latent records of its photo and base, and what downloads are checked against."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(url, dest, sha256=None, offline=False):
     """Fetch url to dest through dest.part (resumed when the server allows ranges), verify, rename into place. The
     size is always checked; the SHA-256 against `sha256` when the source publishes one, else against the hash
@@ -2551,7 +2560,7 @@ def save_image(img, path):
 def load_image(path, short=448):
     """An image file -> [1, 3, H, W] in [-1, 1], its short side at most `short` (what CLIP reads, twice over). The
     size is read from the header and checked before anything is decoded; a JPEG is decoded at a reduced scale."""
-    from PIL import Image
+    from PIL import Image, ImageOps
     if not os.path.isfile(path):
         raise NadaError(f"{path}: not a regular file")
     try:
@@ -2560,7 +2569,7 @@ def load_image(path, short=448):
                 raise NadaError(f"{path}: {img.width}x{img.height} pixels, more than the {MAX_PIXELS} an image may "
                                 "have here (a decompression bomb?); use a smaller image")
             img.draft("RGB", (short, short))            # JPEG: decode at 1/2, 1/4 or 1/8 scale where that suffices
-            img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img).convert("RGB")   # a phone's photo: turned as its camera was
             img.thumbnail((short * img.width // min(img.size), short * img.height // min(img.size)), Image.LANCZOS)
     except NadaError:
         raise
@@ -2993,6 +3002,8 @@ def draw_labelled_grid(rows, labels, path, across=False):
     draw = ImageDraw.Draw(sheet)
     for r, (imgs, label) in enumerate(zip(rows, labels)):
         at = ((r + 0.5) * tile, margin // 2) if across else (8, r * tile + tile // 2)
+        while across and len(label) > 4 and draw.textlength(label, font=font) > tile - 8:   # a long run name
+            label = label[:-4] + "..."
         draw.text(at, label, fill="black", font=font, anchor="mm" if across else "lm")
         for c, img in enumerate(to_uint8(imgs)):
             xy = (r * tile, margin + c * tile) if across else (margin + c * tile, r * tile)
@@ -3081,7 +3092,7 @@ W_SAMPLES = 10_000                     # latents that give the mean w and its sp
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"          # torchvision's ImageNet VGG16
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 LPIPS_FILES = {"VGG16": (VGG16_URL, "397923af", 528),   # name: url, SHA-256 (its start for torchvision's), MB
-               "LPIPS": (LPIPS_URL, "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868", 1)}
+               "LPIPS": (LPIPS_URL, "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868", 0.007)}
 VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)   # torchvision's indices of VGG16's 13 convolutions
 LPIPS_TAPS, VGG16_POOLS = (2, 4, 7, 10, 13), (2, 4, 7, 10)       # the ReLUs LPIPS reads; max-pools after these convs
 
@@ -3124,10 +3135,8 @@ class LPIPS(nn.Module):
 def load_lpips(spec, device, wdir=None, offline=False):
     """--lpips: off -> None; auto -> torchvision's VGG16 and LPIPS's calibration, downloaded into the weights folder;
     FILE -> one state dict holding both. Read as data, as every checkpoint, and only the tensors LPIPS uses."""
-    if spec == "off":
+    if check_lpips(spec) == "off":
         return None
-    if spec != "auto" and not os.path.isfile(spec):
-        raise NadaError(f"--lpips {spec}: no such file; use auto (downloads LPIPS's VGG16), off, or a file")
     paths = [spec] if spec != "auto" else [download(url, weights_path(url, wdir), sha256=sha, offline=offline)
                                            for url, sha, _ in LPIPS_FILES.values()]
     sd = {}
@@ -3142,6 +3151,12 @@ def load_lpips(spec, device, wdir=None, offline=False):
                         "a state dict of features.N.weight/bias (torchvision's VGG16) and linK.model.1.weight"
                         ) from None
     return lpips.to(device)
+
+
+def check_lpips(spec):
+    if spec not in ("auto", "off") and not os.path.isfile(spec):
+        raise NadaError(f"--lpips {spec}: no such file; use auto (LPIPS on VGG16, downloaded once), off, or a file")
+    return spec
 
 
 def w_spread(G, device, seed=0):
@@ -3186,7 +3201,7 @@ def inversion_step(G, w, noise, opt, targets, lpips, jitter, rng):
     """One step of the projector: render w (plus `jitter` x N(0, I)) with the noise maps, and step both along the
     reconstruction loss and the noise penalty; the maps are then made zero-mean, unit-variance again.
     -> (the ws rendered [N, num_ws, w_dim], their reconstruction loss [N]) before the step"""
-    ws = (w + jitter * torch.randn(w.shape, generator=rng).to(w.device)).expand(-1, G.num_ws, -1)
+    ws = (w + jitter * torch.randn(w.shape, generator=rng).to(w.device) if jitter else w).expand(-1, G.num_ws, -1)
     rec = reconstruction_loss(G.synthesis(ws, noise=noise), targets, lpips)
     opt.zero_grad(set_to_none=True)
     (rec + NOISE_REG * noise_penalty(noise)).sum().backward()
@@ -3265,15 +3280,6 @@ def moved_by(tuned, base, adapted):
     return out
 
 
-def sha256_of(path):
-    """A file's SHA-256, hex: what a latent records of its photo and base, and what downloads are checked against."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_photo(path, size):
     """A photo -> [1, 3, size, size] in [-1, 1]: its centre square, resized (load_image checks the file first)."""
     img = load_image(path, short=size)                  # the short side at most `size`: a smaller photo grows below
@@ -3293,38 +3299,92 @@ def photo_stems(paths, flag="--img", suffix=""):
     return stems
 
 
-def read_latent(path, G):
-    """A STEM.latent.pt -> (ws [1, num_ws, w_dim], noise [1, 1, r, r] per layer, the record), checked against G."""
+def run_names(paths):
+    """Each run's name in edit's outputs: its folder's name, or its file's stem. They must differ, and differ from
+    the names of edit's own files."""
+    names = [os.path.basename(os.path.dirname(os.path.realpath(p))) if os.path.basename(p) == "generator.pt" else
+             os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for name in names:
+        if names.count(name) > 1 or name in ("recon", "edit", "pti", "latent"):
+            raise NadaError(f"--ckpt: {'two runs are named' if names.count(name) > 1 else 'a run is named'} {name}, "
+                            "and edit names its outputs STEM.<run>.png: copy its generator.pt to a file of another name "
+                            "and pass that")
+    return names
+
+
+def check_photos(s):
+    """What can be checked before any download: each --img opens as an image, --lpips names something."""
+    for path in s.img or ():
+        load_image(path, short=16)
+    check_lpips(s.lpips)
+
+
+def check_unconditional(G, what):
+    if G.c_dim:
+        raise NadaError(f"{what} is class-conditional ({G.c_dim} classes); invert and edit need an unconditional one")
+
+
+def base_key(base, wdir=None):
+    """A base as runs record it (a name or a file) -> the file it stands for, to compare two runs' bases."""
+    if base in GENERATORS and not os.path.exists(base):
+        return os.path.realpath(weights_path(GENERATORS[base][0], wdir))
+    return os.path.realpath(base)
+
+
+def read_latent(path, G, base_sha256=None):
+    """A STEM.latent.pt -> (ws [1, num_ws, w_dim], noise [1, 1, r, r] per layer, the record), checked against G and,
+    where the file records its base, against base_sha256."""
+    if not os.path.exists(path):
+        raise NadaError(f"{path}: no such file")
     try:
         with TorchFile(path) as tf:
             record = tf.build(tf.load())
     except Exception as e:
         raise NadaError(f"{path}: not a latent file ({_refusal(e)})") from None
     ws, noise = (record.get(k) if isinstance(record, dict) else None for k in ("ws", "noise"))
-    shapes = [tuple(b.shape[1:]) for b in G.noises.buffers()]
     if not (torch.is_tensor(ws) and isinstance(noise, list) and all(torch.is_tensor(n) for n in noise)):
         raise NadaError(f"{path}: not a latent file of `nada.py invert` (a dict with ws and noise)")
-    if tuple(ws.shape) != (G.num_ws, G.w_dim) or [tuple(n.shape) for n in noise] != shapes:
+    if tuple(ws.shape) != (G.num_ws, G.w_dim) or [n.shape for n in noise] != [b.shape[1:] for b in G.noises.buffers()]:
         raise NadaError(f"{path}: a latent of a generator with {' x '.join(map(str, ws.shape))} ws, but this base has "
                         f"{G.num_ws} x {G.w_dim} (or other noise maps): invert the photo again with this base")
+    if base_sha256 and record.get("base_sha256") not in (None, base_sha256):
+        raise NadaError(f"{path}: a latent found in {record.get('base')}, not in this base (the same architecture, "
+                        "other weights): invert the photo again with this base")
     return ws[None].float(), [n[None].float() for n in noise], record
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (`timeout`, a job's time limit) stops an inversion as Ctrl-C does: with the best latents written."""
+    def stop(signum, _):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:                                  # not the main thread: signals are left alone
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def inverted(G, photos, stems, s, lpips, base, device):
     """Invert the photos [(path, [1, 3, S, S])] s.batch at a time, and write STEM.latent.pt and STEM.recon.png for each
-    into s.out; Ctrl-C writes the best found so far, then stops. base: dict(base=its name, base_sha256). -> {stem:
-    (ws, noise)}"""
+    into s.out; Ctrl-C or SIGTERM writes the best found so far, then stops. base: dict(base=its name, base_sha256).
+    -> {stem: (ws, noise)}"""
     found = {}
     for i in range(0, len(photos), s.batch):
         batch, names = torch.cat([img for _, img in photos[i:i + s.batch]]).to(device), stems[i:i + s.batch]
-        r = invert(G, batch, s.steps, s.lr, lpips, s.seed, s.progress)
+        with sigterm_as_ctrl_c():
+            r = invert(G, batch, s.steps, s.lr, lpips, s.seed, s.progress)
         with torch.no_grad():
             recon = G.synthesis(r["ws"], noise=r["noise"]).cpu()
         for j, ((path, _), stem) in enumerate(zip(photos[i:i + s.batch], names)):
             atomic_save(dict(ws=r["ws"][j].float().cpu(), noise=[n[j].float().cpu() for n in r["noise"]],
-                             loss=float(r["loss"][j]), steps=r["steps"], lr=s.lr, lpips=s.lpips, seed=s.seed,
-                             image=os.path.abspath(path), image_sha256=sha256_of(path), **base),
-                        os.path.join(s.out, f"{stem}.latent.pt"))
+                             loss=float(r["loss"][j]), steps=r["steps"], interrupted=r["interrupted"], lr=s.lr,
+                             lpips=s.lpips, seed=s.seed, image=os.path.abspath(path), image_sha256=sha256_of(path),
+                             **base), os.path.join(s.out, f"{stem}.latent.pt"))
             save_image(recon[j:j + 1], os.path.join(s.out, f"{stem}.recon.png"))
             found[stem] = r["ws"][j:j + 1], [n[j:j + 1] for n in r["noise"]]
         losses = ", ".join(f"{x:.4f}" for x in r["loss"].tolist())
@@ -3339,99 +3399,114 @@ def inverted(G, photos, stems, s, lpips, base, device):
 def invert_photos(img=None, ckpt="ffhq", **settings):
     """`nada.py invert`: each photo's latent in a generator, written to `out` as STEM.latent.pt (a dict: ws [num_ws,
     w_dim], noise, base, the photo's SHA-256, steps, loss) and STEM.recon.png. settings: InvertSettings' fields."""
-    s = checked(InvertSettings(img=img, ckpt=ckpt, **settings))
+    s = checked(InvertSettings(img=[img] if isinstance(img, (str, os.PathLike)) else img, ckpt=ckpt, **settings))
     if s.dry_run:
         return invert_dry_run(s)
     if not s.img:
         raise NadaError("pass --img PHOTO [PHOTO ...]: the photos to invert")
     stems, device = photo_stems(s.img), check_device(s.device, s.impl)
+    check_photos(s)
     fetch_weights([s.ckpt], [], s.wdir, s.offline, lpips=s.lpips == "auto")
     G = named_generator(s.ckpt, s.wdir, s.offline, device, s.impl)
+    check_unconditional(G, s.ckpt)
     photos = [(p, load_photo(p, G.size)) for p in s.img]
     lpips = load_lpips(s.lpips, device, s.wdir, s.offline)
+    path = resolve_ckpt(s.ckpt, s.wdir, True)
+    base = dict(base=os.path.abspath(s.ckpt) if os.path.isfile(s.ckpt) else s.ckpt, base_sha256=sha256_of(path))
     make_folder(s.out)
-    print(startup_line("invert", device, s.impl, resolve_ckpt(s.ckpt, s.wdir, True), *about_inversion(s, G)),
-          flush=True)
-    inverted(G, photos, stems, s, lpips, dict(base=s.ckpt, base_sha256=sha256_of(resolve_ckpt(s.ckpt, s.wdir, True))),
-             device)
+    print(startup_line("invert", device, s.impl, path, *about_inversion(s, G)), flush=True)
+    inverted(G, photos, stems, s, lpips, base, device)
     return s.out
 
 
 def about_inversion(s, G):
     """The startup line's account of an inversion."""
-    return (f"{len(s.img)} photo{'s' * (len(s.img) > 1)}, centre-cropped to {G.size} px (face generators expect "
-            "faces aligned as FFHQ's)",
+    photos = f"{len(s.img)} photo{'s' * (len(s.img) > 1)}"
+    return (f"{photos}, centre-cropped to {G.size} px (face generators expect faces aligned as FFHQ's)",
             f"{s.steps} steps, LPIPS {s.lpips}" + (f", pivotal tuning {s.pti} steps" if getattr(s, "pti", 0) else ""))
 
 
-def edit(img=None, ckpt=None, **settings):
+def edit(img=None, ckpt=None, latents=None, **settings):
     """`nada.py edit`: photos (or saved latents) rendered by adapted generators of one base: in `out`, STEM.<run>.png
     per run and STEM.edit.png (input | reconstruction | each run, labelled). A photo is inverted into the base, or its
-    STEM.latent.pt there reused when it was made from the same bytes and base. settings: EditSettings' fields."""
-    s = checked(EditSettings(img=img, ckpt=ckpt, **settings))
+    STEM.latent.pt there reused when it was made from the same bytes and base with at least as many steps and the same
+    --lpips. settings: EditSettings' fields."""
+    listed = lambda x: [x] if isinstance(x, (str, os.PathLike)) else x
+    s = checked(EditSettings(img=listed(img), ckpt=listed(ckpt), latents=listed(latents), **settings))
     if not s.ckpt or bool(s.img) == bool(s.latents):
         raise NadaError("pass --ckpt RUN [RUN ...] and either --img PHOTO [...] or --latents FILE [...]")
     if s.pti and not s.img:
         raise NadaError("--pti tunes the base to a photo: pass --img")
-    stems, device = photo_stems(s.img) if s.img else photo_stems(s.latents, "--latents", ".latent.pt"), \
-        check_device(s.device, s.impl)
+    stems = photo_stems(s.img) if s.img else photo_stems(s.latents, "--latents", ".latent.pt")
+    device = check_device(s.device, s.impl)
+    check_photos(s)
     paths = [resolve_ckpt(c, s.wdir, s.offline) for c in s.ckpt]
-    names = photo_stems([os.path.dirname(p) if os.path.basename(p) == "generator.pt" else p for p in paths], "--ckpt")
-    runs = [load_generator(p, device, s.impl) for p in paths]
-    bases = sorted({str(recorded(G, "base")) for G in runs})
+    names, runs = run_names(paths), [load_generator(p, device, s.impl) for p in paths]
+    bases = {base_key(recorded(G, "base"), s.wdir) for G in runs if recorded(G, "base")}
     if len(bases) > 1 and not s.base:
-        raise NadaError(f"--ckpt: these runs adapt different bases ({', '.join(bases)}): edit one base's runs at a "
-                        "time")
-    fetch_weights([s.base or bases[0]], [], s.wdir, s.offline, lpips=bool(s.img) and s.lpips == "auto")
+        raise NadaError(f"--ckpt: these runs adapt different bases ({', '.join(sorted(bases))}): edit one base's runs "
+                        "at a time")
+    fetch_weights([s.base or recorded(runs[0], "base") or ""], [], s.wdir, s.offline)
     base, B = load_base(s, runs[0], paths[0], device)
     for G, path in zip(runs[1:], paths[1:]):
         check_architecture(B, G, base, path)
+    check_unconditional(B, f"the base {base}")
     base = dict(base=base, base_sha256=sha256_of(resolve_ckpt(base, s.wdir, True)))
-    found = {stem: read_latent(f, B)[:2] for stem, f in zip(stems, s.latents or ())}
-    photos, lpips = {stem: load_photo(p, B.size) for stem, p in zip(stems, s.img or ())}, None
+    found = {stem: read_latent(f, B, base["base_sha256"])[:2] for stem, f in zip(stems, s.latents or ())}
+    photos = {stem: load_photo(p, B.size) for stem, p in zip(stems, s.img or ())}
+    found.update({stem: reusable(os.path.join(s.out, f"{stem}.latent.pt"), p, B, base, s) for stem, p in
+                  zip(stems, s.img or ())})
+    todo = [stem for stem in stems if found[stem] is None]
+    if todo or s.pti:                                   # LPIPS's files only when something is to be optimised
+        fetch_weights([], [], s.wdir, s.offline, lpips=s.lpips == "auto")
+    lpips = load_lpips(s.lpips, device, s.wdir, s.offline) if todo or s.pti else None
     make_folder(s.out)
-    print(startup_line("edit", device, s.impl, f"base {base['base']}", f"runs {', '.join(names)}",
-                       *(about_inversion(s, B) if s.img else [f"{len(s.latents)} latents"])), flush=True)
-    if s.img:
-        found = {stem: reusable(os.path.join(s.out, f"{stem}.latent.pt"), p, B, base) for stem, p in zip(stems, s.img)}
-        todo = [stem for stem in stems if found[stem] is None]
-        lpips = load_lpips(s.lpips, device, s.wdir, s.offline) if todo or s.pti else None
-        found.update(inverted(B, [(p, photos[st]) for st, p in zip(stems, s.img) if st in todo], todo, s, lpips, base,
-                              device))
+    about = about_inversion(s, B) if s.img else [f"{len(s.latents)} latent{'s' * (len(s.latents) > 1)}"]
+    print(startup_line("edit", device, s.impl, f"base {base['base']}", f"runs {', '.join(names)}", *about), flush=True)
+    found.update(inverted(B, [(p, photos[st]) for st, p in zip(stems, s.img or ()) if st in todo], todo, s, lpips, base,
+                          device))
     for stem in stems:
         render_edits(stem, found[stem], photos.get(stem), B, runs, names, s, device, lpips)
     return s.out
 
 
-def reusable(path, photo, G, base):
-    """A STEM.latent.pt made from the photo's bytes and this base -> (ws, noise), else None (invert again, and replace
-    it: one of another base or photo, or one that cannot be read)."""
+def reusable(path, photo, G, base, s):
+    """A STEM.latent.pt made from the photo's bytes in this base, not interrupted, with at least s.steps steps and
+    the same --lpips -> (ws, noise); else None: invert again, and replace it."""
     try:
-        ws, noise, record = read_latent(path, G) if os.path.isfile(path) else (None, None, {})
-    except NadaError:
+        ws, noise, r = read_latent(path, G, base["base_sha256"]) if os.path.isfile(path) else (None, None, {})
+    except NadaError:                                   # another base's or photo's, or unreadable
         return None
-    if (record.get("image_sha256"), record.get("base_sha256")) != (sha256_of(photo), base["base_sha256"]):
+    same = (r.get("image_sha256"), r.get("base_sha256"), r.get("lpips")) == (sha256_of(photo), base["base_sha256"],
+                                                                              s.lpips)
+    if not same or r.get("interrupted") is not False or not (type(r.get("steps")) is int and r["steps"] >= s.steps):
         return None
-    print(f"reusing {path} (made from the same photo and base)", flush=True)
+    print(f"reusing {path} (the same photo and base, {r['steps']} steps, loss {r.get('loss', math.nan):.4f}; "
+          "delete it to invert again)", flush=True)
     return ws, noise
 
 
 @torch.no_grad()
 def render_edits(stem, latent, photo, B, runs, names, s, device, lpips=None):
-    """A latent rendered by the base and each run (with --pti: by the tuned base, and each run's change added to it)
-    -> STEM.<run>.png each (with --pti STEM.pti.png too: the tuned base's), and STEM.edit.png: input | reconstruction
-    | runs, labelled."""
+    """A latent rendered by the base and each run -> STEM.<run>.png each, and STEM.edit.png: input | reconstruction |
+    runs, labelled. With --pti the base is first tuned to the photo (STEM.pti.png: its rendering), and each run is
+    the tuned base plus the run's change to B."""
     ws, noise = latent[0].to(device), [n.to(device) for n in latent[1]]
-    base = B
+    base, label = B, "reconstruction"
     if s.pti:
         with torch.enable_grad():
-            base = pivotal_tuning(B, ws, noise, photo.to(device), s.pti, lpips, show=s.progress)
-    imgs = [g.synthesis(ws, noise=noise).cpu() for g in [base, *(moved_by(base, B, G) if s.pti else G for G in runs)]]
-    for name, img in zip(["pti"] * bool(s.pti) + names, imgs[not s.pti:]):
+            base, label = pivotal_tuning(B, ws, noise, photo.to(device), s.pti, lpips, show=s.progress), "PTI"
+        runs = [moved_by(base, B, G) for G in runs]
+    recon = base.synthesis(ws, noise=noise).cpu()
+    edits = [G.synthesis(ws, noise=noise).cpu() for G in runs]
+    if s.pti:
+        save_image(recon, os.path.join(s.out, f"{stem}.pti.png"))
+    for name, img in zip(names, edits):
         save_image(img, os.path.join(s.out, f"{stem}.{name}.png"))
-    labels = ["input"] * (photo is not None) + ["reconstruction" + " (PTI)" * bool(s.pti)] + names
-    draw_labelled_grid([img for img in [photo, *imgs] if img is not None], labels,
-                       os.path.join(s.out, f"{stem}.edit.png"), across=True)
+    columns, labels = [recon, *edits], [label, *names]
+    if photo is not None:
+        columns, labels = [photo, *columns], ["input", *labels]
+    draw_labelled_grid(columns, labels, os.path.join(s.out, f"{stem}.edit.png"), across=True)
     print(f"wrote {stem}.edit.png and {len(names)} edits to {s.out}", flush=True)
 
 
@@ -3439,6 +3514,7 @@ def invert_dry_run(s):
     """The memory of an inversion on s.device, counted on the meta device: one photo batch, VGG16's LPIPS."""
     device = check_device(s.device, here=False)
     G = meta_generator(s.ckpt, s.wdir).requires_grad_(False)
+    check_unconditional(G, s.ckpt)
     widths = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
     with torch.device("meta"):
         sd = {f"lin{k}.model.1.weight": torch.empty(1, widths[t - 1], 1, 1) for k, t in enumerate(LPIPS_TAPS)}

@@ -3439,11 +3439,16 @@ def test_edit_renders_the_photo_in_each_domain_and_reuses_its_latent(tmp_path, r
     sheet = nada.load_image(str(out / "face.edit.png"), short=10_000)
     assert sheet.shape[3] == 4 * 128 and sheet.shape[2] > 128          # input | reconstruction | red | blue
     latent = (out / "face.latent.pt").stat().st_mtime_ns
-    rc, stdout, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", runs[0], "--lpips", "off", "--out", out)
+    rc, stdout, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", runs[0], "--lpips", "off", "--steps", 150,
+                              "--out", out, "--offline", "--weights-dir", tmp_path / "none")   # no LPIPS wanted
     assert rc == 0 and "reusing" in stdout and (out / "face.latent.pt").stat().st_mtime_ns == latent, err
     rc, stdout, err = run_cli("edit", "--latents", out / "face.latent.pt", "--ckpt", runs[1], "--out", tmp_path / "l")
     assert rc == 0, err
     torch.testing.assert_close(nada.load_image(str(tmp_path / "l" / "face.blue.png")), blue)
+    rc, stdout, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", runs[0], "--lpips", "off", "--steps", 201,
+                              "--out", tmp_path / "inv")            # more steps than the saved latent had: again
+    assert rc == 0 and "reusing" not in stdout and (out / "face.latent.pt").stat().st_mtime_ns != latent, err
+    assert torch.load(out / "face.latent.pt", weights_only=True)["steps"] == 201
 
 
 def test_edit_refuses_runs_of_other_bases_and_latents_of_other_shapes(tmp_path, red_and_blue_runs, photo_of_tiny):
@@ -3459,6 +3464,18 @@ def test_edit_refuses_runs_of_other_bases_and_latents_of_other_shapes(tmp_path, 
     assert not os.path.exists(tmp_path / "o")
     rc, _, err = run_cli("edit", "--ckpt", red_and_blue_runs["red"])
     assert_clean_error(rc, err, "--img PHOTO")
+    twin = tmp_path / "twin.pt"                                 # the base's architecture, other weights
+    nada.save_generator(tiny_generator(seed=1), twin)
+    rc, _, err = run_cli("invert", "--img", photo_of_tiny, "--ckpt", twin, "--lpips", "off", "--steps", 2, "--out",
+                         tmp_path / "t")
+    assert rc == 0, err
+    rc, _, err = run_cli("edit", "--latents", tmp_path / "t" / "face.latent.pt", "--ckpt", red_and_blue_runs["red"],
+                         "--out", tmp_path / "o")
+    assert_clean_error(rc, err, "face.latent.pt: a latent found in", "twin.pt, not in this base")
+    shutil.copy(os.path.join(red_and_blue_runs["red"], "generator.pt"), tmp_path / "recon.pt")
+    rc, _, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", tmp_path / "recon.pt", "--out", tmp_path / "o")
+    assert_clean_error(rc, err, "a run is named recon")
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_pivotal_tuning_matches_the_photo_closer_and_keeps_the_domain(tmp_path, red_and_blue_runs, tiny_ckpt):
@@ -3490,3 +3507,26 @@ def test_invert_dry_run_counts_a_1024_px_inversion_without_reading_anything(tmp_
     weights = float(re.search(r"weights +([\d.]+) GiB", out).group(1))
     assert 1.0 < peak < 4.0 and 0.15 < weights < 0.25              # measured: 1.99 and 0.18 (G 0.12, VGG16 0.06)
     assert os.listdir(tmp_path) == []
+
+
+def test_invert_checks_photos_before_downloads_and_refuses_conditional_generators(tmp_path):
+    rc, _, err = run_cli("invert", "--img", tmp_path / "missing.png", "--ckpt", "ffhq", "--offline", "--weights-dir",
+                         tmp_path / "w")
+    assert_clean_error(rc, err, "missing.png: not a regular file")
+    nada.save_image(torch.zeros(1, 3, 32, 32), str(tmp_path / "p.png"))
+    rc, _, err = run_cli("invert", "--img", tmp_path / "p.png", "--ckpt", os.path.join(FIXTURES, "nvidia_32_cond.pkl"),
+                         "--lpips", "off", "--out", tmp_path / "o")
+    assert_clean_error(rc, err, "is class-conditional (10 classes)")
+    assert sorted(os.listdir(tmp_path)) == ["p.png"]
+
+
+def test_a_phone_photo_is_turned_as_its_camera_was(tmp_path):
+    """EXIF orientation 6 (the camera turned 90 degrees clockwise): stored red above blue, shown red on the right."""
+    from PIL import Image
+    img = Image.new("RGB", (40, 40), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 20, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    x = nada.load_image(str(tmp_path / "phone.jpg"))
+    assert x[0, 0, :, 30:].mean() > 0.8 and x[0, 2, :, :10].mean() > 0.8      # red right, blue left
