@@ -2569,7 +2569,10 @@ def load_image(path, short=448):
                 raise NadaError(f"{path}: {img.width}x{img.height} pixels, more than the {MAX_PIXELS} an image may "
                                 "have here (a decompression bomb?); use a smaller image")
             img.draft("RGB", (short, short))            # JPEG: decode at 1/2, 1/4 or 1/8 scale where that suffices
-            img = ImageOps.exif_transpose(img).convert("RGB")   # a phone's photo: turned as its camera was
+            img = ImageOps.exif_transpose(img)          # a phone's photo: turned as its camera was
+            if img.mode.startswith("I;16"):             # 16-bit grey: convert("RGB") would clip at 255, not scale
+                img = img.point(lambda v: v / 256)
+            img = img.convert("RGB")
             img.thumbnail((short * img.width // min(img.size), short * img.height // min(img.size)), Image.LANCZOS)
     except NadaError:
         raise

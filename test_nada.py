@@ -3520,6 +3520,13 @@ def test_invert_checks_photos_before_downloads_and_refuses_conditional_generator
     assert sorted(os.listdir(tmp_path)) == ["p.png"]
 
 
+def test_a_16_bit_grey_photo_keeps_its_tones(tmp_path):
+    from PIL import Image
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)).save(tmp_path / "g16.png")
+    x = nada.load_image(str(tmp_path / "g16.png"))
+    assert abs(x.mean().item()) < 0.02 and x[0, :, 0, 0].max() < -0.99 and x[0, :, -1, -1].min() > 0.98
+
+
 def test_a_phone_photo_is_turned_as_its_camera_was(tmp_path):
     """EXIF orientation 6 (the camera turned 90 degrees clockwise): stored red above blue, shown red on the right."""
     from PIL import Image
