@@ -3415,7 +3415,7 @@ def invert_photos(img=None, ckpt="ffhq", **settings):
     photos = [(p, load_photo(p, G.size)) for p in s.img]
     lpips = load_lpips(s.lpips, device, s.wdir, s.offline)
     path = resolve_ckpt(s.ckpt, s.wdir, True)
-    base = dict(base=os.path.abspath(s.ckpt) if os.path.isfile(s.ckpt) else s.ckpt, base_sha256=sha256_of(path))
+    base = dict(base=os.path.abspath(s.ckpt) if os.path.exists(s.ckpt) else s.ckpt, base_sha256=sha256_of(path))
     make_folder(s.out)
     print(startup_line("invert", device, s.impl, path, *about_inversion(s, G)), flush=True)
     inverted(G, photos, stems, s, lpips, base, device)
