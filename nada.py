@@ -3309,9 +3309,9 @@ def run_names(paths):
              os.path.splitext(os.path.basename(p))[0] for p in paths]
     for name in names:
         if names.count(name) > 1 or name in ("recon", "edit", "pti", "latent"):
-            raise NadaError(f"--ckpt: {'two runs are named' if names.count(name) > 1 else 'a run is named'} {name}, "
-                            "and edit names its outputs STEM.<run>.png: copy its generator.pt to a file of another name "
-                            "and pass that")
+            named = "two runs are named" if names.count(name) > 1 else "a run is named"
+            raise NadaError(f"--ckpt: {named} {name}, and edit names its outputs STEM.<run>.png: copy its generator.pt "
+                            "to a file of another name and pass that")
     return names
 
 
