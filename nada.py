@@ -1854,7 +1854,7 @@ def atomic_write_text(path, text):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# weights by name (generators and CLIP models): downloaded once into the weights folder, resumable, verified
+# weights by name (generators, CLIP models, LPIPS): downloaded once into the weights folder, resumable, verified
 
 ADA = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
 NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/files/"
