@@ -990,7 +990,8 @@ class SampleSettings(Common):
 class InvertSettings(Common):
     """find photos' latents in a generator
 
-    Optimise each photo's latent (W, then W+) and noise maps until the generator renders it (StyleGAN2's projector).
+    Optimise each photo's latent (W, then W+) and noise maps, --steps in all, so that the generator renders it
+    (StyleGAN2's projector).
     Photos are resized and centre-cropped to the generator's size. Face generators (ffhq, metfaces) expect faces
     aligned as FFHQ's: eyes level and centred, the face filling the middle of the frame; nada does not align them."""
     img: list = setting(None, "photos (PNG, JPEG, WebP, ...)", nargs="+")
@@ -1009,9 +1010,9 @@ class InvertSettings(Common):
 class EditSettings(InvertSettings):
     """render photos with adapted generators
 
-    Invert each photo into the runs' base (or reuse its STEM.latent.pt in --out when made from the same bytes and
-    base) and render the latent with every run: STEM.<run>.png each, and STEM.edit.png: input | reconstruction |
-    runs."""
+    Invert each photo into the runs' base (or reuse its STEM.latent.pt in --out, made from the same bytes and base
+    with the same --lpips and at least --steps steps) and render the latent with every run: STEM.<run>.png each, and
+    STEM.edit.png: input | reconstruction | runs."""
     ckpt: list = setting(None, "adapted generators of one base: run folders or files", nargs="+", metavar="RUN")
     base: str = setting(None, "their base, NAME or FILE (default: the one the runs recorded)")
     latents: list = setting(None, "saved latents (STEM.latent.pt) to render instead of photos", nargs="+",
@@ -1947,8 +1948,8 @@ def resolve_ckpt(name_or_path, wdir=None, offline=False, flag="--ckpt"):
     if name_or_path in GENERATORS:
         url = GENERATORS[name_or_path][0]
         return download(url, weights_path(url, wdir), offline=offline)
-    raise NadaError(f"{flag} {name_or_path!r} is neither a file nor a known model; `python nada.py models` lists "
-                    f"the names ({', '.join(GENERATORS)})")
+    raise NadaError(f"{flag} {name_or_path!r} is neither a file nor a known model (nor a run folder); `python "
+                    f"nada.py models` lists the names ({', '.join(GENERATORS)})")
 
 
 def named_generator(ckpt, wdir, offline, device, impl="auto", flag="--ckpt"):
@@ -2383,6 +2384,10 @@ def read_log(folder):
     return records
 
 
+def is_run_folder(path):
+    return any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "state.pt", "results.json"))
+
+
 def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     """-> (checkpoint file: --ckpt, else the newest runs/*/generator.pt; output folder: --out, else RUN/sample
     for a run's generator, else samples/<checkpoint name>). settings: sample's, whose --walk flags are checked."""
@@ -2392,7 +2397,7 @@ def sample_paths(ckpt, out, wdir, offline, runs="runs", settings=None):
     found = [p for p in found if os.path.isfile(p)]
     if not ckpt and not found:
         raise NadaError(f"no --ckpt given and no trained generator in {runs}/*/generator.pt: pass --ckpt FILE or NAME")
-    if out and any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "state.pt", "results.json")):
+    if out and is_run_folder(out):
         raise NadaError(f"--out {out} is a run's or a study's folder: sample writes into one of its own (the default "
                         "is RUN/sample); choose another --out")
     fetch_weights([ckpt, *(settings.also or ())] if ckpt and settings else [], [], wdir, offline)
@@ -2562,7 +2567,7 @@ def load_image(path, short=448):
     size is read from the header and checked before anything is decoded; a JPEG is decoded at a reduced scale."""
     from PIL import Image, ImageOps
     if not os.path.isfile(path):
-        raise NadaError(f"{path}: not a regular file")
+        raise NadaError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     try:
         with Image.open(path, formats=("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")) as img:
             if img.width * img.height > MAX_PIXELS:
@@ -3316,7 +3321,11 @@ def run_names(paths):
 
 
 def check_photos(s):
-    """What can be checked before any download: each --img opens as an image, --lpips names something."""
+    """What can be checked before any download: each --img opens as an image, --lpips names something, --out is no
+    run's folder."""
+    if is_run_folder(s.out):
+        raise NadaError(f"--out {s.out} is a run's or a study's folder: invert and edit write into one of their own "
+                        "(the default is inversions/); choose another --out")
     for path in s.img or ():
         load_image(path, short=16)
     check_lpips(s.lpips)
@@ -3476,13 +3485,20 @@ def edit(img=None, ckpt=None, latents=None, **settings):
 def reusable(path, photo, G, base, s):
     """A STEM.latent.pt made from the photo's bytes in this base, not interrupted, with at least s.steps steps and
     the same --lpips -> (ws, noise); else None: invert again, and replace it."""
-    try:
-        ws, noise, r = read_latent(path, G, base["base_sha256"]) if os.path.isfile(path) else (None, None, {})
-    except NadaError:                                   # another base's or photo's, or unreadable
+    if not os.path.isfile(path):
         return None
-    same = (r.get("image_sha256"), r.get("base_sha256"), r.get("lpips")) == (sha256_of(photo), base["base_sha256"],
-                                                                              s.lpips)
-    if not same or r.get("interrupted") is not False or not (type(r.get("steps")) is int and r["steps"] >= s.steps):
+    try:
+        ws, noise, r = read_latent(path, G, base["base_sha256"])
+        why = [why for why, differs in (("made from another photo", r.get("image_sha256") != sha256_of(photo)),
+                                        (f"made with --lpips {r.get('lpips')}", r.get("lpips") != s.lpips),
+                                        ("cut short", r.get("interrupted") is not False),
+                                        (f"made in {r.get('steps')} steps", not (type(r.get("steps")) is int
+                                                                                and r["steps"] >= s.steps))) if differs]
+    except NadaError as e:                              # another base's, or unreadable
+        why = [_first_line(e).split(": ", 1)[-1]]
+    if why:
+        print(f"inverting again, and replacing {path}: {why[0]} (edit reuses a latent of the same photo and base, "
+              f"--lpips {s.lpips}, at least {s.steps} steps, not cut short)", flush=True)
         return None
     print(f"reusing {path} (the same photo and base, {r['steps']} steps, loss {r.get('loss', math.nan):.4f}; "
           "delete it to invert again)", flush=True)
@@ -3510,7 +3526,7 @@ def render_edits(stem, latent, photo, B, runs, names, s, device, lpips=None):
     if photo is not None:
         columns, labels = [photo, *columns], ["input", *labels]
     draw_labelled_grid(columns, labels, os.path.join(s.out, f"{stem}.edit.png"), across=True)
-    print(f"wrote {stem}.edit.png and {len(names)} edits to {s.out}", flush=True)
+    print(f"wrote {stem}.edit.png and {len(names)} edit{'s' * (len(names) > 1)} to {s.out}", flush=True)
 
 
 def invert_dry_run(s):
@@ -3724,7 +3740,7 @@ def list_models(wdir=None):
     print("CLIP models (--clip): " + ", ".join(f"{n} ({mb} MB)" for n, mb in CLIP_MB.items()) + "; downloaded into "
           "the same folder on first use")
     print("LPIPS (invert and edit, --lpips auto): " + ", ".join(f"{n} {os.path.basename(url)} (~{mb} MB)" for n, (
-        url, _, mb) in LPIPS_FILES.items()) + ", the same")
+        url, _, mb) in LPIPS_FILES.items()) + "; downloaded into the same folder on first use")
 
 
 def doctor(device="auto", build_ops=False, wdir=None):

@@ -3464,6 +3464,9 @@ def test_edit_refuses_runs_of_other_bases_and_latents_of_other_shapes(tmp_path, 
     assert not os.path.exists(tmp_path / "o")
     rc, _, err = run_cli("edit", "--ckpt", red_and_blue_runs["red"])
     assert_clean_error(rc, err, "--img PHOTO")
+    rc, _, err = run_cli("edit", "--img", photo_of_tiny, "--ckpt", red_and_blue_runs["red"], "--out",
+                         red_and_blue_runs["blue"])
+    assert_clean_error(rc, err, "is a run's or a study's folder")
     twin = tmp_path / "twin.pt"                                 # the base's architecture, other weights
     nada.save_generator(tiny_generator(seed=1), twin)
     rc, _, err = run_cli("invert", "--img", photo_of_tiny, "--ckpt", twin, "--lpips", "off", "--steps", 2, "--out",
@@ -3512,7 +3515,7 @@ def test_invert_dry_run_counts_a_1024_px_inversion_without_reading_anything(tmp_
 def test_invert_checks_photos_before_downloads_and_refuses_conditional_generators(tmp_path):
     rc, _, err = run_cli("invert", "--img", tmp_path / "missing.png", "--ckpt", "ffhq", "--offline", "--weights-dir",
                          tmp_path / "w")
-    assert_clean_error(rc, err, "missing.png: not a regular file")
+    assert_clean_error(rc, err, "missing.png: no such file")
     nada.save_image(torch.zeros(1, 3, 32, 32), str(tmp_path / "p.png"))
     rc, _, err = run_cli("invert", "--img", tmp_path / "p.png", "--ckpt", os.path.join(FIXTURES, "nvidia_32_cond.pkl"),
                          "--lpips", "off", "--out", tmp_path / "o")
