@@ -1887,6 +1887,11 @@ def weights_path(url, wdir=None):
     return os.path.join(weights_dir(wdir), os.path.basename(url))
 
 
+def is_model_name(name):
+    """A known generator's name that is no file or folder here (a path wins over a name)."""
+    return name in GENERATORS and not os.path.exists(name)
+
+
 def is_offline(offline):
     """--offline, or $NADA_OFFLINE set to anything but 0."""
     return offline or os.environ.get("NADA_OFFLINE", "") not in ("", "0")
@@ -1900,7 +1905,7 @@ def fetch_weights(generators, clips, wdir, offline, lpips=False):
     """Download every named file a command needs (generator names, CLIP model names, LPIPS's two files with lpips;
     files are left alone) before anything loads, saying what and where first. Offline, or when a download fails, one
     message names every file still missing, with its URL, size and folder."""
-    wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if n in GENERATORS and not os.path.exists(n)]
+    wanted = [(n, GENERATORS[n][0], GENERATORS[n][2]) for n in generators if is_model_name(n)]
     if clips:                                           # sample needs no CLIP, nor the clip package
         clip = _import_clip()
         wanted += [(n, clip.clip._MODELS[n], CLIP_MB.get(n, 0)) for n in clips
@@ -1920,10 +1925,8 @@ def fetch_weights(generators, clips, wdir, offline, lpips=False):
         print(f"downloading {len(missing)} file(s) into {folder} (once): {listed}", flush=True)
         for i, (name, url, _) in enumerate(missing):
             try:
-                if name in LPIPS_FILES:
-                    download(url, weights_path(url, wdir), LPIPS_FILES[name][1])
-                else:
-                    (resolve_ckpt if name in GENERATORS else resolve_clip)(name, wdir, False)
+                fetch = resolve_lpips if name in LPIPS_FILES else resolve_ckpt if name in GENERATORS else resolve_clip
+                fetch(name, wdir, False)
             except NadaError as e:
                 rest = "; ".join(f"{n}: {u} (about {mb} MB)" for n, u, mb in missing[i:])
                 error = f"{e}. Still missing in {folder}: {rest}"
@@ -1957,8 +1960,7 @@ def named_generator(ckpt, wdir, offline, device, impl="auto", flag="--ckpt"):
     that model's resolution and classes (a stray file there would otherwise be trained on in its place)."""
     path = resolve_ckpt(ckpt, wdir, offline, flag)
     G = load_generator(path, device, impl)
-    named = ckpt in GENERATORS and not os.path.exists(ckpt)
-    want = (GENERATORS[ckpt][1], len(GENERATORS[ckpt][3] or ())) if named else (G.size, G.c_dim)
+    want = (GENERATORS[ckpt][1], len(GENERATORS[ckpt][3] or ())) if is_model_name(ckpt) else (G.size, G.c_dim)
     if (G.size, G.c_dim) != want:
         raise NadaError(f"{path} is a {G.size} px generator with {G.c_dim or 'no'} classes, but {ckpt} is {want[0]} px "
                         f"with {want[1] or 'no'} classes: move the file away (nada then downloads {ckpt}), or pass a "
@@ -3145,8 +3147,7 @@ def load_lpips(spec, device, wdir=None, offline=False):
     FILE -> one state dict holding both. Read as data, as every checkpoint, and only the tensors LPIPS uses."""
     if check_lpips(spec) == "off":
         return None
-    paths = [spec] if spec != "auto" else [download(url, weights_path(url, wdir), sha256=sha, offline=offline)
-                                           for url, sha, _ in LPIPS_FILES.values()]
+    paths = [spec] if spec != "auto" else [resolve_lpips(name, wdir, offline) for name in LPIPS_FILES]
     sd = {}
     try:
         for path in paths:
@@ -3159,6 +3160,12 @@ def load_lpips(spec, device, wdir=None, offline=False):
                         "a state dict of features.N.weight/bias (torchvision's VGG16) and linK.model.1.weight"
                         ) from None
     return lpips.to(device)
+
+
+def resolve_lpips(name, wdir=None, offline=False):
+    """One of LPIPS_FILES by name, downloaded into the weights folder on first use -> its path."""
+    url, sha256, _ = LPIPS_FILES[name]
+    return download(url, weights_path(url, wdir), sha256=sha256, offline=offline)
 
 
 def check_lpips(spec):
@@ -3338,7 +3345,7 @@ def check_unconditional(G, what):
 
 def base_key(base, wdir=None):
     """A base as runs record it (a name or a file) -> the file it stands for, to compare two runs' bases."""
-    if base in GENERATORS and not os.path.exists(base):
+    if is_model_name(base):
         return os.path.realpath(weights_path(GENERATORS[base][0], wdir))
     return os.path.realpath(base)
 
