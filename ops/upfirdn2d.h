@@ -24,6 +24,7 @@ struct UpFirDnParams {
     FastDiv32 by_C;                  // plane -> (n, c)
     FastDiv by_tilesY;               // slot -> (plane, tile row)
     int64_t xs_n, xs_c, ys_n, ys_c;  // strides between planes, in elements
+    int64_t xs_wrap, ys_wrap;        // from plane (n, C - 1) to (n + 1, 0)
     int xs_h, xs_w, ys_h, ys_w;      // strides within a plane: 32-bit
     int up, down, px0, py0, fh, fw;
     int shiftx, shifty;              // tile 0 starts this many outputs before output 0 (up-phase alignment)
@@ -40,17 +41,26 @@ template <typename A> NADA_HD A gain_of(const UpFirDnParams& p);
 template <> NADA_HD float gain_of<float>(const UpFirDnParams& p) { return p.gainf; }
 template <> NADA_HD double gain_of<double>(const UpFirDnParams& p) { return p.gain; }
 
-// Walks a block's slots: calls plane_fn(xp, yp) at each plane it enters and tile_fn(bty) for each of its tiles.
+// Walks a block's slots: calls plane_fn(xp, yp) at each plane it enters and tile_fn(bty) for each of its tiles. The
+// first plane's offsets are computed, the next ones stepped to: c + 1, or n + 1 and c = 0 (the host's wrap strides).
 template <typename T, class PlaneFn, class TileFn>
 NADA_BLOCK void walk_slots(const UpFirDnParams& p, const T* x, T* y, int64_t group, PlaneFn&& plane_fn, TileFn&& tile_fn) {
     const int64_t k0 = group * p.loop, total = p.planes * p.tilesY;
     int left = int(total - k0 < p.loop ? total - k0 : p.loop);  // tiles this block computes
-    int plane = int(fast_div(k0, p.by_tilesY));
+    const int plane = int(fast_div(k0, p.by_tilesY));
     int bty = int(k0 - int64_t(plane) * p.tilesY);
-    for (; left > 0; plane++, bty = 0) {
-        const int n = fast_div(plane, p.by_C), c = plane - n * p.C;
-        plane_fn(x + (n * p.xs_n + c * p.xs_c), y + (n * p.ys_n + c * p.ys_c));
+    const unsigned n = unsigned(fast_div(plane, p.by_C));
+    unsigned c = unsigned(plane) - n * unsigned(p.C);
+    int64_t xo = int64_t(n) * p.xs_n + int64_t(c) * p.xs_c, yo = int64_t(n) * p.ys_n + int64_t(c) * p.ys_c;
+    for (;;) {
+        plane_fn(x + xo, y + yo);
         for (; bty < p.tilesY && left > 0; bty++, left--) tile_fn(bty);
+        if (left == 0) return;
+        bty = 0;
+        const bool wrap = ++c == unsigned(p.C);
+        c = wrap ? 0u : c;
+        xo += wrap ? p.xs_wrap : p.xs_c;
+        yo += wrap ? p.ys_wrap : p.ys_c;
     }
 }
 
@@ -80,12 +90,17 @@ struct SmallTile {
     static_assert((QX * DOWN) % UP == 0 && (QY * DOWN) % UP == 0, "every quad must start on up-phase 0");
 };
 
-// A thread's registers in the small kernels: the taps, and where its tile columns sit in the plane.
+// A thread's registers in the small kernels: the taps, and its offsets from a tile's corner, the same for every tile
+// of the block's column in every plane (so that per tile and per plane only uniform values change).
 template <typename A, int NT, int NK>
 struct SmallState {
     A t[NT];
-    int c0;         // offset of tile column `lane` in a row of x; column lane + 32k is k * 32 * xs_w further
+    int xo;         // offset in x of its first input: tile row tid / 32, tile column lane (column lane + 32k is
+                    // k * 32 * xs_w further, row r + 8j is 8j * xs_h further), from the tile's input row 0, column 0
+    int yo;         // offset in y of its quad's first output from the tile's output row 0, column 0
+    int qy;         // its quad's first row in the tile
     unsigned cok;   // bit k: tile column lane + 32k is inside the image (and inside the tile)
+    unsigned xok;   // bit b: output column b of its quad is inside the image
 };
 
 template <int UP, int DOWN, int FH, int FW, typename A>
@@ -107,7 +122,13 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
         const A g = gain_of<A>(p);
 #pragma unroll
         for (int i = 0; i < FH * FW; i++) s.t[i] = (p.flip ? v[i] : v[FH * FW - 1 - i]) * g;
-        s.c0 = (in0x + tid % K::TX) * p.xs_w;
+        const int lane = tid % K::TX, row0 = tid / K::TX;
+        s.xo = row0 * p.xs_h + (in0x + lane) * p.xs_w;
+        s.qy = row0 * K::QY;
+        s.yo = s.qy * p.ys_h + (o0x + lane * K::QX) * p.ys_w;
+        s.xok = 0;
+#pragma unroll
+        for (int b = 0; b < K::QX; b++) s.xok |= unsigned(unsigned(o0x + lane * K::QX + b) < unsigned(p.outW)) << b;
         s.cok = 0;
 #pragma unroll
         for (int k = 0; k < NK; k++) {
@@ -118,15 +139,17 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
     walk_slots(p, x, y, group, [&](const T* xq, T* yq) { xp = xq; yp = yq; }, [&](int bty) {
         const int o0y = bty * K::TOH - p.shifty;
         const int in0y = floor_div(o0y * DOWN - p.py0, UP);
+        const T* xt = xp + in0y * p.xs_h;                         // the tile's corners: uniform, x's may lie outside
+        T* yt = yp + o0y * p.ys_h;
         ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: the input tile, zeros outside x
             const int lane = tid % K::TX, row0 = tid / K::TX;
 #pragma unroll
             for (int j = 0; j < NJ; j++) {
-                const int r = row0 + j * K::TY, iy = in0y + r;
+                const int r = row0 + j * K::TY;
                 if (r >= K::TIH) break;
-                const unsigned ok = unsigned(iy) < unsigned(p.H) ? s.cok : 0u;
+                const unsigned ok = unsigned(in0y + r) < unsigned(p.H) ? s.cok : 0u;
                 // A byte pointer stepped by a byte stride: one 64-bit add per element, for any T.
-                const char* src = reinterpret_cast<const char*>(xp + (iy * p.xs_h + s.c0));
+                const char* src = reinterpret_cast<const char*>(xt + (s.xo + j * K::TY * p.xs_h));
                 const int64_t step = int64_t(K::TX) * p.xs_w * int64_t(sizeof(T));
 #pragma unroll
                 for (int k = 0; k < NK; k++, src += step) {
@@ -146,10 +169,9 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
                 for (int j = 0; j < K::WX; j++) win[i][j] = src[i * K::TIW + j];
 #pragma unroll
             for (int a = 0; a < K::QY; a++) {
-                const int oy = o0y + qy * K::QY + a;
+                const bool row_ok = unsigned(o0y + s.qy + a) < unsigned(p.outH);
 #pragma unroll
                 for (int b = 0; b < K::QX; b++) {
-                    const int ox = o0x + qx * K::QX + b;
                     A acc = A(0);
 #pragma unroll
                     for (int ty = 0; ty < FH; ty++) {
@@ -160,8 +182,7 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
                             acc = mac(acc, s.t[ty * FW + tx], win[(a * DOWN + ty) / UP][(b * DOWN + tx) / UP]);
                         }
                     }
-                    if (unsigned(oy) < unsigned(p.outH) && unsigned(ox) < unsigned(p.outW))
-                        yp[oy * p.ys_h + ox * p.ys_w] = T(acc);
+                    if (row_ok && (s.xok >> b) & 1u) yt[s.yo + a * p.ys_h + b * p.ys_w] = T(acc);
                 }
             }
         });
@@ -256,6 +277,8 @@ inline const char* plan_upfirdn2d(UpFirDnParams& p, int acc_bytes, int64_t smem_
     if ((slots + p.loop - 1) / p.loop >= INT32_MAX) return "upfirdn2d: too many planes for one launch";
     p.gainf = float(p.gain);
     p.by_C = make_fast_div32(p.C);
+    p.xs_wrap = p.xs_n - (p.C - 1) * p.xs_c;
+    p.ys_wrap = p.ys_n - (p.C - 1) * p.ys_c;
     p.by_tilesY = make_fast_div(p.tilesY);
     return nullptr;
 }
