@@ -71,7 +71,7 @@ static void small_cpu(const T* x, const float* f, T* y, const UpFirDnParams& p, 
     using K = SmallTile<UP, DOWN, 4, 4>;
     for_each_block<T>(p, planes, [&](int64_t group, int btx) {
         auto ex = std::make_unique<CpuBlock<SmallStateFor<UP, DOWN, 4, 4, A>>>();
-        std::vector<A> tile(K::TIH * K::TIW);
+        std::vector<A> tile(K::TILE);
         upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(*ex, p, x, f, y, tile.data(), group, btx);
     });
 }

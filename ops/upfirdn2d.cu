@@ -13,7 +13,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 upfirdn2d_small_kernel(const T* __restrict__ x, const float* __restrict__ f, T* __restrict__ y, UpFirDnParams p) {
     using A = at::opmath_type<T>;
     using K = SmallTile<UP, DOWN, 4, 4>;
-    __shared__ __align__(16) A tile[K::TIH * K::TIW];
+    __shared__ __align__(16) A tile[K::TILE];
     GpuBlock<SmallStateFor<UP, DOWN, 4, 4, A>> ex;
     upfirdn2d_small_block<UP, DOWN, 4, 4, T, A>(ex, p, x, f, y, tile, int64_t(blockIdx.x), int(blockIdx.y));
 }

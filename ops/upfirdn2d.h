@@ -87,6 +87,10 @@ struct SmallTile {
     static constexpr int TOW = TX * QX, TOH = TY * QY;            // 64 x 16 outputs per tile
     static constexpr int TIW = ((TOW - 1) * DOWN + FW - 1) / UP + 1, TIH = ((TOH - 1) * DOWN + FH - 1) / UP + 1;
     static constexpr int WX = ((QX - 1) * DOWN + FW - 1) / UP + 1, WY = ((QY - 1) * DOWN + FH - 1) / UP + 1;
+    // The tile in shared memory: rows of SW (a whole number of warps' columns: every thread's column lies inside
+    // its row, zeros beyond TIW) and one spare row at TIH that catches the rows past the tile: so phase 1 has no
+    // branches.
+    static constexpr int SW = (TIW + TX - 1) / TX * TX, TILE = (TIH + 1) * SW;
     static_assert((QX * DOWN) % UP == 0 && (QY * DOWN) % UP == 0, "every quad must start on up-phase 0");
 };
 
@@ -146,27 +150,26 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
 #pragma unroll
             for (int j = 0; j < NJ; j++) {
                 const int r = row0 + j * K::TY;
-                if (r >= K::TIH) break;
-                const unsigned ok = unsigned(in0y + r) < unsigned(p.H) ? s.cok : 0u;
+                const bool in_tile = j < NJ - 1 || r < K::TIH;    // only the last rows may lie past the tile
+                const unsigned ok = in_tile && unsigned(in0y + r) < unsigned(p.H) ? s.cok : 0u;
+                A* dst = tile + (in_tile ? r : K::TIH) * K::SW + lane;
                 // A byte pointer stepped by a byte stride: one 64-bit add per element, for any T.
                 const char* src = reinterpret_cast<const char*>(xt + (s.xo + j * K::TY * p.xs_h));
                 const int64_t step = int64_t(K::TX) * p.xs_w * int64_t(sizeof(T));
 #pragma unroll
-                for (int k = 0; k < NK; k++, src += step) {
-                    const int cc = lane + k * K::TX;
-                    if (k == NK - 1 && cc >= K::TIW) break;
-                    tile[r * K::TIW + cc] = (ok >> k) & 1u ? A(*reinterpret_cast<const T*>(src)) : A(0);
-                }
+                for (int k = 0; k < NK; k++, src += step)
+                    dst[k * K::TX] = (ok >> k) & 1u ? A(*reinterpret_cast<const T*>(src)) : A(0);
             }
         });
         ex.phase([&](int tid, typename Ex::State& s) {            // phase 2: one 2x2 quad per thread
             const int qx = tid % K::TX, qy = tid / K::TX;
-            const A* src = tile + (qy * (K::QY * DOWN / UP)) * K::TIW + qx * (K::QX * DOWN / UP);
+            const A* src = tile + (qy * (K::QY * DOWN / UP)) * K::SW + qx * (K::QX * DOWN / UP);
             A win[K::WY][K::WX];
 #pragma unroll
             for (int i = 0; i < K::WY; i++)
 #pragma unroll
-                for (int j = 0; j < K::WX; j++) win[i][j] = src[i * K::TIW + j];
+                for (int j = 0; j < K::WX; j++) win[i][j] = src[i * K::SW + j];
+            char* quad = reinterpret_cast<char*>(yt + s.yo);      // its first output: the others are a byte step away
 #pragma unroll
             for (int a = 0; a < K::QY; a++) {
                 const bool row_ok = unsigned(o0y + s.qy + a) < unsigned(p.outH);
@@ -182,7 +185,8 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
                             acc = mac(acc, s.t[ty * FW + tx], win[(a * DOWN + ty) / UP][(b * DOWN + tx) / UP]);
                         }
                     }
-                    if (row_ok && (s.xok >> b) & 1u) yt[s.yo + a * p.ys_h + b * p.ys_w] = T(acc);
+                    T* dst = reinterpret_cast<T*>(quad + (a * p.ys_h + b * p.ys_w) * int64_t(sizeof(T)));
+                    if (row_ok && (s.xok >> b) & 1u) *dst = T(acc);
                 }
             }
         });
