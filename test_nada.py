@@ -542,9 +542,11 @@ def test_upfirdn2d_kernel_gradients_of_every_order(compiled_ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 7), (2, 1, 3, 3), (4, 64, 16, 16), (2, 16, 9), (2, 3, 4, 5, 6)])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 7), (2, 1, 3, 3), (4, 64, 16, 16), (2, 16, 9), (2, 3, 4, 5, 6),
+                                   (6, 16)])
 def test_bias_act_kernel_layouts_dy_strides_and_bias_gradient(compiled_ops, dtype, shape):
-    """Vector and scalar paths, every dense layout, dy in another layout or expanded, db summed per channel."""
+    """Vector and scalar paths (a vector of one channel, or of V channels: inner 1), every dense layout, no bias, dy
+    in another layout or expanded, db summed per channel."""
     torch.manual_seed(0)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
     x0 = torch.randn(*shape) * 2
@@ -557,6 +559,8 @@ def test_bias_act_kernel_layouts_dy_strides_and_bias_gradient(compiled_ops, dtyp
         xr, br = x.double().requires_grad_(True), b.double().requires_grad_(True)
         ref = nada._bias_act_ref(xr, br, act, 0.2, 1.4, 1.5)
         assert (y.double() - ref).abs().max() < tol * 2, (name, act)
+        unbiased = nada._bias_act_ref(x.double(), None, act, 0.2, 1.4, 1.5)
+        assert (compiled_ops.bias_act(x, None, act == "lrelu", 0.2, 1.4, 1.5).double() - unbiased).abs().max() < tol * 2
         for dy in (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype).movedim(0, -1).contiguous().movedim(-1, 0),
                    torch.full((), 0.5, dtype=dtype).expand(shape)):
             dx, db = compiled_ops.bias_act_backward(dy, y, act == "lrelu", 0.2, 1.4, 1.5, b.dtype)

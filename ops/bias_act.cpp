@@ -67,8 +67,9 @@ static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tenso
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
         for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
             CpuBlock<NoState> ex;
-            if (s.V == 1) bias_act_block<1, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
-            else bias_act_block<VM, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+            if (s.V == 1) bias_act_block<1, false, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+            else if (s.inner == 1) bias_act_block<VM, true, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+            else bias_act_block<VM, false, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
         });
     });
     return y;

@@ -8,12 +8,12 @@
 #include <c10/cuda/CUDAException.h>
 #include "bias_act.h"
 
-template <int V, typename T>
+template <int V, bool CH, typename T>
 __global__ void __launch_bounds__(kBlockThreads)
 bias_act_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ b, T* __restrict__ y, BiasActShape s,
                 BiasActArgs<at::opmath_type<T>> a) {
     GpuBlock<NoState> ex;
-    bias_act_block<V, T, at::opmath_type<T>>(ex, s, a, x, b, y, int64_t(blockIdx.x), int(blockIdx.y));
+    bias_act_block<V, CH, T, at::opmath_type<T>>(ex, s, a, x, b, y, int64_t(blockIdx.x), int(blockIdx.y));
 }
 
 template <int V, bool STRIDED, typename T>
@@ -47,12 +47,14 @@ void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, cons
         constexpr int VM = 16 / sizeof(scalar_t);
         const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
         const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
         if (s.V == 1)
-            bias_act_kernel<1, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), s, a);
+            bias_act_kernel<1, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
+        else if (s.inner == 1)
+            bias_act_kernel<VM, true, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
         else
-            bias_act_kernel<VM, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), s, a);
+            bias_act_kernel<VM, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -16,12 +16,14 @@
 // So the buffer is bounded by the number of blocks' windows, not by the input; no float32 running sum is longer
 // than kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
+#include <cmath>
 #include <limits>
 #include "common.h"
 
 template <typename A>
 struct BiasActArgs {
     A alpha;      // slope below zero: alpha for lrelu, 1 for linear
+    A nalpha;     // -alpha
     A gain;
     A clamp;      // +inf when there is no clamp
     A clamp_y;    // the clamp as a clamped y holds it: rounded to y's dtype
@@ -31,6 +33,7 @@ struct BiasActArgs {
 struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
     int64_t windows, gx;             // windows of 256 chunks along a row; blocks along a row (grid x) walk them
+    int64_t step, end;               // G * K: from a row of a row group to its next; rows * K: the end
     int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one window touches
     FastDiv by_inner;                // column -> channel
 };
@@ -63,6 +66,8 @@ inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int
     const int64_t W = int64_t(s.V) * kBlockThreads, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
     s.maxch = int(most < C ? most : C);
     s.by_inner = make_fast_div(s.inner);
+    s.step = int64_t(s.G) * s.K;
+    s.end = s.rows * s.K;
     return s;
 }
 
@@ -70,6 +75,7 @@ template <typename T, typename A>
 inline BiasActArgs<A> make_bias_act_args(bool lrelu, double alpha, double gain, double clamp) {
     BiasActArgs<A> a;
     a.alpha = lrelu ? A(alpha) : A(1);
+    a.nalpha = -a.alpha;
     a.gain = A(gain);
     a.clamped = clamp >= 0;
     a.clamp = a.clamped ? A(clamp) : std::numeric_limits<A>::infinity();
@@ -88,6 +94,21 @@ struct alignas(sizeof(T) * V) Pack {
     T v[V];
 };
 
+// One 16-byte store where V elements fill 16 bytes. NVVM splits the store of four floats (as a struct, an array or a
+// float4) into four 4-byte stores, so for float it is written in PTX. No memory clobber: nothing in these kernels
+// reads what it writes. Forward only: in the gradient's loop the PTX store costs more than the four (sm_90 counts).
+template <typename T, int V>
+NADA_HD void store_pack(T* p, const Pack<T, V>& v) {
+    *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+#ifdef __CUDA_ARCH__
+template <>
+__device__ __forceinline__ void store_pack<float, 4>(float* p, const Pack<float, 4>& v) {
+    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(v.v[0]), "f"(v.v[1]), "f"(v.v[2]), "f"(v.v[3]));
+}
+#endif
+
 
 template <typename A>
 NADA_HD bool sign_bit(A v) {
@@ -98,15 +119,30 @@ NADA_HD bool sign_bit(A v) {
 #endif
 }
 
-// Forward. z <= 0 gives -|alpha z|: a value that rounds to zero (in y's dtype, or in the accumulation type) keeps
-// its sign in the sign of that zero (+0 above zero, -0 at or below it), which is all the gradient needs.
+// min(max(v, -c), c) where NaN stays NaN. On sm_80+ one instruction a side for float (PTX min.NaN / max.NaN);
+// elsewhere, and in the CPU twin, selects, which give the same values (c >= 0 is never NaN; only with c = 0 might the
+// sign of a zero output differ, and then every output is clamped and its gradient is 0 either way).
+template <typename A>
+NADA_HD A clamp_keep_nan(A v, A c) {
+    v = v > c ? c : v;
+    return v < -c ? -c : v;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <>
+__device__ __forceinline__ float clamp_keep_nan<float>(float v, float c) {
+    asm("min.NaN.f32 %0, %0, %1;\n\tmax.NaN.f32 %0, %0, %2;" : "+f"(v) : "f"(c), "f"(-c));
+    return v;
+}
+#endif
+
+// Forward. z <= 0 gives -(|z| alpha): a value that rounds to zero (in y's dtype, or in the accumulation type) keeps
+// its sign in the sign of that zero (+0 above zero, -0 at or below it), which is all the gradient needs. (For z < 0,
+// |z| (-alpha) is z alpha exactly; one multiply, with the operand's magnitude modifier.)
 template <typename A>
 NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
-    const A t = v * a.alpha;
-    v = v > A(0) ? v : !(t >= A(0)) ? t : -A(0);                  // t < 0, or NaN: kept as it is
-    v *= a.gain;
-    v = v > a.clamp ? a.clamp : v;                                 // selects, not min/max: NaN stays NaN
-    return v < -a.clamp ? -a.clamp : v;
+    v = v > A(0) ? v : std::abs(v) * a.nalpha;                     // NaN: kept, as |NaN| (-alpha)
+    return clamp_keep_nan(v * a.gain, a.clamp);
 }
 
 // dL/dx from dL/dy and the saved output y alone: gain * act'(.) * [|y| < clamp]. The sign of y, zeros included
@@ -120,36 +156,32 @@ NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
     return sign_bit(y) ? g * a.alpha : g;
 }
 
-// The V bias values of chunk `chunk`: one channel for them all, or (inner 1) V channels one after another.
-template <int V, typename A>
+// The V bias values of chunk `chunk`: one channel for them all, or (CH: inner 1) V channels one after another.
+template <int V, bool CH, typename A>
 NADA_HD void load_bias(const BiasActShape& s, const A* b, int64_t chunk, A (&bias)[V]) {
-    if (!b) {
+    if (CH) {
 #pragma unroll
-        for (int e = 0; e < V; e++) bias[e] = A(0);
-    } else if (s.inner == 1) {
-#pragma unroll
-        for (int e = 0; e < V; e++) bias[e] = b[chunk * V + e];
+        for (int e = 0; e < V; e++) bias[e] = b ? b[chunk * V + e] : A(0);
     } else {
-        const A c = b[fast_div(chunk * V, s.by_inner)];
+        const A c = b ? b[fast_div(chunk * V, s.by_inner)] : A(0);
 #pragma unroll
         for (int e = 0; e < V; e++) bias[e] = c;
     }
 }
 
-template <int V, typename T, typename A, class Ex>
+template <int V, bool CH, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* x, const A* b,
                                T* y, int64_t bx, int by) {
     ex.phase([&](int tid, NoState&) {
-        const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
         for (int64_t chunk = bx * kBlockThreads + tid; chunk < s.chunks; chunk += s.gx * kBlockThreads) {
             A bias[V];
-            load_bias<V, A>(s, b, chunk, bias);
-            for (int64_t off = by * s.K + chunk * V; off < end; off += step) {
+            load_bias<V, CH, A>(s, b, chunk, bias);
+            for (int64_t off = by * s.K + chunk * V; off < s.end; off += s.step) {
                 const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + off);
                 Pack<T, V> out;
 #pragma unroll
                 for (int e = 0; e < V; e++) out.v[e] = T(bias_act_value<A>(A(in.v[e]) + bias[e], a));
-                *reinterpret_cast<Pack<T, V>*>(y + off) = out;
+                store_pack(y + off, out);
             }
         }
     });
@@ -175,7 +207,7 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
 #pragma unroll
             for (int e = 0; e < V; e++) tot[e] = 0.0;
             if (chunk < s.chunks) {
-                const int64_t step = int64_t(s.G) * s.K, end = s.rows * s.K;
+                const int64_t step = s.step, end = s.end;
                 int64_t off = by * s.K + chunk * V;
                 while (off < end) {
                     A acc[V];
@@ -200,7 +232,7 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                             out.v[e] = T(g);
                             acc[e] = add_rn(acc[e], g);
                         }
-                        *reinterpret_cast<Pack<T, V>*>(dx + off) = out;
+                        *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (split in four, it counts less)
                     }
 #pragma unroll
                     for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));

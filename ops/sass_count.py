@@ -219,7 +219,8 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
         for kind in ("bias_act_kernel", "bias_act_grad_kernel"):
             for shape in calls["bias_act"]:
                 V, work = plan_bias_act(shape, elem)
-                name = f"{kind}<{V}, {dt}>" if kind == "bias_act_kernel" else f"{kind}<{V}, false, {dt}>"
+                ch = "true" if V > 1 and len(shape) == 2 else "false"     # inner 1: V channels per vector
+                name = f"{kind}<{V}, {ch}, {dt}>" if kind == "bias_act_kernel" else f"{kind}<{V}, false, {dt}>"
                 k = kernels_found.get((name, None))
                 if not k:
                     continue
