@@ -110,7 +110,7 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
                                          !strided && aligned16(dy) && aligned16(y) && aligned16(dx));
     TORCH_CHECK(y.numel() < (int64_t(1) << 62), "bias_act_grad: y is too large");
     at::Tensor part;
-    if (db_dtype) part = at::empty({int64_t(s.G) * s.windows * s.maxch}, y.options().dtype(at::kDouble));   // per block
+    if (db_dtype) part = at::empty({int64_t(s.G) * s.wwins * s.maxch}, y.options().dtype(at::kDouble));   // per warp window
     if (y.is_cuda()) {
         bias_act_grad_cuda(dy, m, strided, y, dx, part, db, s, lrelu, alpha, gain, clamp);
     } else {
@@ -123,17 +123,11 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
             double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
             for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
-                std::vector<double> red(size_t(kBlockThreads) * VM);
-                if (strided) {
-                    auto ex = std::make_unique<CpuBlock<GradState>>();
-                    bias_act_grad_block<1, true, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
-                } else if (s.V == 1) {
-                    auto ex = std::make_unique<CpuBlock<GradState>>();
-                    bias_act_grad_block<1, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
-                } else {
-                    auto ex = std::make_unique<CpuBlock<GradState>>();
-                    bias_act_grad_block<VM, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, red.data(), bx, by);
-                }
+                auto ex = std::make_unique<CpuBlock<GradState>>();
+                if (strided) bias_act_grad_block<1, false, true, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
+                else if (s.V == 1) bias_act_grad_block<1, false, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
+                else if (s.inner == 1) bias_act_grad_block<VM, true, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
+                else bias_act_grad_block<VM, false, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
             });
             if (pp) {
                 A* dbp = db.mutable_data_ptr<A>();

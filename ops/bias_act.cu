@@ -16,14 +16,13 @@ bias_act_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ 
     bias_act_block<V, CH, T, at::opmath_type<T>>(ex, s, a, x, b, y, int64_t(blockIdx.x), int(blockIdx.y));
 }
 
-template <int V, bool STRIDED, typename T>
+template <int V, bool CH, bool STRIDED, typename T>
 __global__ void __launch_bounds__(kBlockThreads)
 bias_act_grad_kernel(const T* __restrict__ dy, DyMap m, const T* __restrict__ y, T* __restrict__ dx,
                      double* __restrict__ part, BiasActShape s, BiasActArgs<at::opmath_type<T>> a) {
-    using A = at::opmath_type<T>;
-    __shared__ double red[kBlockThreads * V];
     GpuBlock<GradState> ex;
-    bias_act_grad_block<V, STRIDED, T, A>(ex, s, a, dy, m, y, dx, part, red, int64_t(blockIdx.x), int(blockIdx.y));
+    bias_act_grad_block<V, CH, STRIDED, T, at::opmath_type<T>>(ex, s, a, dy, m, y, dx, part, int64_t(blockIdx.x),
+                                                               int(blockIdx.y));
 }
 
 template <int V, typename A>
@@ -72,12 +71,15 @@ void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, cons
         const scalar_t* yp = y.const_data_ptr<scalar_t>();
         scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
         double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
+        const dim3 grid = grid_of(s);
         if (strided)
-            bias_act_grad_kernel<1, true, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+            bias_act_grad_kernel<1, false, true, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
         else if (s.V == 1)
-            bias_act_grad_kernel<1, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+            bias_act_grad_kernel<1, false, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+        else if (s.inner == 1)
+            bias_act_grad_kernel<VM, true, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
         else
-            bias_act_grad_kernel<VM, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
+            bias_act_grad_kernel<VM, false, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (pp) {
             if (s.V == 1)

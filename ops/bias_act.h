@@ -7,18 +7,36 @@
 // from a multiply-high, FastDiv in common.h) and walks down the rows (grid y splits them into G groups); where
 // rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves at least
 // kTurns vectors. One 16-byte load and store per V elements in the loop.
-// Backward, in the same pass: dx, and the bias gradient. A thread sums its dx per element in the accumulation type
-// over spans of at most kSpan rows and adds each span's sum to a float64 total. Per window of W = 256 * V columns
-// the block then sums per channel in float64: a thread adds its own V elements (one channel), then a pairwise tree
-// over the threads' runs of each channel in shared memory (with inner 1 every column is its own channel: no sum).
-// One partial sum per channel the window touches (at most maxch: 2 when inner >= W) goes to
-// part[G][windows][maxch], and a small second kernel adds a channel's partial sums in float64, in a fixed order.
-// So the buffer is bounded by the number of blocks' windows, not by the input; no float32 running sum is longer
-// than kSpan terms (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
+// Backward, in the same pass: dx, and the bias gradient. A thread adds its dx per element in float64 over its rows.
+// Each warp then sums per channel over its 32 chunks (a "warp window" of 32 * V columns): segment sums by shuffles
+// (common.h), no shared memory and no barrier; with inner 1 and V > 1 (CH) every element is its own channel and goes
+// out as it is. One partial sum per channel a warp window touches (at most maxch: 2 when inner >= 32 * V) goes to
+// part[G][warp windows][maxch], and a small second kernel adds a channel's partial sums in float64, in a fixed order.
+// So the buffer is bounded by the warp windows (a row's columns / (32 V), times G), not by the input; no float32
+// running sum at all (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include "common.h"
+
+template <typename A> struct BitsOf { using type = uint32_t; };   // an unsigned integer of A's size
+template <> struct BitsOf<double> { using type = uint64_t; };
+
+// The bits of |v| as an unsigned integer: for non-negative floats their order is the order of the values, and NaN
+// lies above infinity.
+template <typename A>
+NADA_HD typename BitsOf<A>::type magnitude_bits(A v) {
+    using U = typename BitsOf<A>::type;
+    U u;
+#ifdef __CUDA_ARCH__
+    if constexpr (sizeof(A) == 4) u = __float_as_uint(v);
+    else u = U(__double_as_longlong(v));
+#else
+    std::memcpy(&u, &v, sizeof u);
+#endif
+    return u & (~U(0) >> 1);
+}
 
 template <typename A>
 struct BiasActArgs {
@@ -27,18 +45,20 @@ struct BiasActArgs {
     A gain;
     A clamp;      // +inf when there is no clamp
     A clamp_y;    // the clamp as a clamped y holds it: rounded to y's dtype
+    typename BitsOf<A>::type below;   // |y|'s bits below this: inside the clamp (all ones when there is none)
     bool clamped;
 };
 
 struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
     int64_t windows, gx;             // windows of 256 chunks along a row; blocks along a row (grid x) walk them
+    int64_t wwins;                   // warp windows of 32 chunks along a row (the bias gradient's partial sums)
+    int64_t chunk_step, col_q, col_r;  // a block's next window: gx * 256 chunks on, gx * 256 * V = q inner + r columns
     int64_t step, end;               // G * K: from a row of a row group to its next; rows * K: the end
-    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels one window touches
+    int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels a warp window touches
     FastDiv by_inner;                // column -> channel
 };
 
-constexpr int kSpan = 64;                 // rows a thread sums in the accumulation type before its float64 total
 constexpr int64_t kTurns = 4;             // vectors a thread handles at least, where the tensor allows: its setup
                                           // is paid once for them all
 
@@ -63,9 +83,13 @@ inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int
     int64_t G = blocks / s.gx;
     G = G < s.rows ? G : s.rows;
     s.G = int(G < 65535 ? (G > 0 ? G : 1) : 65535);
-    const int64_t W = int64_t(s.V) * kBlockThreads, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
+    s.wwins = (s.chunks + kWarp - 1) / kWarp;
+    const int64_t W = int64_t(s.V) * kWarp, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
     s.maxch = int(most < C ? most : C);
     s.by_inner = make_fast_div(s.inner);
+    s.chunk_step = s.gx * kBlockThreads;
+    s.col_q = s.chunk_step * s.V / s.inner;
+    s.col_r = s.chunk_step * s.V - s.col_q * s.inner;
     s.step = int64_t(s.G) * s.K;
     s.end = s.rows * s.K;
     return s;
@@ -80,6 +104,7 @@ inline BiasActArgs<A> make_bias_act_args(bool lrelu, double alpha, double gain, 
     a.clamped = clamp >= 0;
     a.clamp = a.clamped ? A(clamp) : std::numeric_limits<A>::infinity();
     a.clamp_y = A(T(a.clamp));
+    a.below = a.clamped ? magnitude_bits(a.clamp_y) : ~typename BitsOf<A>::type(0);
     return a;
 }
 
@@ -151,7 +176,7 @@ NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
 // from the rounded y, by design: the kernel never sees x + b in backward).
 template <typename A>
 NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
-    if (a.clamped && !(y < a.clamp_y && y > -a.clamp_y)) return A(0);
+    if (!(magnitude_bits(y) < a.below)) return A(0);              // |y| < clamp_y, NaN and inf outside it
     const A g = dy * a.gain;
     return sign_bit(y) ? g * a.alpha : g;
 }
@@ -187,101 +212,98 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
     });
 }
 
-// A thread's place in its block's pairwise sum per channel: its chunk is d chunks into its channel's run of
-// chunks within the window, which is n chunks long.
+// A thread's part in its warp's sums per channel: c and rem, its column's channel and place in it (stepped from window
+// to window); v, its sum (then its segment's); len, lanes from it to the end of its channel's run in the warp; c0,
+// the channel of its warp's first lane; head: it is the run's first lane, and writes the sum to slot c - c0 of its
+// warp window.
 struct GradState {
-    int d, n;
+    int64_t rem;
+    double v;
+    int c, c0, len;
+    bool head;
 };
 
-template <int V, bool STRIDED, typename T, typename A, class Ex>
+template <int V, bool CH, bool STRIDED, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* dy,
-                                    const DyMap& m, const T* y, T* dx, double* part, double* red, int64_t bx,
-                                    int by) {
-    constexpr int W = V * kBlockThreads;
+                                    const DyMap& m, const T* y, T* dx, double* part, int64_t bx, int by) {
+    constexpr int kWarps = kBlockThreads / kWarp;
+    if (part && !CH)
+        ex.each([&](int tid, typename Ex::State& st) {            // the channel of its first column: one division
+            const int64_t col = (bx * kBlockThreads + tid) * V, c = fast_div(col, s.by_inner);
+            st.c = int(c);
+            st.rem = col - c * s.inner;
+        });
     for (int64_t w = bx; w < s.windows; w += s.gx) {              // the same windows for every thread of the block
-        const int64_t col0 = w * W;                               // the window's first column
-        const int width = int(s.K - col0 < W ? s.K - col0 : W);   // its columns (the last window: fewer)
-        ex.phase([&](int tid, typename Ex::State& st) {
+        const int64_t at = (int64_t(by) * s.wwins + w * kWarps) * s.maxch;   // its warp windows' partial sums
+        ex.each([&](int tid, typename Ex::State& st) {
             const int64_t chunk = w * kBlockThreads + tid;
+            const bool live = chunk < s.chunks;
             double tot[V];
 #pragma unroll
             for (int e = 0; e < V; e++) tot[e] = 0.0;
-            if (chunk < s.chunks) {
-                const int64_t step = s.step, end = s.end;
-                int64_t off = by * s.K + chunk * V;
-                while (off < end) {
-                    A acc[V];
+            for (int64_t off = by * s.K + chunk * V; live && off < s.end; off += s.step) {
+                const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
+                Pack<T, V> gv, out;
+                if (STRIDED) {
 #pragma unroll
-                    for (int e = 0; e < V; e++) acc[e] = A(0);
-                    for (int n = 0; n < kSpan && off < end; n++, off += step) {
-                        const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
-                        Pack<T, V> gv, out;
-                        if (STRIDED) {
-#pragma unroll
-                            for (int e = 0; e < V; e++) {
-                                int64_t o = 0;
-                                for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
-                                gv.v[e] = dy[o];
-                            }
-                        } else {
-                            gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
-                        }
-#pragma unroll
-                        for (int e = 0; e < V; e++) {
-                            const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
-                            out.v[e] = T(g);
-                            acc[e] = add_rn(acc[e], g);
-                        }
-                        *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (split in four, it counts less)
+                    for (int e = 0; e < V; e++) {
+                        int64_t o = 0;
+                        for (int d = 0; d < m.nd; d++) o += (off + e) / m.ys[d] % m.size[d] * m.ds[d];
+                        gv.v[e] = dy[o];
                     }
-#pragma unroll
-                    for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(acc[e]));
+                } else {
+                    gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
                 }
+#pragma unroll
+                for (int e = 0; e < V; e++) {
+                    const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
+                    out.v[e] = T(g);
+                    tot[e] = add_rn(tot[e], double(g));
+                }
+                *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (split in four, it counts less)
             }
             if (!part) return;
-            if (s.inner == 1) {                                   // every column its own channel: no sums to do
+            const int lane = tid % kWarp;
+            if (CH) {                                             // V channels, one per element: no sums to do
+                if (live)
 #pragma unroll
-                for (int e = 0; e < V; e++) red[tid * V + e] = tot[e];
+                    for (int e = 0; e < V; e++) part[at + (tid / kWarp) * s.maxch + lane * V + e] = tot[e];
                 return;
             }
-            // The V elements share a channel (inner % V == 0): one value per thread, and where the thread's chunk
-            // sits in its channel's run of chunks in the window (d chunks in, n chunks long).
             double t = tot[0];
 #pragma unroll
             for (int e = 1; e < V; e++) t = add_rn(t, tot[e]);
-            const int64_t col = col0 + tid * V, r = (col - fast_div(col, s.by_inner) * s.inner) / V;
-            st.d = int(r < tid ? r : tid);
-            const int64_t stop = tid - r + s.inner / V, wc = (width + V - 1) / V;
-            st.n = int((stop < wc ? stop : wc) - (tid - st.d));
-            red[tid] = tid < wc ? t : 0.0;
+            const int64_t left = (s.inner - st.rem) / V;          // chunks from its own to its channel's end
+            st.v = live ? t : 0.0;
+            st.len = int(left < kWarp - lane ? left : kWarp - lane);
+            st.head = live && (lane == 0 || st.rem == 0);
         });
-        if (!part) continue;
-        if (s.inner != 1)
-            for (int h = 1; h < kBlockThreads; h *= 2)            // pairwise within each channel's run
-                ex.phase([&](int tid, typename Ex::State& st) {
-                    if (st.d % (2 * h) == 0 && st.d + h < st.n) red[tid] = add_rn(red[tid], red[tid + h]);
-                });
-        ex.phase([&](int tid, typename Ex::State&) {
-            const int64_t c0 = fast_div(col0, s.by_inner), c1 = fast_div(col0 + width - 1, s.by_inner);
-            if (tid > c1 - c0) return;
-            int64_t start = (c0 + tid) * s.inner - col0;          // the run of channel c0 + tid in the window
-            start = start > 0 ? start : 0;
-            part[(int64_t(by) * s.windows + w) * s.maxch + tid] = red[s.inner == 1 ? start : start / V];
+        if (!part || CH) continue;
+        ex.from_lane0(&Ex::State::c, &Ex::State::c0);
+        ex.segment_sums();
+        ex.each([&](int tid, typename Ex::State& st) {
+            if (st.head) part[at + (tid / kWarp) * s.maxch + (st.c - st.c0)] = st.v;
+            st.rem += s.col_r;                                    // to the column gx * 256 chunks on
+            st.c += int(s.col_q);
+            if (st.rem >= s.inner) {
+                st.rem -= s.inner;
+                st.c++;
+            }
         });
     }
 }
 
-// db[c] = the sum of channel c's partial sums over every block that touches it and every row group, in float64,
-// in a fixed order; then rounded once to the accumulation type.
+// db[c] = the sum of channel c's partial sums over every warp window that touches it and every row group, in
+// float64, in a fixed order; then rounded once to the accumulation type.
 template <int V, typename A, class Ex>
 NADA_BLOCK void bias_grad_sum_block(Ex& ex, const BiasActShape& s, const double* part, A* db, double* red, int c) {
-    constexpr int64_t W = int64_t(V) * kBlockThreads;
+    constexpr int64_t W = int64_t(V) * kWarp;
     ex.phase([&](int tid, NoState&) {
         const int64_t first = c * s.inner / W, last = ((c + 1) * s.inner - 1) / W, nb = last - first + 1;
         double t = 0.0;
         for (int64_t i = tid; i < s.G * nb; i += kBlockThreads) {
             const int64_t g = i / nb, wi = first + i % nb, slot = c - wi * W / s.inner;
-            t = add_rn(t, part[(g * s.windows + wi) * s.maxch + slot]);
+            t = add_rn(t, part[(g * s.wwins + wi) * s.maxch + slot]);
         }
         red[tid] = t;
     });

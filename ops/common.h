@@ -39,6 +39,14 @@ NADA_HD double add_rn(double a, double b) {
 #endif
 }
 
+constexpr int kWarp = 32;
+
+// Warp-level steps (no barrier): `each` runs fn for every thread; `from_lane0` copies a field of each warp's first
+// lane into another field of every lane of the warp; `segment_sums` turns each thread's s.v into the sum
+// of s.v over its lane and the s.len - 1 lanes after it, where a run of lanes (a segment) ends at the same lane for
+// all of its lanes (s.len: lanes from it to its segment's end, within its warp). Doubling steps: after the step of
+// h, lane i holds the sum over lanes [i, min(i + 2h, end)), so a segment's first lane ends with the whole segment.
+
 #ifdef __CUDACC__
 // One block on the GPU: this thread's state lives in registers; a phase ends with a barrier.
 template <class S>
@@ -50,6 +58,17 @@ struct GpuBlock {
         fn(int(threadIdx.x), s);
         __syncthreads();
     }
+    template <class F>
+    __device__ __forceinline__ void each(F&& fn) { fn(int(threadIdx.x), s); }
+    template <class M>
+    __device__ __forceinline__ void from_lane0(M S::*from, M S::*to) { s.*to = __shfl_sync(0xffffffffu, s.*from, 0); }
+    __device__ __forceinline__ void segment_sums() {
+#pragma unroll
+        for (int h = 1; h < kWarp; h *= 2) {
+            const double o = __shfl_down_sync(0xffffffffu, s.v, h);
+            if (h < s.len) s.v = add_rn(s.v, o);
+        }
+    }
 };
 #else
 // One block on the CPU: every thread's state, and the threads run in order within each phase.
@@ -60,6 +79,20 @@ struct CpuBlock {
     template <class F>
     void phase(F&& fn) {
         for (int t = 0; t < kBlockThreads; t++) fn(t, s[t]);
+    }
+    template <class F>
+    void each(F&& fn) { phase(fn); }
+    template <class M>
+    void from_lane0(M S::*from, M S::*to) {
+        for (int t = 0; t < kBlockThreads; t++) s[t].*to = s[t - t % kWarp].*from;
+    }
+    void segment_sums() {           // lanes in increasing order: lane l + h is read before its own step updates it
+        for (int w = 0; w < kBlockThreads; w += kWarp)
+            for (int h = 1; h < kWarp; h *= 2)
+                for (int l = 0; l < kWarp; l++) {
+                    const double o = s[w + (l + h < kWarp ? l + h : l)].v;   // a shuffle past the warp: its own
+                    if (h < s[w + l].len) s[w + l].v = add_rn(s[w + l].v, o);
+                }
     }
 };
 #endif

@@ -13,10 +13,12 @@ stores write per turn (an STG.128 of floats writes 4), and their ratio: instruct
 a body are counted as if every instruction ran (an upper bound for the tile loops, exact for straight-line ones).
 
 Effective figures: per kernel, the main loop is the loop (or the pair: an unrolled x4 loop and its remainder) whose
-stores write the outputs, and the setup is every other instruction, counted once per thread (an upper bound:
-branches not taken count too). The launch plans of ops/*.h are mirrored below (plan_upfirdn2d_small,
-plan_bias_act: keep them in step), which give per shape how many turns of the main loop each thread makes.
-effective = (setup + turns * loop) / outputs, summed over every thread of the launch. For upfirdn2d that is per
+stores write the outputs. Each loop around it (bias_act: a thread's chunks; its gradient: the windows, with their
+sums; upfirdn2d: the planes) counts its own instructions once per turn,
+and every other instruction is the setup, counted once per thread (an upper bound: branches not taken count too).
+The launch plans of ops/*.h are mirrored below (plan_upfirdn2d_small, plan_bias_act: keep them in step), which give
+per shape how many turns of each loop a thread makes.
+effective = (setup + turns * loops) / outputs, summed over every thread of the launch. For upfirdn2d that is per
 output computed; "used" is the share of computed outputs that lie inside the image (a 64 x 16 tile over an 8 x 8
 output computes 16 times what it keeps), and "per kept" divides by it.
 """
@@ -100,8 +102,9 @@ def loops(ins):
 
 
 def store_loops(ins, elem_bits):
-    """[(instructions, outputs per turn)] of the innermost loops that store outputs, and the instructions outside
-    them (the setup, once per thread)."""
+    """[(instructions, outputs per turn)] of the innermost loops that store outputs, the instructions outside every
+    loop around them (the setup, once per thread), and the instructions of each loop around them that are its own
+    (not in a loop it holds), innermost first."""
     real = [(a, t) for a, t in ins if not re.match(r"(@\S+\s+)?NOP\b", t)]
     spans = []
     for a, t in real:
@@ -118,14 +121,17 @@ def store_loops(ins, elem_bits):
             found.append((len(body), bits // elem_bits))
             inside.update(b for b, _ in body)
             store_spans.append((lo, hi))
-    # A loop around the store loops (bias_act: a thread's chunks): its other instructions run once per turn.
-    outer = [(lo, hi) for lo, hi in spans if store_spans and all(lo <= a and b <= hi and (a, b) != (lo, hi)
-                                                                  for a, b in store_spans)]
-    per_turn = 0
-    if outer:
-        lo, hi = min(outer, key=lambda sp: sp[1] - sp[0])
-        per_turn = sum(1 for b, _ in real if lo <= b <= hi and b not in inside)
-    return sorted(found, key=lambda f: f[1]), len(real) - len(inside) - per_turn, per_turn
+    # The loops around the store loops, innermost first (bias_act: a thread's chunks; its gradient: the windows;
+    # upfirdn2d: the planes): each one's own instructions run once per its turn.
+    outer = sorted(((lo, hi) for lo, hi in spans if store_spans and all(lo <= a and b <= hi and (a, b) != (lo, hi)
+                                                                        for a, b in store_spans)),
+                   key=lambda sp: sp[1] - sp[0])
+    levels, counted = [], set(inside)
+    for lo, hi in outer:
+        own = {b for b, _ in real if lo <= b <= hi} - counted
+        levels.append(len(own))
+        counted |= own
+    return sorted(found, key=lambda f: f[1]), len(real) - len(counted), levels
 
 
 def main_loop_cost(found, turns):
@@ -207,11 +213,11 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
             k = kernels_found.get((f"upfirdn2d_small_kernel<{up}, {down}, {dt}>", None))
             if not k:
                 continue
-            found, setup, per_plane = k
+            found, setup, levels = k
             for shape, (oh, ow) in calls[op]:
                 blocks, tilesX, tilesY = plan_upfirdn2d_small(shape[0], shape[1], oh, ow)
                 loop_only = sum(main_loop_cost(found, t) for t, _ in blocks) * BLOCK
-                per_col = loop_only + sum(setup + n * per_plane for _, n in blocks) * BLOCK
+                per_col = loop_only + sum(setup + n * sum(levels) for _, n in blocks) * BLOCK   # per plane entered
                 outs = sum(t for t, _ in blocks) * BLOCK * 4
                 used = oh * ow / (tilesX * 64 * tilesY * 16)
                 rows.append((op, dt, f"{list(shape)}", loop_only / outs, (per_col - loop_only) / outs,
@@ -220,13 +226,14 @@ def effective(kernels_found, dtypes=("float", "c10::Half", "c10::BFloat16")):
             for shape in calls["bias_act"]:
                 V, work = plan_bias_act(shape, elem)
                 ch = "true" if V > 1 and len(shape) == 2 else "false"     # inner 1: V channels per vector
-                name = f"{kind}<{V}, {ch}, {dt}>" if kind == "bias_act_kernel" else f"{kind}<{V}, false, {dt}>"
+                name = f"{kind}<{V}, {ch}, {dt}>" if kind == "bias_act_kernel" else f"{kind}<{V}, {ch}, false, {dt}>"
                 k = kernels_found.get((name, None))
                 if not k:
                     continue
-                found, setup, per_chunk = k
+                found, setup, levels = k
                 loop_only = sum(n * nk * main_loop_cost(found, t) for n, nk, t in work)
-                total = loop_only + sum(n * (setup + nk * per_chunk) for n, nk, t in work)
+                # forward: the chunk loop; gradient: the window loop with its sums: nk turns
+                total = loop_only + sum(n * (setup + nk * sum(levels)) for n, nk, t in work)
                 outs = sum(n * nk * t for n, nk, t in work) * V
                 rows.append(("bias_act" if kind == "bias_act_kernel" else "bias_act grad", dt, f"{list(shape)}",
                              loop_only / outs, (total - loop_only) / outs, total / outs, 1.0))
@@ -264,10 +271,11 @@ def main(argv=None):
                 print(f"{d[:140]}\n    {usage.get(name, '?')}; {total} instructions; loops: {desc}")
                 short = re.match(r"void (\w+<[^(]*>)\(", d)
                 if short:
-                    found, setup, per_chunk = store_loops(ins, elem)
+                    found, setup, levels = store_loops(ins, elem)
                     if found:
-                        found_by_name[(short.group(1), None)] = (found, setup, per_chunk)
-                        print(f"    main loop {found}, setup {setup} instructions, {per_chunk} per outer turn")
+                        found_by_name[(short.group(1), None)] = (found, setup, levels or [0])
+                        print(f"    main loop {found}, setup {setup} instructions, per turn of the loops around "
+                              f"it {levels or [0]}")
     rows = effective(found_by_name)
     print(f"\nEffective instructions per output at the shapes of a 1024 px StyleGAN2 step, batch 2, sm_{args.arch} "
           f"(main loop + setup = effective; used: share of computed outputs inside the image)")
