@@ -599,10 +599,11 @@ def test_bias_act_kernel_bias_gradient_has_no_long_float32_running_sums(compiled
     relative (2^31 terms of 1.25 came out 4% low). The loss grows with the length of the longest float32 running
     sum, not with the tensor, so a short tensor whose sum used to run long shows it as well as 2^31 elements do:
     [4096, 3] puts 4096 rows in one channel column, one row group each, and the old combine added those 4096
-    partial sums in float32 (4.1e-5 high). Now no float32 running sum is longer than 64 terms (kSpan) and the
-    rest is float64: the error stays within 64 * 2^-24 relative whatever the size. The second case is a channel
-    wider than many blocks with an odd inner size (the old buffer: 4 bytes per element; now a few float64s per
-    block)."""
+    partial sums in float32 (4.1e-5 high). Now each thread adds in float64 (float32 only within one vector of at
+    most 8 elements) and so does everything after: the error stays within 64 * 2^-24 relative (a bound kept from
+    the first fix, which still ran 64 rows in float32) whatever the size. The second case is a channel wider than
+    many blocks with an odd inner size (the old buffer: 4 bytes per element; now a few float64s per warp's 32
+    columns)."""
     bound = 64 * 2.0 ** -24
     x = torch.ones(4096, 3, dtype=torch.float32)
     g = torch.full_like(x, 1.1)
@@ -615,6 +616,27 @@ def test_bias_act_kernel_bias_gradient_has_no_long_float32_running_sums(compiled
     dx, db = compiled_ops.bias_act_backward(dy, y, False, 1.0, 1.0, -1.0, torch.float32)
     exact = dy.double().sum().item()
     assert abs(db.item() - exact) <= bound * exact and torch.equal(dx, dy), (db.item(), exact)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 700, 4, 6)), (torch.float32, (3, 50, 8, 40)),
+                                         (torch.float16, (3, 50, 8, 40)), (torch.float32, (16, 96, 5, 16)),
+                                         (torch.float16, (16, 96, 5, 16)), (torch.float32, (2, 65536))])
+def test_bias_act_kernel_bias_gradient_across_windows_and_channels(compiled_ops, dtype, shape):
+    """The bias gradient's bookkeeping: a block walks several windows of 256 vectors, stepping each thread's channel
+    and its place in it from one window to the next (here with a remainder, so the steps wrap), a warp's 32 vectors
+    span several channels (3 vectors per channel in the first shape) or two, rows come in several groups (the
+    16-row shapes), and inner-1 vectors of 8 channels (the last). db must be the sum of the kernel's own dx per
+    channel."""
+    torch.manual_seed(0)
+    y = torch.randn(shape).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    dx, db = compiled_ops.bias_act_backward(dy, y, True, 0.2, 1.4, -1.0, torch.float32)
+    dims = [0] + list(range(2, len(shape)))
+    exact = dx.double().sum(dims)
+    scale = dx.double().abs().sum(dims)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3          # float16: db adds dx before its rounding to float16
+    assert ((db.double() - exact).abs() <= tol * scale + 1e-12).all(), (db - exact).abs().max()
+    assert torch.equal(dx, compiled_ops.bias_act_grad(dy, y, True, 0.2, 1.4, -1.0))
 
 
 @pytest.mark.parametrize("dtype,b,gain", [(torch.float16, 2.98e-8, 1.0), (torch.float16, 1e-8, nada.SQRT2),

@@ -51,7 +51,7 @@ static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tenso
     }
     at::Tensor y = at::empty_like(x);
     if (x.numel() == 0) return y;
-    const BiasActShape s = plan_bias_act(x.numel(), x.size(1), x.stride(1), int(16 / x.element_size()),
+    const BiasActShape s = plan_bias_act(x.numel(), x.size(1), x.stride(1), int(kVectorBytes / x.element_size()),
                                          aligned16(x) && aligned16(y));
     TORCH_CHECK(x.numel() < (int64_t(1) << 62), "bias_act: x is too large");   // FastDiv's range
     if (x.is_cuda()) {
@@ -60,7 +60,7 @@ static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tenso
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
-        constexpr int VM = 16 / sizeof(scalar_t);
+        constexpr int VM = kVectorBytes / sizeof(scalar_t);
         const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
@@ -106,7 +106,7 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             if (y.size(d) > 1) {
                 m.ys[m.nd] = y.stride(d); m.size[m.nd] = y.size(d); m.ds[m.nd] = dy.stride(d); m.nd++;
             }
-    const BiasActShape s = plan_bias_act(y.numel(), y.size(1), y.stride(1), int(16 / y.element_size()),
+    const BiasActShape s = plan_bias_act(y.numel(), y.size(1), y.stride(1), int(kVectorBytes / y.element_size()),
                                          !strided && aligned16(dy) && aligned16(y) && aligned16(dx));
     TORCH_CHECK(y.numel() < (int64_t(1) << 62), "bias_act_grad: y is too large");
     at::Tensor part;
@@ -116,7 +116,7 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
     } else {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bias_act_grad_cpu", [&] {
             using A = at::opmath_type<scalar_t>;
-            constexpr int VM = 16 / sizeof(scalar_t);
+            constexpr int VM = kVectorBytes / sizeof(scalar_t);
             const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
             const scalar_t* gp = dy.const_data_ptr<scalar_t>();
             const scalar_t* yp = y.const_data_ptr<scalar_t>();

@@ -43,7 +43,7 @@ void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, cons
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cuda", [&] {
         using A = at::opmath_type<scalar_t>;
-        constexpr int VM = 16 / sizeof(scalar_t);
+        constexpr int VM = kVectorBytes / sizeof(scalar_t);
         const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
         const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -65,7 +65,7 @@ void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, cons
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bias_act_grad_cuda", [&] {
         using A = at::opmath_type<scalar_t>;
-        constexpr int VM = 16 / sizeof(scalar_t);
+        constexpr int VM = kVectorBytes / sizeof(scalar_t);
         const auto a = make_bias_act_args<scalar_t, A>(lrelu, alpha, gain, clamp);
         const scalar_t* gp = dy.const_data_ptr<scalar_t>();
         const scalar_t* yp = y.const_data_ptr<scalar_t>();

@@ -2,11 +2,12 @@
 // CPU twin in bias_act.cpp. y = clamp(gain * act(x + b), -clamp, clamp), act = identity or leaky ReLU.
 //
 // Layout: a dense tensor is, in memory order, [rows][C][inner] with inner = stride(1), so element i of row r sits in
-// channel (i / inner). A thread owns chunks of V consecutive elements of a row (V = 16 bytes' worth when pointers
-// allow and a chunk is one channel or, inner 1, V channels; else 1): it looks a chunk's bias up once (the channel
-// from a multiply-high, FastDiv in common.h) and walks down the rows (grid y splits them into G groups); where
-// rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves at least
-// kTurns vectors. One 16-byte load and store per V elements in the loop.
+// channel (i / inner). A thread owns chunks of V consecutive elements of a row (V = 32 bytes' worth when pointers
+// are 16-byte aligned and a chunk is one channel or, inner 1, V channels; else 1): it looks a chunk's bias up once
+// (the channel from a multiply-high, FastDiv in common.h) and walks down the rows (grid y splits them into G
+// groups); where rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves
+// at least kTurns vectors. Two 16-byte loads and stores per V elements in the loop: at batch 2 a chunk has two rows,
+// and 32 bytes halve what its bias lookup (and, backward, its warp's sums) cost per element, against 16.
 // Backward, in the same pass: dx, and the bias gradient. A thread adds its dx per element in float64 over its rows.
 // Each warp then sums per channel over its 32 chunks (a "warp window" of 32 * V columns): segment sums by shuffles
 // (common.h), no shared memory and no barrier; with inner 1 and V > 1 (CH) every element is its own channel and goes
@@ -16,27 +17,8 @@
 // running sum at all (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include "common.h"
-
-template <typename A> struct BitsOf { using type = uint32_t; };   // an unsigned integer of A's size
-template <> struct BitsOf<double> { using type = uint64_t; };
-
-// The bits of |v| as an unsigned integer: for non-negative floats their order is the order of the values, and NaN
-// lies above infinity.
-template <typename A>
-NADA_HD typename BitsOf<A>::type magnitude_bits(A v) {
-    using U = typename BitsOf<A>::type;
-    U u;
-#ifdef __CUDA_ARCH__
-    if constexpr (sizeof(A) == 4) u = __float_as_uint(v);
-    else u = U(__double_as_longlong(v));
-#else
-    std::memcpy(&u, &v, sizeof u);
-#endif
-    return u & (~U(0) >> 1);
-}
 
 template <typename A>
 struct BiasActArgs {
@@ -45,7 +27,7 @@ struct BiasActArgs {
     A gain;
     A clamp;      // +inf when there is no clamp
     A clamp_y;    // the clamp as a clamped y holds it: rounded to y's dtype
-    typename BitsOf<A>::type below;   // |y|'s bits below this: inside the clamp (all ones when there is none)
+    A inside;     // |y| <= inside: y inside the clamp (below clamp_y; +inf when there is none, -1 for clamp 0)
     bool clamped;
 };
 
@@ -53,18 +35,23 @@ struct BiasActShape {
     int64_t rows, K, inner, chunks;  // K = C * inner elements per row, chunks = K / V
     int64_t windows, gx;             // windows of 256 chunks along a row; blocks along a row (grid x) walk them
     int64_t wwins;                   // warp windows of 32 chunks along a row (the bias gradient's partial sums)
-    int64_t chunk_step, col_q, col_r;  // a block's next window: gx * 256 chunks on, gx * 256 * V = q inner + r columns
+    int64_t chunk_step, inner_v;     // a block's next window: gx * 256 chunks on; chunks per channel (inner / V)
+    int64_t c_step, rc_step;         // gx * 256 chunks = c_step channels and rc_step chunks (inner % V == 0)
+    int64_t part_step;               // gx * 8 warp windows of partial sums
     int64_t step, end;               // G * K: from a row of a row group to its next; rows * K: the end
     int C, V, G, maxch;              // channels, vector width, row groups (grid y), channels a warp window touches
     FastDiv by_inner;                // column -> channel
+    FastDiv32 by_inner32;            // the same for a column below 2^31 (inner clamped to 2^31)
+    int inner32;                     // inner clamped to 2^31 - 1
 };
 
 constexpr int64_t kTurns = 4;             // vectors a thread handles at least, where the tensor allows: its setup
                                           // is paid once for them all
 
-constexpr int64_t kTargetBlocks = 4096;   // enough blocks to fill any GPU; more rows per thread beyond that
+constexpr int64_t kTargetBlocks = 4096;
+constexpr int kVectorBytes = 32;          // a thread's vector: two 16-byte loads (per-vector work is paid per 32 bytes)   // enough blocks to fill any GPU; more rows per thread beyond that
 
-// The launch plan, the same for the GPU and the CPU twin. vmax: elements per 16 bytes, usable if every pointer is
+// The launch plan, the same for the GPU and the CPU twin. vmax: elements per kVectorBytes, usable if every pointer is
 // 16-byte aligned (`aligned`) and a vector's elements share one channel (inner a multiple of vmax) or are channels
 // one after another (inner 1). Blocks: about kTargetBlocks, but no more than gives every thread kTurns vectors; a
 // row's windows of 256 chunks first, then groups of rows (grid y); a block walks every gx-th window.
@@ -87,9 +74,13 @@ inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int
     const int64_t W = int64_t(s.V) * kWarp, most = (W + s.inner - 2) / s.inner + 1;   // inner >= W: 2
     s.maxch = int(most < C ? most : C);
     s.by_inner = make_fast_div(s.inner);
+    s.by_inner32 = make_fast_div32(s.inner < (int64_t(1) << 31) ? s.inner : int64_t(1) << 31);
+    s.inner32 = int(s.inner < INT32_MAX ? s.inner : INT32_MAX);
     s.chunk_step = s.gx * kBlockThreads;
-    s.col_q = s.chunk_step * s.V / s.inner;
-    s.col_r = s.chunk_step * s.V - s.col_q * s.inner;
+    s.inner_v = s.inner / s.V;                // (inner 1 with V > 1: 0, and not used)
+    s.c_step = s.inner_v ? s.chunk_step / s.inner_v : 0;
+    s.rc_step = s.inner_v ? s.chunk_step - s.c_step * s.inner_v : 0;
+    s.part_step = s.gx * (kBlockThreads / kWarp) * s.maxch;
     s.step = int64_t(s.G) * s.K;
     s.end = s.rows * s.K;
     return s;
@@ -104,7 +95,8 @@ inline BiasActArgs<A> make_bias_act_args(bool lrelu, double alpha, double gain, 
     a.clamped = clamp >= 0;
     a.clamp = a.clamped ? A(clamp) : std::numeric_limits<A>::infinity();
     a.clamp_y = A(T(a.clamp));
-    a.below = a.clamped ? magnitude_bits(a.clamp_y) : ~typename BitsOf<A>::type(0);
+    a.inside = !a.clamped ? std::numeric_limits<A>::infinity()
+             : a.clamp_y > A(0) ? std::nextafter(a.clamp_y, A(0)) : A(-1);
     return a;
 }
 
@@ -114,14 +106,15 @@ struct DyMap {
     int64_t ys[8], size[8], ds[8];
 };
 
+// V elements: at most 16 bytes aligned (a 32-byte vector is read and written as two 16-byte halves).
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
+struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack {
     T v[V];
 };
 
-// One 16-byte store where V elements fill 16 bytes. NVVM splits the store of four floats (as a struct, an array or a
-// float4) into four 4-byte stores, so for float it is written in PTX. No memory clobber: nothing in these kernels
-// reads what it writes. Forward only: in the gradient's loop the PTX store costs more than the four (sm_90 counts).
+// 16-byte stores of a vector. NVVM splits the store of four floats (as a struct, an array or a float4) into four
+// 4-byte stores, so for float they are written in PTX. No memory clobber: nothing in these kernels reads what it
+// writes. Forward only: in the gradient's loop the PTX stores cost more than the split ones (sm_90 counts).
 template <typename T, int V>
 NADA_HD void store_pack(T* p, const Pack<T, V>& v) {
     *reinterpret_cast<Pack<T, V>*>(p) = v;
@@ -129,8 +122,9 @@ NADA_HD void store_pack(T* p, const Pack<T, V>& v) {
 
 #ifdef __CUDA_ARCH__
 template <>
-__device__ __forceinline__ void store_pack<float, 4>(float* p, const Pack<float, 4>& v) {
+__device__ __forceinline__ void store_pack<float, 8>(float* p, const Pack<float, 8>& v) {
     asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(v.v[0]), "f"(v.v[1]), "f"(v.v[2]), "f"(v.v[3]));
+    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p + 4), "f"(v.v[4]), "f"(v.v[5]), "f"(v.v[6]), "f"(v.v[7]));
 }
 #endif
 
@@ -176,7 +170,7 @@ NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
 // from the rounded y, by design: the kernel never sees x + b in backward).
 template <typename A>
 NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
-    if (!(magnitude_bits(y) < a.below)) return A(0);              // |y| < clamp_y, NaN and inf outside it
+    if (!(std::abs(y) <= a.inside)) return A(0);                   // |y| < clamp_y; a NaN y gets 0 too
     const A g = dy * a.gain;
     return sign_bit(y) ? g * a.alpha : g;
 }
@@ -212,36 +206,53 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
     });
 }
 
-// A thread's part in its warp's sums per channel: c and rem, its column's channel and place in it (stepped from window
-// to window); v, its sum (then its segment's); len, lanes from it to the end of its channel's run in the warp; c0,
-// the channel of its warp's first lane; head: it is the run's first lane, and writes the sum to slot c - c0 of its
-// warp window.
+// A thread's part in its warp's sums per channel: col, its chunk's first column in the row; c and left, that column's
+// channel and the chunks from it to the channel's end (all three stepped from window to window); v, its sum (then its
+// segment's);
+// len, lanes from it to the end of its channel's run in the warp; c0, the channel of its warp's first lane; head: it
+// is the run's first lane, and writes the sum to slot c - c0 of its warp window.
 struct GradState {
-    int64_t rem;
+    int64_t col, left;
     double v;
     int c, c0, len;
     bool head;
 };
 
+// The pairwise sum of a vector's elements, then in float64 (no sum of more than V terms in float32).
+template <int V, typename A>
+NADA_HD double vector_sum(const A (&g)[V]) {
+    A t[V];
+#pragma unroll
+    for (int e = 0; e < V; e++) t[e] = g[e];
+#pragma unroll
+    for (int h = 1; h < V; h *= 2)
+#pragma unroll
+        for (int e = 0; e + h < V; e += 2 * h) t[e] = add_rn(t[e], t[e + h]);
+    return double(t[0]);
+}
+
 template <int V, bool CH, bool STRIDED, typename T, typename A, class Ex>
 NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasActArgs<A>& a, const T* dy,
                                     const DyMap& m, const T* y, T* dx, double* part, int64_t bx, int by) {
     constexpr int kWarps = kBlockThreads / kWarp;
-    if (part && !CH)
-        ex.each([&](int tid, typename Ex::State& st) {            // the channel of its first column: one division
-            const int64_t col = (bx * kBlockThreads + tid) * V, c = fast_div(col, s.by_inner);
-            st.c = int(c);
-            st.rem = col - c * s.inner;
-        });
-    for (int64_t w = bx; w < s.windows; w += s.gx) {              // the same windows for every thread of the block
-        const int64_t at = (int64_t(by) * s.wwins + w * kWarps) * s.maxch;   // its warp windows' partial sums
+    const int64_t row0 = by * s.K;                                // the row group's first row
+    int64_t pw = (int64_t(by) * s.wwins + bx * kWarps) * s.maxch;   // where this block's warp windows' sums go
+    ex.each([&](int tid, typename Ex::State& st) {
+        st.col = (bx * kBlockThreads + tid) * V;
+        if (!part || CH) return;
+        // Its channel: one division, then steps. A block's first columns lie below gx * 256 * V <= 2^24 (gx <=
+        // kTargetBlocks), so a 32-bit division does (by_inner32: inner, or 2^31 where it is larger: either way 0).
+        const int col = int(st.col), c = fast_div(col, s.by_inner32);
+        st.c = c;
+        st.left = s.inner_v - unsigned(col - c * s.inner32) / V;  // (c > 0 only where inner <= col < 2^24)
+    });
+    for (int64_t w = bx; w < s.windows; w += s.gx, pw += s.part_step) {   // the same windows for the whole block
         ex.each([&](int tid, typename Ex::State& st) {
-            const int64_t chunk = w * kBlockThreads + tid;
-            const bool live = chunk < s.chunks;
-            double tot[V];
+            const bool live = st.col < s.K;
+            double tot[CH ? V : 1];
 #pragma unroll
-            for (int e = 0; e < V; e++) tot[e] = 0.0;
-            for (int64_t off = by * s.K + chunk * V; live && off < s.end; off += s.step) {
+            for (int e = 0; e < (CH ? V : 1); e++) tot[e] = 0.0;
+            for (int64_t off = row0 + st.col; live && off < s.end; off += s.step) {
                 const Pack<T, V> yv = *reinterpret_cast<const Pack<T, V>*>(y + off);
                 Pack<T, V> gv, out;
                 if (STRIDED) {
@@ -254,41 +265,41 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                 } else {
                     gv = *reinterpret_cast<const Pack<T, V>*>(dy + off);
                 }
+                A g[V];
 #pragma unroll
                 for (int e = 0; e < V; e++) {
-                    const A g = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
-                    out.v[e] = T(g);
-                    tot[e] = add_rn(tot[e], double(g));
+                    g[e] = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
+                    out.v[e] = T(g[e]);
                 }
                 *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (split in four, it counts less)
+                if (CH)
+#pragma unroll
+                    for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(g[e]));
+                else
+                    tot[0] = add_rn(tot[0], vector_sum<V, A>(g));
             }
+            st.col += s.chunk_step * V;
             if (!part) return;
             const int lane = tid % kWarp;
+            double* at = part + pw + (tid / kWarp) * s.maxch;
             if (CH) {                                             // V channels, one per element: no sums to do
                 if (live)
 #pragma unroll
-                    for (int e = 0; e < V; e++) part[at + (tid / kWarp) * s.maxch + lane * V + e] = tot[e];
+                    for (int e = 0; e < V; e++) at[lane * V + e] = tot[e];
                 return;
             }
-            double t = tot[0];
-#pragma unroll
-            for (int e = 1; e < V; e++) t = add_rn(t, tot[e]);
-            const int64_t left = (s.inner - st.rem) / V;          // chunks from its own to its channel's end
-            st.v = live ? t : 0.0;
-            st.len = int(left < kWarp - lane ? left : kWarp - lane);
-            st.head = live && (lane == 0 || st.rem == 0);
+            st.v = tot[0];                                        // (0 where it is not live)
+            st.len = int(st.left < kWarp - lane ? st.left : kWarp - lane);
+            st.head = live && (lane == 0 || st.left == s.inner_v);
         });
         if (!part || CH) continue;
         ex.from_lane0(&Ex::State::c, &Ex::State::c0);
         ex.segment_sums();
         ex.each([&](int tid, typename Ex::State& st) {
-            if (st.head) part[at + (tid / kWarp) * s.maxch + (st.c - st.c0)] = st.v;
-            st.rem += s.col_r;                                    // to the column gx * 256 chunks on
-            st.c += int(s.col_q);
-            if (st.rem >= s.inner) {
-                st.rem -= s.inner;
-                st.c++;
-            }
+            if (st.head) part[pw + (tid / kWarp) * s.maxch + (st.c - st.c0)] = st.v;
+            const bool wrap = st.left <= s.rc_step;               // to the column gx * 256 chunks on
+            st.left += wrap ? s.inner_v - s.rc_step : -s.rc_step;
+            st.c += int(s.c_step) + wrap;
         });
     }
 }

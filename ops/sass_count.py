@@ -147,6 +147,7 @@ TARGET_BLOCKS = 4096
 TARGET_TILE_BLOCKS = 4096       # upfirdn2d.h kTargetTileBlocks
 MAX_LOOP = 16                   # upfirdn2d.h kMaxLoop
 TURNS = 4                       # bias_act.h kTurns
+VECTOR_BYTES = 32               # bias_act.h kVectorBytes
 
 
 def plan_upfirdn2d_small(N, C, outH, outW, shifty=0):
@@ -170,7 +171,7 @@ def plan_bias_act(shape, elem_bytes):
         numel *= d
     inner = numel // (shape[0] * C)                     # contiguous NC...: stride(1)
     K = C * inner
-    rows, vmax = numel // K, 16 // elem_bytes
+    rows, vmax = numel // K, VECTOR_BYTES // elem_bytes
     V = vmax if (inner % vmax == 0 or (inner == 1 and C % vmax == 0)) else 1
     chunks = K // V
     windows = (chunks + BLOCK - 1) // BLOCK
