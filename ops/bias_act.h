@@ -8,13 +8,14 @@
 // groups); where rows are few it takes several chunks (every gx-th window of 256 chunks), so that its setup serves
 // at least kTurns vectors. Two 16-byte loads and stores per V elements in the loop: at batch 2 a chunk has two rows,
 // and 32 bytes halve what its bias lookup (and, backward, its warp's sums) cost per element, against 16.
-// Backward, in the same pass: dx, and the bias gradient. A thread adds its dx per element in float64 over its rows.
+// Backward, in the same pass: dx, and the bias gradient. A thread adds its dx over its rows in float64 (a vector's V
+// elements of one channel are summed pairwise in the accumulation type first).
 // Each warp then sums per channel over its 32 chunks (a "warp window" of 32 * V columns): segment sums by shuffles
 // (common.h), no shared memory and no barrier; with inner 1 and V > 1 (CH) every element is its own channel and goes
 // out as it is. One partial sum per channel a warp window touches (at most maxch: 2 when inner >= 32 * V) goes to
 // part[G][warp windows][maxch], and a small second kernel adds a channel's partial sums in float64, in a fixed order.
 // So the buffer is bounded by the warp windows (a row's columns / (32 V), times G), not by the input; no float32
-// running sum at all (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
+// running sum (a sequential float32 sum of 2^31 terms loses whole percent); deterministic, no atomics.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -26,9 +27,8 @@ struct BiasActArgs {
     A nalpha;     // -alpha
     A gain;
     A clamp;      // +inf when there is no clamp
-    A clamp_y;    // the clamp as a clamped y holds it: rounded to y's dtype
-    A inside;     // |y| <= inside: y inside the clamp (below clamp_y; +inf when there is none, -1 for clamp 0)
-    bool clamped;
+    A inside;     // |y| <= inside: y inside the clamp (below the clamp as y's dtype holds it; +inf when there is
+                  // none; -1 for clamp 0)
 };
 
 struct BiasActShape {
@@ -48,8 +48,8 @@ struct BiasActShape {
 constexpr int64_t kTurns = 4;             // vectors a thread handles at least, where the tensor allows: its setup
                                           // is paid once for them all
 
-constexpr int64_t kTargetBlocks = 4096;
-constexpr int kVectorBytes = 32;          // a thread's vector: two 16-byte loads (per-vector work is paid per 32 bytes)   // enough blocks to fill any GPU; more rows per thread beyond that
+constexpr int64_t kTargetBlocks = 4096;   // enough blocks to fill any GPU; more rows per thread beyond that
+constexpr int kVectorBytes = 32;          // a thread's vector: two 16-byte loads and stores
 
 // The launch plan, the same for the GPU and the CPU twin. vmax: elements per kVectorBytes, usable if every pointer is
 // 16-byte aligned (`aligned`) and a vector's elements share one channel (inner a multiple of vmax) or are channels
@@ -92,11 +92,10 @@ inline BiasActArgs<A> make_bias_act_args(bool lrelu, double alpha, double gain, 
     a.alpha = lrelu ? A(alpha) : A(1);
     a.nalpha = -a.alpha;
     a.gain = A(gain);
-    a.clamped = clamp >= 0;
-    a.clamp = a.clamped ? A(clamp) : std::numeric_limits<A>::infinity();
-    a.clamp_y = A(T(a.clamp));
-    a.inside = !a.clamped ? std::numeric_limits<A>::infinity()
-             : a.clamp_y > A(0) ? std::nextafter(a.clamp_y, A(0)) : A(-1);
+    const bool clamped = clamp >= 0;
+    a.clamp = clamped ? A(clamp) : std::numeric_limits<A>::infinity();
+    const A clamp_y = A(T(a.clamp));                              // the clamp as a clamped y holds it
+    a.inside = !clamped ? std::numeric_limits<A>::infinity() : clamp_y > A(0) ? std::nextafter(clamp_y, A(0)) : A(-1);
     return a;
 }
 
