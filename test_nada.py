@@ -654,6 +654,19 @@ def test_bias_act_kernel_side_of_values_that_round_to_zero(compiled_ops, dtype, 
     assert torch.equal(dx[:, :, 0, 0], want), dx.flatten().tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bias_act_kernel_gradient_of_a_nan_output_is_zero(compiled_ops, dtype):
+    """The gradient's mask is |y| <= the float just below the clamp (+inf without one): one compare, false for a
+    NaN y, so a NaN gets dx = 0 with or without a clamp (the reference would give dy * gain * alpha there), while
+    an infinite y keeps its gradient where there is no clamp and gets 0 where there is."""
+    y = torch.tensor([[float("nan"), -1.0, float("inf"), float("-inf"), 3.0]], dtype=dtype)
+    dy = torch.ones_like(y)
+    got = compiled_ops.bias_act_grad(dy, y, True, 0.2, 2.0, -1.0)
+    assert got[0].tolist() == [0.0, pytest.approx(0.4, rel=1e-3), 2.0, pytest.approx(0.4, rel=1e-3), 2.0]
+    got = compiled_ops.bias_act_grad(dy, y, True, 0.2, 2.0, 3.0)                  # 3.0 is on the clamp: 0
+    assert got[0].tolist() == [0.0, pytest.approx(0.4, rel=1e-3), 0.0, 0.0, 0.0]
+
+
 def test_bias_act_kernel_float16_bias_gradient_rounds_once(compiled_ops):
     """Issue 20, item 4 (float16 bias): the sum is float32/float64 whatever the bias's dtype and is rounded to
     float16 once, so a total that float16 holds comes out right even where a running sum would pass 65504; a

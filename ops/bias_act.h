@@ -112,8 +112,9 @@ struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack {
 };
 
 // 16-byte stores of a vector. NVVM splits the store of four floats (as a struct, an array or a float4) into four
-// 4-byte stores, so for float they are written in PTX. No memory clobber: nothing in these kernels reads what it
-// writes. Forward only: in the gradient's loop the PTX stores cost more than the split ones (sm_90 counts).
+// 4-byte stores, so for float they are written in PTX (volatile: kept and in order; no memory clobber: nothing in
+// these kernels reads what it writes). Forward only: in the gradient's loop the PTX stores cost more than the split
+// ones (sm_90 counts).
 template <typename T, int V>
 NADA_HD void store_pack(T* p, const Pack<T, V>& v) {
     *reinterpret_cast<Pack<T, V>*>(p) = v;
@@ -122,8 +123,11 @@ NADA_HD void store_pack(T* p, const Pack<T, V>& v) {
 #ifdef __CUDA_ARCH__
 template <>
 __device__ __forceinline__ void store_pack<float, 8>(float* p, const Pack<float, 8>& v) {
-    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(v.v[0]), "f"(v.v[1]), "f"(v.v[2]), "f"(v.v[3]));
-    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p + 4), "f"(v.v[4]), "f"(v.v[5]), "f"(v.v[6]), "f"(v.v[7]));
+    const size_t g = __cvta_generic_to_global(p);                 // st.global takes a global address
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(g), "f"(v.v[0]), "f"(v.v[1]), "f"(v.v[2]),
+                 "f"(v.v[3]));
+    asm volatile("st.global.v4.f32 [%0+16], {%1, %2, %3, %4};" :: "l"(g), "f"(v.v[4]), "f"(v.v[5]), "f"(v.v[6]),
+                 "f"(v.v[7]));
 }
 #endif
 

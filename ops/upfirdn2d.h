@@ -127,7 +127,10 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
 #pragma unroll
         for (int i = 0; i < FH * FW; i++) s.t[i] = (p.flip ? v[i] : v[FH * FW - 1 - i]) * g;
         const int lane = tid % K::TX, row0 = tid / K::TX;
-        s.xo = row0 * p.xs_h + (in0x + lane) * p.xs_w;
+        // Its first column, clamped where none of its columns lies in the image (huge pads): they are never
+        // loaded (cok), and the offset stays within the plane's 32-bit range.
+        const int cx = in0x + lane < -NK * K::TX ? -NK * K::TX : in0x + lane > p.W ? p.W : in0x + lane;
+        s.xo = row0 * p.xs_h + cx * p.xs_w;
         s.qy = row0 * K::QY;
         s.yo = s.qy * p.ys_h + (o0x + lane * K::QX) * p.ys_w;
         s.xok = 0;
@@ -143,7 +146,7 @@ NADA_BLOCK void upfirdn2d_small_block(Ex& ex, const UpFirDnParams& p, const T* x
     walk_slots(p, x, y, group, [&](const T* xq, T* yq) { xp = xq; yp = yq; }, [&](int bty) {
         const int o0y = bty * K::TOH - p.shifty;
         const int in0y = floor_div(o0y * DOWN - p.py0, UP);
-        const T* xt = xp + in0y * p.xs_h;                         // the tile's corners: uniform, x's may lie outside
+        const T* xt = xp + int64_t(in0y) * p.xs_h;                // the tile's corners: uniform, x's may lie outside
         T* yt = yp + o0y * p.ys_h;
         ex.phase([&](int tid, typename Ex::State& s) {            // phase 1: the input tile, zeros outside x
             const int lane = tid % K::TX, row0 = tid / K::TX;
