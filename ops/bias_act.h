@@ -173,7 +173,7 @@ NADA_HD A bias_act_value(A v, const BiasActArgs<A>& a) {
 // from the rounded y, by design: the kernel never sees x + b in backward).
 template <typename A>
 NADA_HD A bias_act_grad_value(A dy, A y, const BiasActArgs<A>& a) {
-    if (!(std::abs(y) <= a.inside)) return A(0);                   // |y| < clamp_y; a NaN y gets 0 too
+    if (!(std::abs(y) <= a.inside)) return A(0);                   // outside the clamp; a NaN y gets 0 too
     const A g = dy * a.gain;
     return sign_bit(y) ? g * a.alpha : g;
 }
@@ -211,9 +211,8 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
 
 // A thread's part in its warp's sums per channel: col, its chunk's first column in the row; c and left, that column's
 // channel and the chunks from it to the channel's end (all three stepped from window to window); v, its sum (then its
-// segment's);
-// len, lanes from it to the end of its channel's run in the warp; c0, the channel of its warp's first lane; head: it
-// is the run's first lane, and writes the sum to slot c - c0 of its warp window.
+// segment's); len, lanes from it to the end of its channel's run in the warp; c0, the channel of its warp's first
+// lane; head: it is the run's first lane, and writes the sum to slot c - c0 of its warp window.
 struct GradState {
     int64_t col, left;
     double v;
@@ -274,7 +273,7 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
                     g[e] = bias_act_grad_value<A>(A(gv.v[e]), A(yv.v[e]), a);
                     out.v[e] = T(g[e]);
                 }
-                *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (split in four, it counts less)
+                *reinterpret_cast<Pack<T, V>*>(dx + off) = out;   // (not store_pack: see there)
                 if (CH)
 #pragma unroll
                     for (int e = 0; e < V; e++) tot[e] = add_rn(tot[e], double(g[e]));
