@@ -216,8 +216,7 @@ NADA_BLOCK void bias_act_block(Ex& ex, const BiasActShape& s, const BiasActArgs<
 struct GradState {
     int64_t col, left;
     double v;
-    int c, c0, len;
-    bool head;
+    int c, c0, len, head;
 };
 
 // The pairwise sum of a vector's elements, then in float64 (no sum of more than V terms in float32).
@@ -292,7 +291,7 @@ NADA_BLOCK void bias_act_grad_block(Ex& ex, const BiasActShape& s, const BiasAct
             }
             st.v = tot[0];                                        // (0 where it is not live)
             st.len = int(st.left < kWarp - lane ? st.left : kWarp - lane);
-            st.head = live && (lane == 0 || st.left == s.inner_v);
+            st.head = int(live) & (int(lane == 0) | int(st.left == s.inner_v));
         });
         if (!part || CH) continue;
         ex.from_lane0(&Ex::State::c, &Ex::State::c0);
