@@ -34,8 +34,6 @@ static void for_each_block(int64_t gx, int64_t gy, Run run) {
     });
 }
 
-static int64_t grid_x(const BiasActShape& s) { return s.gx; }
-
 static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tensor>& b_, bool lrelu, double alpha,
                               double gain, double clamp) {
     TORCH_CHECK(x.dim() >= 2, "bias_act: x must have at least 2 dims, got ", x.dim());
@@ -65,11 +63,11 @@ static at::Tensor bias_act_op(const at::Tensor& x, const c10::optional<at::Tenso
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-        for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
-            CpuBlock<NoState> ex;
-            if (s.V == 1) bias_act_block<1, false, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
-            else if (s.inner == 1) bias_act_block<VM, true, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
-            else bias_act_block<VM, false, scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+        with_variant<VM>(s, false, [&](auto v, auto ch, auto) {
+            for_each_block(s.gx, s.G, [&](int64_t bx, int by) {
+                CpuBlock<NoState> ex;
+                bias_act_block<v(), ch(), scalar_t, A>(ex, s, a, xp, bp, yp, bx, by);
+            });
         });
     });
     return y;
@@ -122,22 +120,19 @@ static std::tuple<at::Tensor, at::Tensor> bias_act_backward_op(const at::Tensor&
             const scalar_t* yp = y.const_data_ptr<scalar_t>();
             scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
             double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
-            for_each_block(grid_x(s), s.G, [&](int64_t bx, int by) {
-                auto ex = std::make_unique<CpuBlock<GradState>>();
-                if (strided) bias_act_grad_block<1, false, true, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
-                else if (s.V == 1) bias_act_grad_block<1, false, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
-                else if (s.inner == 1) bias_act_grad_block<VM, true, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
-                else bias_act_grad_block<VM, false, false, scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
-            });
-            if (pp) {
+            with_variant<VM>(s, strided, [&](auto v, auto ch, auto st) {
+                for_each_block(s.gx, s.G, [&](int64_t bx, int by) {
+                    auto ex = std::make_unique<CpuBlock<GradState>>();
+                    bias_act_grad_block<v(), ch(), st(), scalar_t, A>(*ex, s, a, gp, m, yp, dp, pp, bx, by);
+                });
+                if (!pp) return;
                 A* dbp = db.mutable_data_ptr<A>();
                 for_each_block(s.C, 1, [&](int64_t c, int) {
                     CpuBlock<NoState> ex;
                     std::vector<double> red(kBlockThreads);
-                    if (s.V == 1) bias_grad_sum_block<1, A>(ex, s, pp, dbp, red.data(), int(c));
-                    else bias_grad_sum_block<VM, A>(ex, s, pp, dbp, red.data(), int(c));
+                    bias_grad_sum_block<v(), A>(ex, s, pp, dbp, red.data(), int(c));
                 });
-            }
+            });
         });
     }
     return {dx, db_dtype ? db.to(*db_dtype) : db.to(y.scalar_type())};

@@ -48,12 +48,9 @@ void bias_act_cuda(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, cons
         const A* bp = b.defined() ? b.const_data_ptr<A>() : nullptr;
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-        if (s.V == 1)
-            bias_act_kernel<1, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
-        else if (s.inner == 1)
-            bias_act_kernel<VM, true, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
-        else
-            bias_act_kernel<VM, false, scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
+        with_variant<VM>(s, false, [&](auto v, auto ch, auto) {
+            bias_act_kernel<v(), ch(), scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(xp, bp, yp, s, a);
+        });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -71,22 +68,13 @@ void bias_act_grad_cuda(const at::Tensor& dy, const DyMap& m, bool strided, cons
         const scalar_t* yp = y.const_data_ptr<scalar_t>();
         scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
         double* pp = part.defined() ? part.mutable_data_ptr<double>() : nullptr;
-        const dim3 grid = grid_of(s);
-        if (strided)
-            bias_act_grad_kernel<1, false, true, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
-        else if (s.V == 1)
-            bias_act_grad_kernel<1, false, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
-        else if (s.inner == 1)
-            bias_act_grad_kernel<VM, true, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
-        else
-            bias_act_grad_kernel<VM, false, false, scalar_t><<<grid, kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp, s, a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (pp) {
-            if (s.V == 1)
-                bias_grad_sum_kernel<1, A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(pp, s, db.mutable_data_ptr<A>());
-            else
-                bias_grad_sum_kernel<VM, A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(pp, s, db.mutable_data_ptr<A>());
+        with_variant<VM>(s, strided, [&](auto v, auto ch, auto st) {
+            bias_act_grad_kernel<v(), ch(), st(), scalar_t><<<grid_of(s), kBlockThreads, 0, stream>>>(gp, m, yp, dp, pp,
+                                                                                                     s, a);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+            if (!pp) return;
+            bias_grad_sum_kernel<v(), A><<<unsigned(s.C), kBlockThreads, 0, stream>>>(pp, s, db.mutable_data_ptr<A>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
     });
 }

@@ -19,6 +19,7 @@
 #pragma once
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include "common.h"
 
 template <typename A>
@@ -84,6 +85,19 @@ inline BiasActShape plan_bias_act(int64_t numel, int64_t C, int64_t stride1, int
     s.step = int64_t(s.G) * s.K;
     s.end = s.rows * s.K;
     return s;
+}
+
+// Which block code runs a plan, for the GPU launch and the CPU twin alike: run(V, CH, STRIDED) with each one a
+// std::integral_constant. V: 1 or VM elements per vector; CH: a vector is V channels (inner 1); STRIDED: dy is read
+// through its strides (the gradient only, one element per vector).
+template <int VM, class Run>
+inline void with_variant(const BiasActShape& s, bool strided, Run&& run) {
+    using One = std::integral_constant<int, 1>;
+    using Wide = std::integral_constant<int, VM>;
+    if (strided) run(One{}, std::false_type{}, std::true_type{});
+    else if (s.V == 1) run(One{}, std::false_type{}, std::false_type{});
+    else if (s.inner == 1) run(Wide{}, std::true_type{}, std::false_type{});
+    else run(Wide{}, std::false_type{}, std::false_type{});
 }
 
 template <typename T, typename A>
