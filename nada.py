@@ -3127,19 +3127,19 @@ class LPIPS(nn.Module):
         self.float().requires_grad_(False).eval()
 
     def features(self, x):
+        """The five feature maps, each unit-normalised over channels."""
         x, taps = (x - self.shift) / self.scale, []
         for k, conv in enumerate(self.convs, 1):
             x = F.relu(conv(x))
-            taps += [x] if k in LPIPS_TAPS else []
+            taps += [x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)] if k in LPIPS_TAPS else []
             x = F.max_pool2d(x, 2) if k in VGG16_POOLS else x
         return taps
 
     def forward(self, a, b):
-        d = 0
-        for fa, fb, lin in zip(self.features(a), self.features(b), self.lins):
-            fa, fb = (f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10) for f in (fa, fb))
-            d = d + F.conv2d((fa - fb).square(), lin).mean((1, 2, 3))
-        return d
+        """a, b: images, or (b) the features of images already computed (a fixed target)."""
+        fb = b if isinstance(b, list) else self.features(b)
+        return sum(F.conv2d((fa - f).square(), lin).mean((1, 2, 3))
+                   for fa, f, lin in zip(self.features(a), fb, self.lins))
 
 
 def load_lpips(spec, device, wdir=None, offline=False):
@@ -3202,22 +3202,32 @@ def noise_penalty(noise):
     return total
 
 
+def lpips_size(x):
+    """LPIPS compares images of at most LPIPS_SIZE px: larger ones are area-downsampled."""
+    return F.interpolate(x, size=LPIPS_SIZE, mode="area") if x.shape[-1] > LPIPS_SIZE else x
+
+
+def photo_target(images, lpips=None):
+    """What every step compares G's images with, computed once: the photos [N, 3, S, S] and, with LPIPS, their
+    features (the photos do not change, so neither do their features)."""
+    with torch.no_grad():
+        return images, lpips.features(lpips_size(images)) if lpips is not None else None
+
+
 def reconstruction_loss(img, target, lpips=None):
-    """How far G's images are from the photos, [N, 3, S, S] each -> [N]: LPIPS at <= 256 px, plus the mean squared
-    error times PIXEL_WEIGHT."""
-    loss = PIXEL_WEIGHT * (img - target).square().mean((1, 2, 3))
-    if lpips is not None:
-        fit = lambda x: F.interpolate(x, size=LPIPS_SIZE, mode="area") if x.shape[-1] > LPIPS_SIZE else x
-        loss = loss + lpips(fit(img), fit(target))
-    return loss
+    """How far G's images are from the photos (`photo_target`), [N, 3, S, S] -> [N]: LPIPS at <= 256 px, plus the
+    mean squared error times PIXEL_WEIGHT."""
+    pixels, features = target
+    loss = PIXEL_WEIGHT * (img - pixels).square().mean((1, 2, 3))
+    return loss + lpips(lpips_size(img), features) if lpips is not None else loss
 
 
-def inversion_step(G, w, noise, opt, targets, lpips, jitter, rng):
+def inversion_step(G, w, noise, opt, target, lpips, jitter, rng):
     """One step of the projector: render w (plus `jitter` x N(0, I)) with the noise maps, and step both along the
     reconstruction loss and the noise penalty; the maps are then made zero-mean, unit-variance again.
     -> (the ws rendered [N, num_ws, w_dim], their reconstruction loss [N]) before the step"""
     ws = (w + jitter * torch.randn(w.shape, generator=rng).to(w.device) if jitter else w).expand(-1, G.num_ws, -1)
-    rec = reconstruction_loss(G.synthesis(ws, noise=noise), targets, lpips)
+    rec = reconstruction_loss(G.synthesis(ws, noise=noise), target, lpips)
     opt.zero_grad(set_to_none=True)
     (rec + NOISE_REG * noise_penalty(noise)).sum().backward()
     opt.step()
@@ -3243,7 +3253,7 @@ def invert(G, images, steps=INVERT_STEPS, lr=INVERT_LR, lpips=None, seed=0, show
                 loss=torch.full((N,), math.inf, device=device))
     w, done, interrupted, grads = w_avg.expand(N, 1, -1), 0, False, [p.requires_grad for p in G.parameters()]
     G.requires_grad_(False)
-    progress = Progress("invert", steps, show=show)
+    progress, target = Progress("invert", steps, show=show), photo_target(images, lpips)
     try:
         for half, length in ((1, steps // 2), (G.num_ws, steps - steps // 2)):
             w = w.detach().expand(-1, half, -1).clone().requires_grad_()              # [N, 1 | num_ws, w_dim]
@@ -3254,7 +3264,7 @@ def invert(G, images, steps=INVERT_STEPS, lr=INVERT_LR, lpips=None, seed=0, show
                     group["lr"] = lr * lr_ramp(t)
                 jitter = w_std * W_JITTER * max(0.0, 1 - t / W_JITTER_UNTIL) ** 2 if half == 1 else 0.0
                 maps = [n.detach().clone() for n in noise]
-                ws, rec = inversion_step(G, w, noise, opt, images, lpips, jitter, rng)
+                ws, rec = inversion_step(G, w, noise, opt, target, lpips, jitter, rng)
                 better = rec < best["loss"]
                 best = dict(ws=torch.where(better[:, None, None], ws, best["ws"]),   # one assignment: Ctrl-C
                             noise=[torch.where(better[:, None, None, None], m, b) for m, b in zip(maps, best["noise"])],
@@ -3276,9 +3286,9 @@ def pivotal_tuning(G, ws, noise, images, steps, lpips=None, lr=PTI_LR, show=True
     T = copy.deepcopy(G).requires_grad_(False)
     tuned = [p for name, p in T.named_parameters() if not name.startswith(("style.", "embed."))]
     opt = torch.optim.Adam([p.requires_grad_() for p in tuned], lr=lr)
-    progress = Progress("pivotal tuning", steps, show=show)
+    progress, target = Progress("pivotal tuning", steps, show=show), photo_target(images, lpips)
     for _ in range(steps):
-        loss = reconstruction_loss(T.synthesis(ws, noise=noise), images, lpips).sum()
+        loss = reconstruction_loss(T.synthesis(ws, noise=noise), target, lpips).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -3550,7 +3560,7 @@ def invert_dry_run(s):
         w = torch.zeros(s.batch, G.num_ws, G.w_dim, requires_grad=True)
         noise, images = [n.requires_grad_() for n in G.make_noise(s.batch)], torch.zeros(s.batch, 3, G.size, G.size)
     opt = torch.optim.Adam([w, *noise])
-    e = estimate_memory(lambda: inversion_step(G, w, noise, opt, images, lpips, 0.0, None),
+    e = estimate_memory(lambda: inversion_step(G, w, noise, opt, photo_target(images, lpips), lpips, 0.0, None),
                         [G] + [lpips] * (lpips is not None), opt)
     print_estimate(e, f"nada invert --dry-run | device {device} | {G.size} px, batch {s.batch}, LPIPS {s.lpips}",
                    device, f"the generator{' and LPIPS VGG16' * (lpips is not None)}", "Adam's moments of ws and noise")

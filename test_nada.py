@@ -3547,7 +3547,7 @@ def test_invert_dry_run_counts_a_1024_px_inversion_without_reading_anything(tmp_
     assert "nada invert --dry-run | device cuda | 1024 px, batch 1, LPIPS auto" in out
     peak = float(re.search(r"peak +([\d.]+) GiB", out).group(1))
     weights = float(re.search(r"weights +([\d.]+) GiB", out).group(1))
-    assert 1.0 < peak < 4.0 and 0.15 < weights < 0.25              # measured: 1.99 and 0.18 (G 0.12, VGG16 0.06)
+    assert 1.0 < peak < 4.0 and 0.15 < weights < 0.25              # measured: 2.02 and 0.18 (G 0.12, VGG16 0.06)
     assert os.listdir(tmp_path) == []
 
 
